@@ -1,0 +1,5 @@
+"""``python -m bids_app`` runs the BIDS-App command line."""
+
+from bids_app.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,273 @@
+"""Every output path of the derivative dataset, its shared metadata files, and atomic writes.
+
+Layout of OUTPUT_DIR (a BIDS derivative dataset)::
+
+    dataset_description.json  README  .bidsignore
+    sub-<p>/[ses-<s>/]anat/sub-<p>[_ses-<s>]_space-<tpl>_desc-preproc_T1w.nii.gz (+ .json sidecar)
+    sub-<p>/[ses-<s>/]anat/sub-<p>[_ses-<s>]_from-T1w_to-<tpl>_mode-image_xfm.mat
+    sub-<p>/[ses-<s>/]pet/sub-<p>[_ses-<s>]_trc-<t>_space-<tpl>_desc-preproc_pet.nii.gz (+ .json)
+    sub-<p>/[ses-<s>/]deeplearning/<prefix>_desc-<mode>_<suffix>.npy (+ .json)  one file per image per mode
+    sub-<p>/[ses-<s>/]qc/<prefix>_desc-qc_<suffix>.json
+    sub-<p>/figures/                         per-participant QC overlays and HTML report
+    status/sub-<p>_status.tsv                one status table per participant (no shared writer)
+    logs/<run-id>/                           per-run log, resolved config, environment record
+    models/<name>/                           the MAPS (group level)
+
+Every file is written to a temporary name in its destination folder and renamed into place, so a killed
+process never leaves a file that looks complete; shared files (dataset_description.json, README,
+.bidsignore) are rewritten with identical content by concurrent participant jobs, which is race-free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bids_app.errors import IOFailure, OutputError
+
+APP_NAME = "bids_app"
+CODE_URL = "https://github.com/bids-apps/bids_app"
+BIDS_VERSION = "1.10.0"
+CONTAINER_ENV = "BIDS_APP_CONTAINER"  # set in the image: "<type>:<tag>", e.g. "docker:bids_app:0.1.0"
+
+# Folders and files that are not BIDS (the validator would report NOT_INCLUDED). No trailing slashes.
+BIDSIGNORE_ENTRIES = (
+    "status",
+    "models",
+    "work",
+    "sub-*/deeplearning",
+    "sub-*/ses-*/deeplearning",
+    "sub-*/qc",
+    "sub-*/ses-*/qc",
+    "sub-*/figures",
+    "sub-*/*.html",
+    "*_xfm.mat",
+    "participant_status.tsv",
+    "qc_summary.tsv",
+)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The temporary name keeps the final suffixes (``.nii.gz``, ``.npy``) so writers that infer the format
+    from the name behave. On any exception the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except PermissionError as exc:
+        raise OutputError(f"Cannot create folder {path.parent}: {exc.strerror}. Check its permissions.") from exc
+    suffix = "".join(path.suffixes)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OutputError | IOFailure):
+            raise
+        if isinstance(exc, PermissionError):
+            raise OutputError(f"Cannot write {path}: {exc.strerror}. Check the output permissions.") from exc
+        raise IOFailure(f"I/O error writing {path}: {exc}. Check free space on the output disk.") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (fsync'd before the rename)."""
+    with atomic_path(path) as tmp, tmp.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def entity_prefix(participant_label: str, session_label: str | None) -> str:
+    """``sub-01_ses-M000`` (or ``sub-01`` without sessions)."""
+    prefix = f"sub-{participant_label}"
+    return f"{prefix}_ses-{session_label}" if session_label else prefix
+
+
+def subject_dir(output_dir: Path, participant_label: str, session_label: str | None) -> Path:
+    """``OUTPUT/sub-01/ses-M000`` (or ``OUTPUT/sub-01``)."""
+    base = output_dir / f"sub-{participant_label}"
+    return base / f"ses-{session_label}" if session_label else base
+
+
+def image_stem(participant_label: str, session_label: str | None, extra_entities: str = "") -> str:
+    """Entity prefix plus extra entities (e.g. ``trc-FDG``), without space/desc/suffix."""
+    prefix = entity_prefix(participant_label, session_label)
+    return f"{prefix}_{extra_entities}" if extra_entities else prefix
+
+
+def preproc_path(
+    output_dir: Path,
+    participant_label: str,
+    session_label: str | None,
+    space: str,
+    suffix: str,
+    extra: str = "",
+) -> Path:
+    """Preprocessed image: ``<sub>/[ses]/<anat|pet>/<stem>_space-<tpl>_desc-preproc_<suffix>.nii.gz``."""
+    datatype = "pet" if suffix == "pet" else "anat"
+    stem = image_stem(participant_label, session_label, extra)
+    folder = subject_dir(output_dir, participant_label, session_label) / datatype
+    return folder / f"{stem}_space-{space}_desc-preproc_{suffix}.nii.gz"
+
+
+def transform_path(output_dir: Path, participant_label: str, session_label: str | None, space: str) -> Path:
+    """Affine from native T1w to the template (ANTs ``.mat``)."""
+    stem = entity_prefix(participant_label, session_label)
+    folder = subject_dir(output_dir, participant_label, session_label) / "anat"
+    return folder / f"{stem}_from-T1w_to-{space}_mode-image_xfm.mat"
+
+
+def tensor_path(
+    output_dir: Path,
+    participant_label: str,
+    session_label: str | None,
+    space: str,
+    mode: str,
+    suffix: str,
+    extra: str = "",
+) -> Path:
+    """One tensor file per image per mode: ``.../deeplearning/<stem>_space-<tpl>_desc-<mode>_<suffix>.npy``."""
+    stem = image_stem(participant_label, session_label, extra)
+    folder = subject_dir(output_dir, participant_label, session_label) / "deeplearning"
+    return folder / f"{stem}_space-{space}_desc-{mode}_{suffix}.npy"
+
+
+def qc_path(output_dir: Path, participant_label: str, session_label: str | None, suffix: str, extra: str = "") -> Path:
+    stem = image_stem(participant_label, session_label, extra)
+    folder = subject_dir(output_dir, participant_label, session_label) / "qc"
+    return folder / f"{stem}_desc-qc_{suffix}.json"
+
+
+def figures_dir(output_dir: Path, participant_label: str) -> Path:
+    return output_dir / f"sub-{participant_label}" / "figures"
+
+
+def report_path(output_dir: Path, participant_label: str) -> Path:
+    return output_dir / f"sub-{participant_label}" / f"sub-{participant_label}_report.html"
+
+
+def status_path(output_dir: Path, participant_label: str) -> Path:
+    return output_dir / "status" / f"sub-{participant_label}_status.tsv"
+
+
+def sidecar_path(path: Path) -> Path:
+    """``x.nii.gz`` / ``x.npy`` → ``x.json``."""
+    name = path.name
+    for ext in (".nii.gz", ".nii", ".npy", ".mat"):
+        if name.endswith(ext):
+            return path.with_name(name[: -len(ext)] + ".json")
+    return path.with_suffix(".json")
+
+
+def dataset_description(bids_dir: Path, version: str, source_description: dict[str, Any] | None) -> dict[str, Any]:
+    """The derivative's ``dataset_description.json`` content (deterministic for a given input)."""
+    generated_by: dict[str, Any] = {"Name": APP_NAME, "Version": version, "CodeURL": CODE_URL}
+    container = os.environ.get(CONTAINER_ENV)
+    if container:
+        kind, _, tag = container.partition(":")
+        generated_by["Container"] = {"Type": kind, "Tag": tag}
+    source: dict[str, Any] = {"URL": bids_dir.resolve().as_uri()}
+    if source_description:
+        for key in ("DatasetDOI", "Name"):
+            if source_description.get(key):
+                source["DOI" if key == "DatasetDOI" else "Name"] = source_description[key]
+        if source_description.get("DatasetVersion"):
+            source["Version"] = source_description["DatasetVersion"]
+    source.pop("Name", None)  # not a SourceDatasets field
+    return {
+        "Name": f"{APP_NAME} derivatives",
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "derivative",
+        "GeneratedBy": [generated_by],
+        "SourceDatasets": [source],
+        "DatasetLinks": {"raw": bids_dir.resolve().as_uri()},
+    }
+
+
+README_TEXT = """# bids_app derivatives
+
+Generated by bids_app {version}. Participant level: images preprocessed to template space
+(`anat/`, `pet/`), tensors per extraction mode (`deeplearning/`, one `.npy` per image per mode with a JSON
+sidecar), QC records (`qc/`) and per-participant HTML reports. Group level: model folders (MAPS) under
+`models/`. `logs/<run-id>/` holds each run's log, resolved configuration and environment record; pass its
+`config.toml` to `--config` to re-run. Non-BIDS files are listed in `.bidsignore`.
+"""
+
+
+def init_derivative(output_dir: Path, bids_dir: Path, version: str) -> None:
+    """Create OUTPUT_DIR's shared files (idempotent; concurrent callers write identical bytes)."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"Cannot create output folder {output_dir}: {exc.strerror}. Choose a writable path.") from exc
+    source_description = None
+    src = bids_dir / "dataset_description.json"
+    if src.is_file():
+        try:
+            source_description = json.loads(src.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            source_description = None
+    atomic_write_json(
+        output_dir / "dataset_description.json", dataset_description(bids_dir, version, source_description)
+    )
+    atomic_write_text(output_dir / "README.md", README_TEXT.format(version=version))
+    atomic_write_text(output_dir / ".bidsignore", "\n".join(BIDSIGNORE_ENTRIES) + "\n")
+
+
+def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while block := handle.read(chunk_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def config_hash(obj: Any) -> str:
+    """Short stable hash of a JSON-able description of how an output was made."""
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def read_complete_sidecar(path: Path) -> dict[str, Any] | None:
+    """The sidecar of ``path`` if both exist and the sidecar says ``Complete``; else None."""
+    sidecar = sidecar_path(path)
+    if not (path.is_file() and sidecar.is_file()):
+        return None
+    try:
+        data = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return None
+    return data if isinstance(data, dict) and data.get("Complete") is True else None
+
+
+def bids_uri(bids_dir: Path, path: Path) -> str | None:
+    """``bids:raw:sub-01/anat/...`` for a file inside the raw dataset, else None."""
+    try:
+        relative = path.resolve().relative_to(bids_dir.resolve())
+    except ValueError:
+        return None
+    return f"bids:raw:{relative.as_posix()}"

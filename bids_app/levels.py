@@ -1,0 +1,178 @@
+"""The only place that sequences stages: ``run_participant`` and ``run_group``."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import multiprocessing
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from bids_app import read_version
+from bids_app.bids_query import (
+    ImageRecord,
+    check_dataset,
+    list_participants,
+    query_preprocessed_images,
+    query_raw_images,
+    select_participants,
+)
+from bids_app.config import AnalysisLevel, RunConfig
+from bids_app.derivatives import init_derivative
+from bids_app.errors import BidsAppError, DataError
+from bids_app.provenance import end_run, start_run
+from bids_app.status import Outcome, StatusRow, rebuild_status_table, write_participant_status
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: RunConfig, argv: Sequence[str]) -> int:
+    """Run the requested analysis level; returns the exit code."""
+    if cfg.analysis_level is AnalysisLevel.PARTICIPANT:
+        check_dataset(cfg.bids_dir)
+        select_participants(cfg.bids_dir, cfg.participant_labels)  # exit 66 before any output is created
+    init_derivative(cfg.output_dir, cfg.bids_dir, read_version())
+    ctx = start_run(cfg, argv)
+    code = 1
+    try:
+        code = run_participant(cfg) if cfg.analysis_level is AnalysisLevel.PARTICIPANT else run_group(cfg)
+    except BidsAppError as exc:
+        code = exc.exit_code
+        raise
+    finally:
+        end_run(ctx, code)
+    return code
+
+
+def run_participant(cfg: RunConfig) -> int:
+    """Preprocess and extract every requested participant; failures of one never stop the others."""
+    from tqdm import tqdm
+
+    from bids_app.validation import validate_input
+
+    participants = select_participants(cfg.bids_dir, cfg.participant_labels)
+    if not cfg.skip_bids_validation:
+        validate_input(cfg.bids_dir, participants, list_participants(cfg.bids_dir))
+    if cfg.preprocess.derivatives_dirs:
+        records = query_preprocessed_images(cfg, participants)
+    else:
+        records = query_raw_images(cfg, participants, "t1w")
+    if cfg.preprocess.pet_tracers:
+        records += [
+            r
+            for r in query_raw_images(cfg, participants, "pet")
+            if r.entities.get("tracer") in cfg.preprocess.pet_tracers
+        ]
+    by_participant: dict[str, list[ImageRecord]] = {p: [] for p in participants}
+    for record in records:
+        by_participant[record.participant_label].append(record)
+    log.info(
+        "Participant level: %d participant(s), %d image(s), %d process(es)",
+        len(participants),
+        len(records),
+        cfg.nprocs,
+    )
+
+    failures: list[StatusRow] = []
+    bar = tqdm(total=len(participants), desc="participants", unit="participant", disable=None)
+    if cfg.nprocs <= 1 or len(participants) == 1:
+        for label in participants:
+            failures += _finish_participant(cfg, label, process_participant(cfg, label, by_participant[label]))
+            bar.update()
+    else:
+        context = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(
+            cfg.nprocs, mp_context=context, initializer=_init_worker, initargs=(cfg.verbose, _log_file())
+        ) as pool:
+            futures = {pool.submit(process_participant, cfg, p, by_participant[p]): p for p in participants}
+            for future in cf.as_completed(futures):
+                failures += _finish_participant(cfg, futures[future], future.result())
+                bar.update()
+    bar.close()
+    table = rebuild_status_table(cfg.output_dir)
+    if failures:
+        log.error("%d stage(s) failed; see %s", len(failures), table)
+        return DataError.exit_code
+    log.info("Participant level done; status table %s", table)
+    return 0
+
+
+def _finish_participant(cfg: RunConfig, label: str, rows: list[StatusRow]) -> list[StatusRow]:
+    write_participant_status(cfg.output_dir, label, rows)
+    return [row for row in rows if row.status == Outcome.FAILED]
+
+
+def _log_file() -> str | None:
+    for handler in logging.getLogger("bids_app").handlers:
+        if isinstance(handler, logging.FileHandler):
+            return handler.baseFilename
+    return None
+
+
+def _init_worker(verbose: int, log_file: str | None) -> None:
+    """Spawned workers get the same console and per-run file logging as the parent."""
+    from bids_app.cli import configure_logging
+
+    configure_logging(verbose)
+    if log_file:
+        handler = logging.FileHandler(log_file, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"))
+        logging.getLogger("bids_app").addHandler(handler)
+
+
+def process_participant(cfg: RunConfig, label: str, records: list[ImageRecord]) -> list[StatusRow]:
+    """All images of one participant: preprocess, QC, extract, report. Never raises for bad data."""
+    from bids_app.participant import ParticipantJob
+
+    start = time.perf_counter()
+    if not records:
+        return [
+            StatusRow(
+                label,
+                None,
+                "",
+                "participant",
+                Outcome.FAILED,
+                f"No T1w image for participant {label} in {cfg.bids_dir} with the active filters.",
+            )
+        ]
+    work_root = cfg.work_dir or Path(tempfile.gettempdir())
+    work_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"bids_app_sub-{label}_", dir=work_root) as tmp:
+        job = ParticipantJob(cfg, label, Path(tmp))
+        rows: list[StatusRow] = []
+        # T1w first: PET needs the session's T1w transform.
+        for record in sorted(records, key=lambda r: (r.suffix != "T1w", r.session_label or "")):
+            try:
+                rows += job.process_image(record)
+            except BidsAppError as exc:
+                log.error("sub-%s %s: %s", label, record.path.name, exc)
+                rows.append(
+                    StatusRow(label, record.session_label, record.path.name, "preprocess", Outcome.FAILED, str(exc))
+                )
+            except Exception as exc:  # a bug must not stop other participants, but keeps its traceback
+                log.error("sub-%s %s: unexpected error\n%s", label, record.path.name, traceback.format_exc())
+                rows.append(
+                    StatusRow(
+                        label,
+                        record.session_label,
+                        record.path.name,
+                        "preprocess",
+                        Outcome.FAILED,
+                        f"unexpected {type(exc).__name__}: {exc}",
+                    )
+                )
+        rows += job.write_report()
+    log.info("sub-%s done in %.1f s", label, time.perf_counter() - start)
+    return rows
+
+
+def run_group(cfg: RunConfig) -> int:
+    """Split, train and predict from the participant-level outputs; never re-reads raw images."""
+    from bids_app.group import run_group_stages
+
+    run_group_stages(cfg)
+    return 0

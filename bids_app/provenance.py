@@ -1,0 +1,157 @@
+"""What is needed to re-run a run: its id, log folder, resolved config, environment record and seeds."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import importlib.metadata
+import logging
+import os
+import platform
+import random
+import shlex
+import subprocess
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bids_app import read_version
+from bids_app.config import RunConfig, dump_config
+from bids_app.derivatives import CONTAINER_ENV, atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+# Distributions whose versions matter to results; the full list is in environment.json too.
+KEY_PACKAGES = (
+    "torch",
+    "numpy",
+    "nibabel",
+    "pybids",
+    "pandas",
+    "scipy",
+    "scikit-learn",
+    "antspyx",
+    "nilearn",
+    "safetensors",
+    "bids-validator-deno",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+    """One invocation: its id and its log folder ``OUTPUT_DIR/logs/<run_id>/``."""
+
+    run_id: str
+    log_dir: Path
+    log_file: Path
+
+
+def make_run_id(level: str, labels: Sequence[str]) -> str:
+    """``20261123T040512Z_participant_sub-01_3f2a`` — sortable, unique across concurrent jobs."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    who = f"_sub-{labels[0]}" if len(labels) == 1 else ""
+    return f"{stamp}_{level}{who}_{uuid.uuid4().hex[:6]}"
+
+
+def start_run(cfg: RunConfig, argv: Sequence[str]) -> RunContext:
+    """Create the run's log folder, attach a file handler, write command line, config and environment."""
+    run_id = make_run_id(cfg.analysis_level.value, cfg.participant_labels)
+    log_dir = cfg.output_dir / "logs" / run_id
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_file = log_dir / "bids_app.log"
+    handler = logging.FileHandler(log_file, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    logging.getLogger("bids_app").addHandler(handler)
+    atomic_write_text(log_dir / "command.txt", shlex.join(["bids_app", *argv]) + "\n")
+    atomic_write_text(log_dir / "config.toml", dump_config(cfg))
+    atomic_write_json(log_dir / "environment.json", environment_record(cfg.seed))
+    log.info("bids_app %s, run %s; log file %s", read_version(), run_id, log_file)
+    return RunContext(run_id=run_id, log_dir=log_dir, log_file=log_file)
+
+
+def end_run(ctx: RunContext, exit_code: int) -> None:
+    atomic_write_json(ctx.log_dir / "exit.json", {"exit_code": exit_code, "finished": _now()})
+    root = logging.getLogger("bids_app")
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename) == ctx.log_file:
+            handler.close()
+            root.removeHandler(handler)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _git_commit() -> str | None:
+    repo = Path(__file__).resolve().parent.parent
+    if not (repo / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _torch_record() -> dict[str, Any]:
+    """torch, CUDA/cuDNN and GPU names, only if torch is already importable (it is a dependency)."""
+    try:
+        import torch
+    except ImportError:
+        return {"torch": None}
+    record: dict[str, Any] = {
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "num_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        record["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return record
+
+
+def environment_record(seed: int) -> dict[str, Any]:
+    """Everything about the software and machine that can change a result."""
+    packages = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            packages[name.lower()] = dist.version
+    return {
+        "bids_app_version": read_version(),
+        "created": _now(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "container": os.environ.get(CONTAINER_ENV),
+        "git_commit": _git_commit(),
+        "seed": seed,
+        "key_packages": {name: packages.get(name) for name in KEY_PACKAGES},
+        **_torch_record(),
+        "packages": dict(sorted(packages.items())),
+    }
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch from the run's one seed."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False

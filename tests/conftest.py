@@ -1,0 +1,43 @@
+"""Shared fixtures: datasets come from the one synthetic generator (bids_app.synthetic)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory):
+    """Four participants x 2 sessions at ~4 mm, with a derivative and a CAPS copy; read-only for tests."""
+    from bids_app.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("tiny") / "bids"
+    return generate_dataset(root, n_subjects=4, n_sessions=2, preset="tiny", seed=3, preprocessed="derivative")
+
+
+@pytest.fixture
+def tiny_copy(tiny_dataset, tmp_path: Path) -> Path:
+    """A private, writable copy of the tiny BIDS dataset (for tests that damage it)."""
+    dest = tmp_path / "bids"
+    shutil.copytree(tiny_dataset.bids_dir, dest)
+    return dest
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m bids_app`` in a subprocess, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "bids_app", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def validate(root: Path) -> subprocess.CompletedProcess[str]:
+    validator = shutil.which("bids-validator-deno") or str(Path(sys.executable).parent / "bids-validator-deno")
+    return subprocess.run([validator, str(root)], capture_output=True, text=True, check=False, timeout=300)

@@ -1,0 +1,195 @@
+"""The BIDS-App command-line contract: arguments, config resolution and BEP027 exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bids_app import read_version
+from bids_app.cli import parse_config, parse_labels
+from bids_app.config import ExtractionMode, RunConfig, dump_config, load_config_file, resolve_config
+from bids_app.errors import AnalysisLevelError, ConfigError, UsageError
+from tests.conftest import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_version_matches_version_file() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"bids_app {(REPO / 'version').read_text().strip()}"
+    assert read_version() == (REPO / "version").read_text().strip()
+
+
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_help_and_version_do_not_import_heavy_modules(flag: str) -> None:
+    code = (
+        "import sys\n"
+        "from bids_app.cli import main\n"
+        f"try:\n    main(['{flag}'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'ants', 'bids', 'nibabel', 'pandas') if m in sys.modules]\n"
+        "print('HEAVY=' + ','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "HEAVY="
+
+
+def test_unknown_analysis_level_exits_17(tmp_path: Path) -> None:
+    result = run_cli(str(tmp_path), str(tmp_path / "out"), "subject")
+    assert result.returncode == 17
+    assert "Unknown analysis level 'subject'" in result.stderr
+
+
+def test_usage_error_exits_64(tmp_path: Path) -> None:
+    result = run_cli(str(tmp_path), str(tmp_path / "out"), "participant", "--nprocs", "two")
+    assert result.returncode == 64
+    assert "invalid int value" in result.stderr
+    assert run_cli().returncode == 64
+
+
+@pytest.mark.parametrize("inside", ["", "sub-01/out", "code"])
+def test_output_inside_bids_dir_is_refused(tmp_path: Path, inside: str) -> None:
+    out = tmp_path / inside if inside else tmp_path
+    result = run_cli(str(tmp_path), str(out), "participant")
+    assert result.returncode == 64
+    assert str(tmp_path / "derivatives" / "bids_app") in result.stderr
+
+
+def test_output_under_derivatives_is_accepted(tmp_path: Path) -> None:
+    cfg = parse_config([str(tmp_path), str(tmp_path / "derivatives" / "x"), "participant"])
+    assert cfg.output_dir == tmp_path / "derivatives" / "x"
+
+
+def test_labels_are_bare_deduplicated_and_read_from_file(tmp_path: Path) -> None:
+    listing = tmp_path / "labels.txt"
+    listing.write_text("sub-03\n04\n\n# comment\n03\n")
+    assert parse_labels(["sub-01", "01", "02", str(listing)], "sub-", "participant") == (
+        "01",
+        "02",
+        "03",
+        "04",
+    )
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "sub-0_1", "01.2"])
+def test_labels_with_path_or_non_alphanumeric_characters_are_rejected(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(UsageError, match="alphanumeric"):
+        parse_labels([bad], "sub-", "participant")
+    result = run_cli(str(tmp_path / "bids"), str(tmp_path / "o"), "participant", "--participant-label", bad)
+    assert result.returncode == 64
+
+
+def test_underscore_aliases_equal_kebab_flags(tmp_path: Path) -> None:
+    a = parse_config(
+        [
+            str(tmp_path / "bids"),
+            str(tmp_path / "o"),
+            "participant",
+            "--participant_label",
+            "01",
+            "--patch_size",
+            "32",
+        ]
+    )
+    b = parse_config(
+        [
+            str(tmp_path / "bids"),
+            str(tmp_path / "o"),
+            "participant",
+            "--participant-label",
+            "sub-01",
+            "--patch-size",
+            "32",
+        ]
+    )
+    assert a == b
+    assert a.participant_labels == ("01",)
+    assert a.extraction.patch_size == 32
+
+
+def test_config_file_then_flags_override(tmp_path: Path) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text(
+        '[run]\nseed = 7\nnprocs = 3\n[extraction]\nmodes = ["slice"]\npatch_size = 20\n[train]\nepochs = 3\n'
+    )
+    cfg = parse_config([str(tmp_path / "bids"), str(tmp_path / "o"), "group", "--config", str(toml), "--seed", "9"])
+    assert cfg.seed == 9  # flag wins
+    assert cfg.nprocs == 3  # from the file
+    assert cfg.extraction.modes == (ExtractionMode.SLICE,)
+    assert cfg.train.epochs == 3
+    assert cfg.extraction.stride == 50  # default
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[train]\nepoch = 3\n", "'epoch'"),
+        ("[train]\nepochs = 'three'\n", "train.epochs"),
+        ("[extraction]\nmodes = ['voxel']\n", "extraction.modes[0]"),
+        ("[trainning]\nepochs = 3\n", "'trainning'"),
+        ("[run]\nseed = true\n", "run.seed"),
+    ],
+)
+def test_config_unknown_keys_and_wrong_types_are_named(tmp_path: Path, text: str, needle: str) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text(text)
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        parse_config([str(tmp_path / "bids"), str(tmp_path / "o"), "group", "--config", str(toml)])
+    result = run_cli(str(tmp_path / "bids"), str(tmp_path / "o"), "group", "--config", str(toml))
+    assert result.returncode == 64
+    assert needle in result.stderr
+
+
+def test_resolved_config_round_trips(tmp_path: Path) -> None:
+    filters = tmp_path / "f.json"
+    filters.write_text(json.dumps({"t1w": {"acquisition": "mprage", "run": None}}))
+    cfg = parse_config(
+        [
+            str(tmp_path / "bids"),
+            str(tmp_path / "o"),
+            "participant",
+            "--bids-filter-file",
+            str(filters),
+            "--crop-shape",
+            "10",
+            "11",
+            "12",
+            "--modes",
+            "image",
+            "roi",
+            "--roi-mask",
+            f"hippo={tmp_path / 'm.nii.gz'}",
+            "--no-roi-crop",
+            "--seed",
+            "4",
+        ]
+    )
+    text = dump_config(cfg)
+    path = tmp_path / "resolved.toml"
+    path.write_text(text)
+    again = resolve_config(load_config_file(path))
+    assert again == cfg
+    assert isinstance(again, RunConfig)
+    assert again.bids_filters == {"t1w": {"acquisition": "mprage", "run": None}}
+    assert again.extraction.roi_crop is False
+
+
+def test_bad_filter_file_is_a_usage_error(tmp_path: Path) -> None:
+    bad = tmp_path / "f.json"
+    bad.write_text("{not json")
+    result = run_cli(str(tmp_path / "bids"), str(tmp_path / "o"), "participant", "--bids-filter-file", str(bad))
+    assert result.returncode == 64
+    assert "not valid JSON" in result.stderr
+    missing = run_cli(
+        str(tmp_path / "bids"), str(tmp_path / "o"), "participant", "--bids-filter-file", str(tmp_path / "x")
+    )
+    assert missing.returncode == 66
+
+
+def test_parse_config_rejects_unknown_level(tmp_path: Path) -> None:
+    with pytest.raises(AnalysisLevelError):
+        parse_config([str(tmp_path / "bids"), str(tmp_path / "o"), "session"])
