@@ -9,6 +9,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 from bids_app import read_version
@@ -172,7 +173,48 @@ def process_participant(cfg: RunConfig, label: str, records: list[ImageRecord]) 
 
 def run_group(cfg: RunConfig) -> int:
     """Split, train and predict from the participant-level outputs; never re-reads raw images."""
-    from bids_app.group import run_group_stages
+    from bids_app import maps, predict, split, train
+    from bids_app.config import GroupStage
+    from bids_app.data import index_tensors
+    from bids_app.labels import load_labels
 
-    run_group_stages(cfg)
+    stages = cfg.stages or tuple(GroupStage)
+    maps_dir = cfg.output_dir / "models" / cfg.train.model_name
+    groups_dir = maps_dir / "groups"
+    table = group_table(cfg, index_tensors(cfg.output_dir, cfg.train.mode), load_labels)
+    log.info("Group level: %d image(s) of %d participant(s) with labels; stages %s", len(table),
+             table["participant_id"].nunique(), ", ".join(s.value for s in stages))
+
+    if GroupStage.SPLIT in stages:
+        if cfg.split.split_file is not None:
+            splits = split.load_split_file(cfg.split.split_file, table)
+        else:
+            splits = split.make_splits(table, cfg.split, cfg.labels.task, cfg.seed)
+        split.write_splits(groups_dir, splits, table, cfg.split)
+    if GroupStage.TRAIN in stages:
+        splits = split.read_splits(groups_dir)
+        train.run_train_stage(cfg, maps_dir, splits, table)
+    if GroupStage.PREDICT in stages:
+        maps.validate_maps(maps_dir)
+        predict.run_predict_stage(cfg, maps_dir, table)
+    log.info("Group level done: model folder %s", maps_dir)
     return 0
+
+
+def group_table(cfg: RunConfig, tensors: Any, load_labels: Any) -> Any:
+    """Labels joined with the tensors the participant level produced for the training mode."""
+    from bids_app.errors import InputMissingError
+
+    if tensors.empty:
+        raise InputMissingError(
+            f"No complete {cfg.train.mode.value} tensors in {cfg.output_dir}. Run the participant level first "
+            f"with --modes {cfg.train.mode.value}."
+        )
+    labels = load_labels(cfg.bids_dir, cfg.labels, sessions=tensors[["participant_id", "session_id"]])
+    table = labels.merge(tensors, on=["participant_id", "session_id"], how="inner", validate="one_to_one")
+    if table.empty:
+        raise InputMissingError(
+            f"No labelled image: the label table of {cfg.bids_dir} and the tensors of {cfg.output_dir} share no "
+            "participant/session. Check --label and the participant-level outputs."
+        )
+    return table
