@@ -1,0 +1,235 @@
+"""Split files: writing, reading and verifying the split TSV/JSON files under groups/, and users' own split files.
+
+``write_splits`` records a drawn split (see ``bids_app.split``) as label-table TSVs plus ``splits.json``
+(seed, config, balance p-values, and the SHA-256 of every file); ``read_splits`` refuses any file changed
+since, and any split in which a participant is on two sides. ``load_split_file`` turns a user's split TSV
+into the same ``Splits``. See docs/splits.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bids_app.config import SplitConfig
+from bids_app.derivatives import atomic_write_json, atomic_write_text
+from bids_app.errors import DataError, InputMissingError
+from bids_app.labels import (
+    MISSING_VALUES,
+    NO_SESSION,
+    TABLE_COLUMNS,
+    demographics_table,
+    format_label_table,
+    natural_key,
+    read_label_table,
+    read_tsv,
+    sort_table,
+)
+from bids_app.split import Fold, Splits, age_p_value, check_disjoint, check_splits, prepare_table, sex_p_value
+
+log = logging.getLogger(__name__)
+
+SPLITS_JSON = "splits.json"
+TEST_TSV = "test/data.tsv"
+USER_SPLIT_SEED = -1  # Splits.seed of a split read from a user's file
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _label_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """Only the label-table columns: split files say who is where, not where the tensors are."""
+    return table[[c for c in TABLE_COLUMNS if c in table.columns]]
+
+
+def table_sha256(table: pd.DataFrame) -> str:
+    """SHA-256 of a label table's canonical TSV (label columns, sorted rows), tying a split to its labels."""
+    return _sha256(format_label_table(sort_table(_label_columns(table))))
+
+
+def write_splits(groups_dir: Path, splits: Splits, table: pd.DataFrame, cfg: SplitConfig) -> None:
+    """Write the split TSVs, demographics and ``splits.json`` (hashes, seed, config) under ``groups_dir``.
+
+    Each file is written atomically; ``splits.json`` comes last, so a split without it is incomplete.
+    """
+    frames = {TEST_TSV: splits.test}
+    for fold in splits.folds:
+        frames[f"split-{fold.index}/train.tsv"] = fold.train
+        frames[f"split-{fold.index}/validation.tsv"] = fold.validation
+    seen = pd.concat(list(frames.values())[1:]).drop_duplicates(["participant_id", "session_id"])
+    frames["train+validation.tsv"] = sort_table(seen)
+    named = [f.assign(group=n.removesuffix(".tsv").removesuffix("/data")) for n, f in frames.items()]
+    frames = {n: _label_columns(f) for n, f in frames.items()}
+    frames["demographics.tsv"] = demographics_table(pd.concat(named))
+    hashes = {}
+    for name, frame in frames.items():
+        text = format_label_table(frame)
+        atomic_write_text(groups_dir / name, text)
+        hashes[name] = _sha256(text)
+    for stale in sorted(groups_dir.glob("split-*")):
+        if stale.is_dir() and f"{stale.name}/train.tsv" not in frames:
+            log.info("Removing %s, left by an earlier split with more folds", stale)
+            for name in ("train.tsv", "validation.tsv"):
+                (stale / name).unlink(missing_ok=True)
+            if not any(stale.iterdir()):
+                stale.rmdir()
+    nested: dict[str, dict[str, float]] = {}
+    for key, value in splits.p_values.items():
+        group, _, test = key.partition("/")
+        nested.setdefault(group, {})[test] = value
+    record = {
+        "format_version": 1,
+        "seed": splits.seed,
+        "attempts": splits.attempts,
+        "n_splits": len(splits.folds),
+        "label_type": "numeric" if pd.api.types.is_numeric_dtype(table["label"]) else "categorical",
+        "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
+        "p_values": nested,
+        "label_table_sha256": table_sha256(table),
+        "files": hashes,
+    }
+    atomic_write_json(groups_dir / SPLITS_JSON, record)
+
+
+def read_splits(groups_dir: Path) -> Splits:
+    """Read a split written by ``write_splits``, verifying every recorded SHA-256 and disjointness.
+
+    Raises:
+        InputMissingError: splits.json or a listed file is missing.
+        DataError: a file changed since it was written, or splits.json is malformed.
+        LeakError: a participant is on two sides (a hand-edited split).
+    """
+    path = groups_dir / SPLITS_JSON
+    if not path.is_file():
+        raise InputMissingError(f"No {path}: this model has no complete split. Run the group level's split stage.")
+    try:
+        record: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        files: dict[str, str] = record["files"]
+        n_splits, numeric = int(record["n_splits"]), record["label_type"] == "numeric"
+        p_values = {f"{g}/{k}": float(v) for g, tests in record["p_values"].items() for k, v in tests.items()}
+        seed, attempts = int(record["seed"]), int(record["attempts"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise DataError(f"{path} is malformed ({exc!r}). Re-run the split stage with --overwrite.") from None
+    tables = {}
+    for name, expected in files.items():
+        file = groups_dir / name
+        if not file.is_file():
+            raise InputMissingError(f"{file}, listed in {path}, is missing. Restore it or re-run the split stage.")
+        actual = hashlib.sha256(file.read_bytes()).hexdigest()
+        if actual != expected:
+            raise DataError(
+                f"{file} changed after the split was written (sha256 {actual[:12]}..., recorded {expected[:12]}...). "
+                "Restore it or re-run the split stage with --overwrite: hand-edited splits can leak participants."
+            )
+        if name != "demographics.tsv":
+            tables[name] = read_label_table(file, numeric_label=numeric)
+    expected_names = {TEST_TSV, *(f"split-{k}/{s}.tsv" for k in range(n_splits) for s in ("train", "validation"))}
+    if not expected_names <= set(tables):
+        raise DataError(
+            f"{path} does not list {', '.join(sorted(expected_names - set(tables)))}. Re-run the split stage."
+        )
+    folds = tuple(Fold(k, tables[f"split-{k}/train.tsv"], tables[f"split-{k}/validation.tsv"]) for k in range(n_splits))
+    splits = Splits(tables[TEST_TSV], folds, seed, attempts, p_values)
+    check_splits(splits, str(groups_dir))
+    return splits
+
+
+def _select(table: pd.DataFrame, rows: pd.DataFrame, has_session: bool) -> pd.DataFrame:
+    """Rows of ``table`` named by split-file ``rows``: whole participants, or given sessions only."""
+    whole = rows if not has_session else rows[rows["session_id"].isin(list(MISSING_VALUES))]
+    mask = table["participant_id"].isin(set(whole["participant_id"]))
+    if has_session:
+        pairs = set(zip(rows["participant_id"], rows["session_id"], strict=True))
+        mask |= pd.Series(
+            [p in pairs for p in zip(table["participant_id"], table["session_id"], strict=True)], index=table.index
+        )
+    return table[mask].reset_index(drop=True)
+
+
+def _frame_p_values(name: str, a: pd.DataFrame, b: pd.DataFrame) -> dict[str, float]:
+    """Per-class age/sex p-values of two tables (first session per participant), for reporting."""
+    first_a, first_b = a.drop_duplicates("participant_id"), b.drop_duplicates("participant_id")
+    found = {}
+    for cls in sorted(set(first_a["label"]) | set(first_b["label"]), key=natural_key):
+        x, y = first_a[first_a["label"] == cls], first_b[first_b["label"] == cls]
+        found[f"{name}/age[{cls}]"] = age_p_value(x["age"].to_numpy(float), y["age"].to_numpy(float))
+        found[f"{name}/sex[{cls}]"] = sex_p_value(list(x["sex"]), list(y["sex"]))
+    return found
+
+
+def load_split_file(path: Path, table: pd.DataFrame) -> Splits:
+    """A user's split TSV (``participant_id``, optional ``session_id``, ``split``, ``side``) as Splits.
+
+    ``split`` is ``test`` or a fold index 0..k-1; fold rows need ``side`` = ``train``/``validation``. An
+    ``n/a`` session (or no session_id column) means every session of the participant.
+
+    Raises:
+        InputMissingError: no such file. DataError: bad values or fold indices.
+        LeakError: a participant in test and in a fold, or on both sides of one fold (all named, up to 10).
+    """
+    if not path.is_file():
+        raise InputMissingError(f"Split file {path} does not exist. Check split.split_file.")
+    rows = read_tsv(path)
+    table = prepare_table(table)
+    for column in ("participant_id", "split"):
+        if column not in rows.columns:
+            raise DataError(
+                f"Split file {path} has no '{column}' column (columns: {', '.join(rows.columns)}). See docs/splits.md."
+            )
+    has_session = "session_id" in rows.columns
+    rows["split"] = rows["split"].str.lower()
+    rows["side"] = rows["side"].str.lower() if "side" in rows.columns else ""
+    is_test = rows["split"] == "test"
+    bad = rows[~is_test & ~rows["split"].str.fullmatch(r"\d+")]
+    bad_side = rows[~is_test & ~rows["side"].isin(["train", "validation"])]
+    bad_test = rows[is_test & ~rows["side"].isin(["", NO_SESSION, "test"])]
+    for wrong, expect in (
+        (bad, "split 'test' or a fold index"),
+        (bad_side, "side 'train' or 'validation'"),
+        (bad_test, "no side for test rows"),
+    ):
+        if len(wrong):
+            first = wrong.iloc[0]
+            raise DataError(
+                f"Split file {path} row of {first['participant_id']} has split={first['split']!r} "
+                f"side={first['side']!r}; expected {expect}. See docs/splits.md."
+            )
+    fold_rows = rows[~is_test].assign(fold=lambda r: r["split"].astype(int))
+    indices = sorted(set(fold_rows["fold"]))
+    if indices != list(range(len(indices))):
+        raise DataError(f"Split file {path} has fold indices {indices}; use 0..k-1 without gaps.")
+    test_rows = rows[is_test]
+    check_disjoint(test_rows, fold_rows, f"split file {path} (test vs train/validation)")
+    for k in indices:
+        fold = fold_rows[fold_rows["fold"] == k]
+        train, validation = fold[fold["side"] == "train"], fold[fold["side"] == "validation"]
+        check_disjoint(train, validation, f"split file {path} (fold {k} train vs validation)")
+    unknown = sorted(set(rows["participant_id"]) - set(table["participant_id"]), key=natural_key)
+    if unknown:
+        log.warning(
+            "Split file %s names %d participant(s) absent from the label table (ignored): %s",
+            path,
+            len(unknown),
+            ", ".join(unknown[:10]),
+        )
+    test = _select(table, test_rows, has_session)
+    folds = []
+    for k in indices:
+        sides = [
+            _select(table, fold_rows[(fold_rows["fold"] == k) & (fold_rows["side"] == s)], has_session)
+            for s in ("train", "validation")
+        ]
+        folds.append(Fold(k, *sides))
+    p_values = {}
+    if not pd.api.types.is_numeric_dtype(table["label"]):  # balance of a user's split, reported only
+        p_values = _frame_p_values("test", test, table[~table["participant_id"].isin(set(test["participant_id"]))])
+        for fold in folds:
+            p_values.update(_frame_p_values(f"split-{fold.index}", fold.validation, fold.train))
+    return Splits(test, tuple(folds), USER_SPLIT_SEED, 0, p_values)
