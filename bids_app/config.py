@@ -172,6 +172,8 @@ class PredictConfig:
     allow_leak: bool = False
     voting_threshold: float = 0.0  # parts whose validation weight is below this are dropped
     n_bootstrap: int = 1000
+    batch_size: int = 8
+    inverse_mae_voting: bool = False  # regression: weight parts by 1 / validation MAE (default: plain mean)
 
 
 @dataclasses.dataclass(frozen=True)
