@@ -70,6 +70,11 @@ FLAG_KEYS: dict[str, str] = {
     "test_size": "split.test_size",
     "n_splits": "split.n_splits",
     "split_file": "split.split_file",
+    "validation_size": "split.validation_size",
+    "test_baseline_only": "split.test_baseline_only",
+    "balance_p_threshold": "split.balance_p_threshold",
+    "max_attempts": "split.max_attempts",
+    "parent_label": "split.parent_label",
     "model_name": "train.model_name",
     "architecture": "train.architecture",
     "mode": "train.mode",
@@ -77,6 +82,17 @@ FLAG_KEYS: dict[str, str] = {
     "batch_size": "train.batch_size",
     "learning_rate": "train.learning_rate",
     "optimizer": "train.optimizer",
+    "weight_decay": "train.weight_decay",
+    "dropout": "train.dropout",
+    "accumulation_steps": "train.accumulation_steps",
+    "loss": "train.loss",
+    "lr_plateau_patience": "train.lr_plateau_patience",
+    "early_stopping_patience": "train.early_stopping_patience",
+    "early_stopping_tolerance": "train.early_stopping_tolerance",
+    "augmentations": "train.augmentations",
+    "class_weighted_sampling": "train.class_weighted_sampling",
+    "splits": "train.splits",
+    "n_unfrozen_layers": "train.n_unfrozen_layers",
     "selection_metrics": "train.selection_metrics",
     "device": "train.device",
     "amp": "train.amp",
@@ -87,6 +103,9 @@ FLAG_KEYS: dict[str, str] = {
     "predict_from": "predict.predict_from",
     "group_name": "predict.group_name",
     "allow_leak": "predict.allow_leak",
+    "voting_threshold": "predict.voting_threshold",
+    "n_bootstrap": "predict.n_bootstrap",
+    "inverse_mae_voting": "predict.inverse_mae_voting",
 }
 
 
@@ -217,6 +236,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_aliased(grp, "test_size", type=float, help="held-out test subjects: fraction (<1) or count")
     _add_aliased(grp, "n_splits", type=int, help="k-fold splits (1: a single train/validation split)")
     _add_aliased(grp, "split_file", type=Path, metavar="TSV", help="use your own subject-level split")
+    _add_aliased(grp, "validation_size", type=float, help="validation fraction when --n-splits 1")
+    grp.add_argument(
+        "--test-baseline-only",
+        "--no-test-baseline-only",
+        dest="test_baseline_only",
+        action=_BoolFlag,
+        default=argparse.SUPPRESS,
+        help="keep only baseline sessions in the test set (default on)",
+    )
+    _add_aliased(grp, "balance_p_threshold", type=float, help="age/sex balance tests must exceed this p (0.2)")
+    _add_aliased(grp, "max_attempts", type=int, help="bounded number of split draws (1000)")
+    _add_aliased(grp, "parent_label", metavar="COLUMN", help="transfer-safe nested split against this parent label")
     _add_aliased(grp, "model_name", metavar="NAME", help="model folder name under OUTPUT_DIR/models/")
     _add_aliased(grp, "architecture", metavar="NAME", help="network architecture (see docs/models.md)")
     _add_aliased(grp, "mode", choices=[m.value for m in ExtractionMode], help="tensors to train on")
@@ -224,6 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_aliased(grp, "batch_size", type=int)
     _add_aliased(grp, "learning_rate", type=float)
     _add_aliased(grp, "optimizer", choices=["adam", "adamw", "sgd"])
+    _add_aliased(grp, "weight_decay", type=float)
+    _add_aliased(grp, "dropout", type=float)
+    _add_aliased(grp, "accumulation_steps", type=int, help="gradient accumulation steps")
+    _add_aliased(grp, "loss", help="regression: mse, l1 or huber (default: the task's)")
+    _add_aliased(grp, "lr_plateau_patience", type=int, help="ReduceLROnPlateau patience (0: off)")
+    _add_aliased(grp, "early_stopping_patience", type=int, help="epochs without improvement (0: off)")
+    _add_aliased(grp, "early_stopping_tolerance", type=float)
+    _add_aliased(grp, "augmentations", nargs="+", metavar="NAME", help="training-set augmentations")
+    _add_aliased(grp, "class_weighted_sampling", action="store_true", help="sample classes evenly")
+    _add_aliased(grp, "splits", nargs="+", type=int, metavar="K", help="train only these splits")
+    _add_aliased(grp, "n_unfrozen_layers", type=int, help="transfer learning: layers left trainable")
     _add_aliased(grp, "selection_metrics", nargs="+", metavar="METRIC", help="one best model kept per metric")
     _add_aliased(grp, "device", choices=["auto", "cpu", "cuda"])
     _add_aliased(grp, "amp", action="store_true", help="automatic mixed precision")
@@ -234,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_aliased(grp, "predict_from", type=Path, metavar="OUTPUT_DIR2", help="predict another participant-level output")
     _add_aliased(grp, "group_name", metavar="NAME", help="name of the predicted group")
     _add_aliased(grp, "allow_leak", action="store_true", help="predict despite a detected leak (recorded)")
+    _add_aliased(grp, "voting_threshold", type=float, help="drop parts whose validation weight is below this")
+    _add_aliased(grp, "n_bootstrap", type=int, help="bootstrap resamples for metric intervals (1000)")
+    _add_aliased(grp, "inverse_mae_voting", action="store_true", help="regression: weight parts by 1/validation MAE")
     return parser
 
 
