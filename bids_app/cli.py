@@ -34,80 +34,6 @@ log = logging.getLogger("bids_app")
 
 LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
 
-# Flag destination → dotted config key. Flags absent from the command line leave the key untouched.
-FLAG_KEYS: dict[str, str] = {
-    "participant_label": "run.participant_labels",
-    "session_label": "run.session_labels",
-    "skip_bids_validation": "run.skip_bids_validation",
-    "bids_database_dir": "run.bids_database_dir",
-    "work_dir": "run.work_dir",
-    "nprocs": "run.nprocs",
-    "omp_nthreads": "run.omp_nthreads",
-    "seed": "run.seed",
-    "verbose": "run.verbose",
-    "overwrite": "run.overwrite",
-    "stages": "run.stages",
-    "template": "preprocess.template_path",
-    "template_space": "preprocess.template_space",
-    "crop_shape": "preprocess.crop_shape",
-    "registration": "preprocess.registration",
-    "derivatives": "preprocess.derivatives_dirs",
-    "pet_tracer": "preprocess.pet_tracers",
-    "suvr_reference_mask": "preprocess.suvr_reference_mask",
-    "modes": "extraction.modes",
-    "patch_size": "extraction.patch_size",
-    "stride": "extraction.stride",
-    "slice_direction": "extraction.slice_direction",
-    "discarded_slices": "extraction.discarded_slices",
-    "roi_mask": "extraction.roi_masks",
-    "roi_crop": "extraction.roi_crop",
-    "normalization": "extraction.normalization",
-    "tensor_dtype": "extraction.dtype",
-    "label": "labels.label",
-    "task": "labels.task",
-    "classes": "labels.classes",
-    "baseline_only": "labels.baseline_only",
-    "test_size": "split.test_size",
-    "n_splits": "split.n_splits",
-    "split_file": "split.split_file",
-    "validation_size": "split.validation_size",
-    "test_baseline_only": "split.test_baseline_only",
-    "balance_p_threshold": "split.balance_p_threshold",
-    "max_attempts": "split.max_attempts",
-    "parent_label": "split.parent_label",
-    "model_name": "train.model_name",
-    "architecture": "train.architecture",
-    "mode": "train.mode",
-    "epochs": "train.epochs",
-    "batch_size": "train.batch_size",
-    "learning_rate": "train.learning_rate",
-    "optimizer": "train.optimizer",
-    "weight_decay": "train.weight_decay",
-    "dropout": "train.dropout",
-    "accumulation_steps": "train.accumulation_steps",
-    "loss": "train.loss",
-    "lr_plateau_patience": "train.lr_plateau_patience",
-    "early_stopping_patience": "train.early_stopping_patience",
-    "early_stopping_tolerance": "train.early_stopping_tolerance",
-    "augmentations": "train.augmentations",
-    "class_weighted_sampling": "train.class_weighted_sampling",
-    "splits": "train.splits",
-    "n_unfrozen_layers": "train.n_unfrozen_layers",
-    "selection_metrics": "train.selection_metrics",
-    "device": "train.device",
-    "amp": "train.amp",
-    "deterministic": "train.deterministic",
-    "resume": "train.resume",
-    "transfer_from": "train.transfer_from",
-    "num_workers": "train.num_workers",
-    "predict_from": "predict.predict_from",
-    "group_name": "predict.group_name",
-    "allow_leak": "predict.allow_leak",
-    "voting_threshold": "predict.voting_threshold",
-    "n_bootstrap": "predict.n_bootstrap",
-    "inverse_mae_voting": "predict.inverse_mae_voting",
-}
-
 
 class BidsAppParser(argparse.ArgumentParser):
     """argparse exits 2 on usage errors; BEP027 wants 64 (EX_USAGE)."""
@@ -117,12 +43,188 @@ class BidsAppParser(argparse.ArgumentParser):
         self.exit(UsageError.exit_code, f"{self.prog}: error: {message}\n")
 
 
-def _add_aliased(group: Any, name: str, **kwargs: Any) -> None:
-    """Add ``--kebab-name`` with the BIDS-App underscore spelling as an alias."""
-    flags = [f"--{name.replace('_', '-')}"]
-    if "_" in name:
-        flags.append(f"--{name}")
-    group.add_argument(*flags, dest=name, default=argparse.SUPPRESS, **kwargs)
+class _BoolFlag(argparse.Action):
+    """``--x`` sets True, ``--no-x`` sets False."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, not (option_string or "").startswith("--no-"))
+
+
+P, F = "participant level: preprocessing and extraction", "group level: labels, splits, training, prediction"
+S, R = "input selection", "run control"
+# (group, dest, config key, extra flags, argparse keywords). Each dest gets --kebab-case plus the BIDS-App
+# underscore alias; flags absent from the command line leave their key to the --config file or the default.
+OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
+    (
+        S,
+        "participant_label",
+        "run.participant_labels",
+        (),
+        {
+            "nargs": "+",
+            "metavar": "LABEL",
+            "help": "participant labels (with or without 'sub-'), or a text file with one label per line",
+        },
+    ),
+    (S, "session_label", "run.session_labels", (), {"nargs": "+", "metavar": "LABEL", "help": "session labels"}),
+    (
+        S,
+        "skip_bids_validation",
+        "run.skip_bids_validation",
+        (),
+        {"action": "store_true", "help": "do not run bids-validator-deno on the input"},
+    ),
+    (
+        S,
+        "bids_database_dir",
+        "run.bids_database_dir",
+        (),
+        {"type": Path, "metavar": "DIR", "help": "persist/reuse the pybids index here"},
+    ),
+    (
+        S,
+        "derivatives",
+        "preprocess.derivatives_dirs",
+        ("-d",),
+        {
+            "nargs": "+",
+            "type": Path,
+            "metavar": "PATH",
+            "help": "already preprocessed inputs: BIDS derivative datasets or a Clinica CAPS",
+        },
+    ),
+    (R, "work_dir", "run.work_dir", ("-w",), {"type": Path, "help": "intermediate files (default: $TMPDIR)"}),
+    (R, "nprocs", "run.nprocs", (), {"type": int, "help": "participants processed in parallel"}),
+    (R, "omp_nthreads", "run.omp_nthreads", (), {"type": int, "help": "threads per process (ANTs, torch)"}),
+    (R, "seed", "run.seed", (), {"type": int, "help": "the one seed: splits, initialisation, sampling, augmentation"}),
+    (R, "verbose", "run.verbose", ("-v",), {"action": "count", "help": "more log output (-vv)"}),
+    (R, "overwrite", "run.overwrite", (), {"action": "store_true", "help": "redo outputs that already exist"}),
+    (
+        R,
+        "stages",
+        "run.stages",
+        (),
+        {
+            "nargs": "+",
+            "choices": [s.value for s in GroupStage],
+            "help": "group-level stages to run (default: all that apply)",
+        },
+    ),
+    (
+        P,
+        "template",
+        "preprocess.template_path",
+        (),
+        {
+            "type": Path,
+            "metavar": "PATH",
+            "help": "registration template (default: MNI152 2009a symmetric, 1 mm, shipped by nilearn)",
+        },
+    ),
+    (P, "template_space", "preprocess.template_space", (), {"metavar": "LABEL", "help": "space label of --template"}),
+    (
+        P,
+        "crop_shape",
+        "preprocess.crop_shape",
+        (),
+        {"nargs": 3, "type": int, "metavar": ("X", "Y", "Z"), "help": "crop in template voxels (default 169 208 179)"},
+    ),
+    (P, "registration", "preprocess.registration", (), {"choices": ["AffineFast", "Affine"]}),
+    (
+        P,
+        "pet_tracer",
+        "preprocess.pet_tracers",
+        (),
+        {"nargs": "+", "metavar": "TRACER", "help": "also process PET with these tracers"},
+    ),
+    (P, "suvr_reference_mask", "preprocess.suvr_reference_mask", (), {"type": Path, "metavar": "PATH"}),
+    (P, "modes", "extraction.modes", (), {"nargs": "+", "choices": [m.value for m in ExtractionMode]}),
+    (P, "patch_size", "extraction.patch_size", (), {"type": int, "help": "cubic patch edge in voxels (50)"}),
+    (P, "stride", "extraction.stride", (), {"type": int, "help": "patch stride in voxels (50)"}),
+    (P, "slice_direction", "extraction.slice_direction", (), {"choices": [d.value for d in SliceDirection]}),
+    (P, "discarded_slices", "extraction.discarded_slices", (), {"type": int, "help": "dropped at both ends (20)"}),
+    (
+        P,
+        "roi_mask",
+        "extraction.roi_masks",
+        (),
+        {"nargs": "+", "metavar": "NAME=PATH", "help": "binary masks in template space for roi mode"},
+    ),
+    (
+        P,
+        "roi_crop",
+        "extraction.roi_crop",
+        ("--no-roi-crop",),
+        {"action": _BoolFlag, "help": "crop regions to their bounding box (default) or keep the full frame"},
+    ),
+    (P, "normalization", "extraction.normalization", (), {"choices": ["minmax", "zscore", "none"]}),
+    (P, "tensor_dtype", "extraction.dtype", (), {"choices": ["float32", "float16"]}),
+    (F, "label", "labels.label", (), {"metavar": "COLUMN", "help": "column of participants.tsv or sessions.tsv"}),
+    (F, "task", "labels.task", (), {"choices": [t.value for t in Task]}),
+    (F, "classes", "labels.classes", (), {"nargs": "+", "metavar": "CLASS", "help": "restrict to these classes"}),
+    (F, "baseline_only", "labels.baseline_only", (), {"action": "store_true", "help": "first session only"}),
+    (F, "test_size", "split.test_size", (), {"type": float, "help": "test subjects: fraction (<1) or count"}),
+    (F, "n_splits", "split.n_splits", (), {"type": int, "help": "k-fold splits (1: one train/validation split)"}),
+    (F, "split_file", "split.split_file", (), {"type": Path, "metavar": "TSV", "help": "your own split"}),
+    (F, "validation_size", "split.validation_size", (), {"type": float, "help": "validation fraction, 1 split"}),
+    (
+        F,
+        "test_baseline_only",
+        "split.test_baseline_only",
+        ("--no-test-baseline-only",),
+        {"action": _BoolFlag, "help": "keep only baseline sessions in the test set (default on)"},
+    ),
+    (F, "balance_p_threshold", "split.balance_p_threshold", (), {"type": float, "help": "age/sex tests p > this"}),
+    (F, "max_attempts", "split.max_attempts", (), {"type": int, "help": "bounded number of split draws"}),
+    (F, "parent_label", "split.parent_label", (), {"metavar": "COLUMN", "help": "transfer-safe nested split"}),
+    (F, "model_name", "train.model_name", (), {"metavar": "NAME", "help": "model folder under OUTPUT_DIR/models/"}),
+    (F, "architecture", "train.architecture", (), {"metavar": "NAME", "help": "see --list-architectures"}),
+    (F, "mode", "train.mode", (), {"choices": [m.value for m in ExtractionMode], "help": "tensors to train on"}),
+    (F, "epochs", "train.epochs", (), {"type": int}),
+    (F, "batch_size", "train.batch_size", (), {"type": int}),
+    (F, "learning_rate", "train.learning_rate", (), {"type": float}),
+    (F, "optimizer", "train.optimizer", (), {"choices": ["adam", "adamw", "sgd"]}),
+    (F, "weight_decay", "train.weight_decay", (), {"type": float}),
+    (F, "dropout", "train.dropout", (), {"type": float}),
+    (F, "accumulation_steps", "train.accumulation_steps", (), {"type": int, "help": "gradient accumulation"}),
+    (F, "loss", "train.loss", (), {"help": "regression: mse, l1 or huber (default: the task's)"}),
+    (F, "lr_plateau_patience", "train.lr_plateau_patience", (), {"type": int, "help": "ReduceLROnPlateau (0 off)"}),
+    (F, "early_stopping_patience", "train.early_stopping_patience", (), {"type": int, "help": "0: off"}),
+    (F, "early_stopping_tolerance", "train.early_stopping_tolerance", (), {"type": float}),
+    (F, "augmentations", "train.augmentations", (), {"nargs": "+", "metavar": "NAME", "help": "training set only"}),
+    (F, "class_weighted_sampling", "train.class_weighted_sampling", (), {"action": "store_true"}),
+    (F, "splits", "train.splits", (), {"nargs": "+", "type": int, "metavar": "K", "help": "train only these"}),
+    (F, "n_unfrozen_layers", "train.n_unfrozen_layers", (), {"type": int, "help": "transfer: layers trained"}),
+    (
+        F,
+        "selection_metrics",
+        "train.selection_metrics",
+        (),
+        {"nargs": "+", "metavar": "METRIC", "help": "one best model kept per metric"},
+    ),
+    (F, "device", "train.device", (), {"choices": ["auto", "cpu", "cuda"]}),
+    (F, "amp", "train.amp", (), {"action": "store_true", "help": "automatic mixed precision"}),
+    (F, "deterministic", "train.deterministic", (), {"action": "store_true", "help": "deterministic algorithms"}),
+    (F, "resume", "train.resume", (), {"action": "store_true", "help": "continue an interrupted training"}),
+    (F, "transfer_from", "train.transfer_from", (), {"type": Path, "metavar": "MAPS"}),
+    (F, "num_workers", "train.num_workers", (), {"type": int, "help": "DataLoader worker processes"}),
+    (
+        F,
+        "predict_from",
+        "predict.predict_from",
+        (),
+        {"type": Path, "metavar": "OUTPUT_DIR2", "help": "predict another participant-level output"},
+    ),
+    (F, "group_name", "predict.group_name", (), {"metavar": "NAME", "help": "name of the predicted group"}),
+    (F, "allow_leak", "predict.allow_leak", (), {"action": "store_true", "help": "predict despite a leak"}),
+    (F, "voting_threshold", "predict.voting_threshold", (), {"type": float, "help": "drop weaker parts"}),
+    (F, "n_bootstrap", "predict.n_bootstrap", (), {"type": int, "help": "bootstrap resamples (1000)"}),
+    (F, "inverse_mae_voting", "predict.inverse_mae_voting", (), {"action": "store_true"}),
+)
+CONFIG_KEYS = {dest: key for _, dest, key, _, _ in OPTIONS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,161 +237,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("bids_dir", type=Path, help="the root of the input BIDS dataset")
     parser.add_argument("output_dir", type=Path, help="the output folder (a BIDS derivative dataset)")
-    parser.add_argument(
-        "analysis_level", help="'participant' (preprocess + extract) or 'group' (split, train, predict)"
-    )
+    parser.add_argument("analysis_level", help="'participant' (preprocess, extract) or 'group' (split, train, predict)")
     parser.add_argument("--version", action="version", version=f"bids_app {read_version()}")
-
-    sel = parser.add_argument_group("input selection")
-    _add_aliased(
-        sel,
-        "participant_label",
-        nargs="+",
-        metavar="LABEL",
-        help="participant labels (with or without 'sub-'), or a text file with one label per line",
-    )
-    _add_aliased(sel, "session_label", nargs="+", metavar="LABEL", help="session labels (with or without 'ses-')")
-    _add_aliased(
-        sel,
-        "bids_filter_file",
+    parser.add_argument("--list-architectures", action=_ListArchitectures, help="list model architectures and exit")
+    groups = {title: parser.add_argument_group(title) for title in (S, R, P, F)}
+    groups[S].add_argument(
+        "--bids-filter-file",
+        "--bids_filter_file",
+        dest="bids_filter_file",
         type=Path,
+        default=argparse.SUPPRESS,
         metavar="FILE",
         help='JSON of pybids filters per input kind, e.g. {"t1w": {"acquisition": "mprage"}}',
     )
-    _add_aliased(sel, "skip_bids_validation", action="store_true", help="do not run bids-validator-deno on the input")
-    _add_aliased(sel, "bids_database_dir", type=Path, metavar="DIR", help="persist/reuse the pybids index here")
-    sel.add_argument(
-        "-d",
-        "--derivatives",
-        nargs="+",
-        type=Path,
-        default=argparse.SUPPRESS,
-        metavar="PATH",
-        help="already preprocessed inputs: BIDS derivative datasets or a Clinica CAPS",
+    groups[R].add_argument(
+        "--config", type=Path, default=None, metavar="FILE", help="TOML configuration; command-line flags override it"
     )
-
-    run = parser.add_argument_group("run control")
-    run.add_argument(
-        "-w",
-        "--work-dir",
-        "--work_dir",
-        dest="work_dir",
-        type=Path,
-        default=argparse.SUPPRESS,
-        help="folder for intermediate files (default: a temporary folder)",
-    )
-    _add_aliased(run, "nprocs", type=int, help="participants processed in parallel")
-    _add_aliased(run, "omp_nthreads", type=int, help="threads per process (ANTs, torch)")
-    _add_aliased(run, "seed", type=int, help="the one seed for splits, initialisation, sampling, augmentation")
-    run.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="TOML configuration; command-line flags override it",
-    )
-    run.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more log output (-vv)")
-    _add_aliased(run, "overwrite", action="store_true", help="redo work whose outputs already exist")
-    _add_aliased(
-        run,
-        "stages",
-        nargs="+",
-        choices=[s.value for s in GroupStage],
-        help="group-level stages to run (default: all that apply)",
-    )
-
-    pre = parser.add_argument_group("participant level: preprocessing and extraction")
-    _add_aliased(
-        pre,
-        "template",
-        type=Path,
-        metavar="PATH",
-        help="registration template (default: MNI152 2009a symmetric, 1 mm, from nilearn)",
-    )
-    _add_aliased(pre, "template_space", metavar="LABEL", help="space label of --template (BIDS 'space-' entity)")
-    _add_aliased(pre, "crop_shape", nargs=3, type=int, metavar=("X", "Y", "Z"), help="crop in template voxels")
-    _add_aliased(pre, "registration", choices=["AffineFast", "Affine"], help="ANTs affine flavour")
-    _add_aliased(pre, "pet_tracer", nargs="+", metavar="TRACER", help="also process PET with these tracers")
-    _add_aliased(pre, "suvr_reference_mask", type=Path, metavar="PATH", help="SUVR reference region mask")
-    _add_aliased(pre, "modes", nargs="+", choices=[m.value for m in ExtractionMode], help="extraction modes")
-    _add_aliased(pre, "patch_size", type=int, help="cubic patch edge in voxels (default 50)")
-    _add_aliased(pre, "stride", type=int, help="patch stride in voxels (default 50)")
-    _add_aliased(pre, "slice_direction", choices=[d.value for d in SliceDirection], help="default sagittal")
-    _add_aliased(pre, "discarded_slices", type=int, help="slices dropped at both ends (default 20)")
-    _add_aliased(pre, "roi_mask", nargs="+", metavar="NAME=PATH", help="binary masks in template space for roi mode")
-    pre.add_argument(
-        "--roi-crop",
-        "--no-roi-crop",
-        dest="roi_crop",
-        action=_BoolFlag,
-        default=argparse.SUPPRESS,
-        help="crop regions to their bounding box (default) or keep the full frame",
-    )
-    _add_aliased(pre, "normalization", choices=["minmax", "zscore", "none"], help="per-image intensity normalisation")
-    _add_aliased(pre, "tensor_dtype", choices=["float32", "float16"], help="storage type of tensors")
-
-    grp = parser.add_argument_group("group level: labels, splits, training, prediction")
-    _add_aliased(grp, "label", metavar="COLUMN", help="label column of participants.tsv or sessions.tsv")
-    _add_aliased(grp, "task", choices=[t.value for t in Task], help="learning task")
-    _add_aliased(grp, "classes", nargs="+", metavar="CLASS", help="restrict to these classes")
-    _add_aliased(grp, "baseline_only", action="store_true", help="use only the first session of each subject")
-    _add_aliased(grp, "test_size", type=float, help="held-out test subjects: fraction (<1) or count")
-    _add_aliased(grp, "n_splits", type=int, help="k-fold splits (1: a single train/validation split)")
-    _add_aliased(grp, "split_file", type=Path, metavar="TSV", help="use your own subject-level split")
-    _add_aliased(grp, "validation_size", type=float, help="validation fraction when --n-splits 1")
-    grp.add_argument(
-        "--test-baseline-only",
-        "--no-test-baseline-only",
-        dest="test_baseline_only",
-        action=_BoolFlag,
-        default=argparse.SUPPRESS,
-        help="keep only baseline sessions in the test set (default on)",
-    )
-    _add_aliased(grp, "balance_p_threshold", type=float, help="age/sex balance tests must exceed this p (0.2)")
-    _add_aliased(grp, "max_attempts", type=int, help="bounded number of split draws (1000)")
-    _add_aliased(grp, "parent_label", metavar="COLUMN", help="transfer-safe nested split against this parent label")
-    _add_aliased(grp, "model_name", metavar="NAME", help="model folder name under OUTPUT_DIR/models/")
-    _add_aliased(grp, "architecture", metavar="NAME", help="network architecture (see docs/models.md)")
-    _add_aliased(grp, "mode", choices=[m.value for m in ExtractionMode], help="tensors to train on")
-    _add_aliased(grp, "epochs", type=int)
-    _add_aliased(grp, "batch_size", type=int)
-    _add_aliased(grp, "learning_rate", type=float)
-    _add_aliased(grp, "optimizer", choices=["adam", "adamw", "sgd"])
-    _add_aliased(grp, "weight_decay", type=float)
-    _add_aliased(grp, "dropout", type=float)
-    _add_aliased(grp, "accumulation_steps", type=int, help="gradient accumulation steps")
-    _add_aliased(grp, "loss", help="regression: mse, l1 or huber (default: the task's)")
-    _add_aliased(grp, "lr_plateau_patience", type=int, help="ReduceLROnPlateau patience (0: off)")
-    _add_aliased(grp, "early_stopping_patience", type=int, help="epochs without improvement (0: off)")
-    _add_aliased(grp, "early_stopping_tolerance", type=float)
-    _add_aliased(grp, "augmentations", nargs="+", metavar="NAME", help="training-set augmentations")
-    _add_aliased(grp, "class_weighted_sampling", action="store_true", help="sample classes evenly")
-    _add_aliased(grp, "splits", nargs="+", type=int, metavar="K", help="train only these splits")
-    _add_aliased(grp, "n_unfrozen_layers", type=int, help="transfer learning: layers left trainable")
-    _add_aliased(grp, "selection_metrics", nargs="+", metavar="METRIC", help="one best model kept per metric")
-    _add_aliased(grp, "device", choices=["auto", "cpu", "cuda"])
-    _add_aliased(grp, "amp", action="store_true", help="automatic mixed precision")
-    _add_aliased(grp, "deterministic", action="store_true", help="deterministic algorithms only")
-    _add_aliased(grp, "resume", action="store_true", help="continue an interrupted training")
-    _add_aliased(grp, "transfer_from", type=Path, metavar="MAPS", help="initialise from another model folder")
-    _add_aliased(grp, "num_workers", type=int, help="DataLoader worker processes")
-    _add_aliased(grp, "predict_from", type=Path, metavar="OUTPUT_DIR2", help="predict another participant-level output")
-    _add_aliased(grp, "group_name", metavar="NAME", help="name of the predicted group")
-    _add_aliased(grp, "allow_leak", action="store_true", help="predict despite a detected leak (recorded)")
-    _add_aliased(grp, "voting_threshold", type=float, help="drop parts whose validation weight is below this")
-    _add_aliased(grp, "n_bootstrap", type=int, help="bootstrap resamples for metric intervals (1000)")
-    _add_aliased(grp, "inverse_mae_voting", action="store_true", help="regression: weight parts by 1/validation MAE")
+    for title, dest, _, extra, kwargs in OPTIONS:
+        flags = [f"--{dest.replace('_', '-')}"] + ([f"--{dest}"] if "_" in dest else [])
+        groups[title].add_argument(*extra, *flags, dest=dest, default=argparse.SUPPRESS, **kwargs)
     return parser
 
 
-class _BoolFlag(argparse.Action):
-    """``--x`` sets True, ``--no-x`` sets False."""
+class _ListArchitectures(argparse.Action):
+    """``--list-architectures`` prints the model registry and exits (imports torch, only when asked)."""
 
     def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, dest, nargs=0, **kwargs)
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
-        setattr(namespace, self.dest, not (option_string or "").startswith("--no-"))
+        from bids_app.models import list_architectures
+
+        for info in list_architectures():
+            dims = "/".join(f"{d}D" for d in info.dims)
+            tasks = ", ".join(t.value for t in info.tasks)
+            print(f"{info.name:<18} {dims:<6} {tasks:<45} {info.description}")
+        parser.exit(0)
 
 
 def parse_labels(values: Sequence[str], prefix: str, what: str) -> tuple[str, ...]:
@@ -348,7 +331,7 @@ def _read_filter_file(path: Path) -> dict[str, Any]:
 def _flags_to_nested(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     nested: dict[str, dict[str, Any]] = {}
     given = vars(args)
-    for dest, key in FLAG_KEYS.items():
+    for dest, key in CONFIG_KEYS.items():
         if dest not in given:
             continue
         value = given[dest]
