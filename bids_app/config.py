@@ -156,6 +156,7 @@ class TrainConfig:
     amp: bool = False
     device: str = "auto"
     num_workers: int = 0
+    cache_samples: bool = False  # keep every sample in memory after its first read (per worker process)
     deterministic: bool = False
     splits: tuple[int, ...] = ()  # empty: every split
     resume: bool = False

@@ -9,8 +9,8 @@ import tempfile
 import time
 import traceback
 from collections.abc import Sequence
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from bids_app import read_version
 from bids_app.bids_query import (
@@ -182,15 +182,25 @@ def run_group(cfg: RunConfig) -> int:
     maps_dir = cfg.output_dir / "models" / cfg.train.model_name
     groups_dir = maps_dir / "groups"
     table = group_table(cfg, index_tensors(cfg.output_dir, cfg.train.mode), load_labels)
-    log.info("Group level: %d image(s) of %d participant(s) with labels; stages %s", len(table),
-             table["participant_id"].nunique(), ", ".join(s.value for s in stages))
+    log.info(
+        "Group level: %d image(s) of %d participant(s) with labels; stages %s",
+        len(table),
+        table["participant_id"].nunique(),
+        ", ".join(s.value for s in stages),
+    )
 
-    if GroupStage.SPLIT in stages:
+    if GroupStage.SPLIT in stages and not cfg.train.resume:
+        refuse_existing_maps(cfg, maps_dir)
+        source_pool = maps.source_training_pool(cfg.train.transfer_from) if cfg.train.transfer_from else None
         if cfg.split.split_file is not None:
             splits = split.load_split_file(cfg.split.split_file, table)
         else:
-            splits = split.make_splits(table, cfg.split, cfg.labels.task, cfg.seed)
-        split.write_splits(groups_dir, splits, table, cfg.split)
+            # A transfer source's participants keep their side, so its test set stays unseen here too.
+            constraints = split.read_splits(cfg.train.transfer_from / "groups") if cfg.train.transfer_from else None
+            splits = split.make_splits(table, cfg.split, cfg.labels.task, cfg.seed, constraints=constraints)
+        if source_pool is not None:
+            split.check_disjoint(splits.test, source_pool, "the test set and the transfer source's training pool")
+        split.write_splits(groups_dir, splits, table, cfg.split, extra_seen=source_pool)
     if GroupStage.TRAIN in stages:
         splits = split.read_splits(groups_dir)
         train.run_train_stage(cfg, maps_dir, splits, table)
@@ -199,6 +209,17 @@ def run_group(cfg: RunConfig) -> int:
         predict.run_predict_stage(cfg, maps_dir, table)
     log.info("Group level done: model folder %s", maps_dir)
     return 0
+
+
+def refuse_existing_maps(cfg: RunConfig, maps_dir: Path) -> None:
+    """A new split would orphan the models of an earlier one: demand --overwrite or --resume."""
+    from bids_app.errors import UsageError
+
+    if (maps_dir / "groups").is_dir() and not cfg.overwrite:
+        raise UsageError(
+            f"Model folder {maps_dir} already exists. Pass --resume to continue it, --overwrite to redo it, "
+            "or choose another --model-name."
+        )
 
 
 def group_table(cfg: RunConfig, tensors: Any, load_labels: Any) -> Any:

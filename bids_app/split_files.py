@@ -54,16 +54,21 @@ def table_sha256(table: pd.DataFrame) -> str:
     return _sha256(format_label_table(sort_table(_label_columns(table))))
 
 
-def write_splits(groups_dir: Path, splits: Splits, table: pd.DataFrame, cfg: SplitConfig) -> None:
+def write_splits(
+    groups_dir: Path, splits: Splits, table: pd.DataFrame, cfg: SplitConfig, extra_seen: pd.DataFrame | None = None
+) -> None:
     """Write the split TSVs, demographics and ``splits.json`` (hashes, seed, config) under ``groups_dir``.
 
     Each file is written atomically; ``splits.json`` comes last, so a split without it is incomplete.
+    ``extra_seen`` holds images the model saw elsewhere (a transfer source's training pool); they join
+    ``train+validation.tsv`` so later leak checks cover them.
     """
     frames = {TEST_TSV: splits.test}
     for fold in splits.folds:
         frames[f"split-{fold.index}/train.tsv"] = fold.train
         frames[f"split-{fold.index}/validation.tsv"] = fold.validation
-    seen = pd.concat(list(frames.values())[1:]).drop_duplicates(["participant_id", "session_id"])
+    pools = list(frames.values())[1:] + ([extra_seen] if extra_seen is not None else [])
+    seen = pd.concat(pools).drop_duplicates(["participant_id", "session_id"])
     frames["train+validation.tsv"] = sort_table(seen)
     named = [f.assign(group=n.removesuffix(".tsv").removesuffix("/data")) for n, f in frames.items()]
     frames = {n: _label_columns(f) for n, f in frames.items()}

@@ -1,0 +1,174 @@
+"""One epoch of training or validation: per-sample losses, gradient accumulation, AMP, sample-level metrics.
+
+Losses are reported as means over samples: the per-sample losses of every batch are summed and divided by
+the number of samples, so a smaller last batch weighs exactly its share (a mean of batch means would not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from bids_app.config import Task
+from bids_app.errors import ConfigError
+
+LOSSES: dict[Task, tuple[str, ...]] = {  # the first is the task's default
+    Task.CLASSIFICATION: ("cross_entropy",),
+    Task.REGRESSION: ("mse", "l1", "huber"),
+    Task.RECONSTRUCTION: ("mse", "l1"),
+}
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SGD_MOMENTUM = 0.9
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU. Raises ConfigError when CUDA is asked for but absent."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"Device '{name}' requested but no CUDA GPU is available. Use --device cpu or auto.")
+    return torch.device(name)
+
+
+def make_optimizer(
+    name: str, parameters: list[nn.Parameter], learning_rate: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """Adam, AdamW or SGD (momentum ``SGD_MOMENTUM``) over ``parameters``; ConfigError for another name."""
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=learning_rate, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=learning_rate, weight_decay=weight_decay, momentum=SGD_MOMENTUM)
+    raise ConfigError(f"Unknown optimizer '{name}'. Available: {', '.join(OPTIMIZERS)}.")
+
+
+def per_sample_loss(task: Task, name: str | None) -> LossFn:
+    """``loss(output, target) -> (B,)``, one value per sample (reconstruction: the mean over voxels).
+
+    Args:
+        task: classification takes logits ``(B, K)`` and class indices ``(B,)``; regression outputs
+            ``(B, 1)`` and targets ``(B,)``; reconstruction an output shaped like its target ``(B, C, ...)``.
+        name: one of ``LOSSES[task]``; None is the task's default.
+    """
+    name = name or LOSSES[task][0]
+    if task is Task.CLASSIFICATION:
+        return lambda out, y: F.cross_entropy(out, y, reduction="none")
+    if task is Task.REGRESSION:
+        regressions: dict[str, Callable[..., torch.Tensor]] = {
+            "mse": F.mse_loss,
+            "l1": F.l1_loss,
+            "huber": F.huber_loss,
+        }
+        regression = regressions[name]
+        return lambda out, y: regression(out.reshape(len(y), -1)[:, 0], y, reduction="none")
+    reconstructions: dict[str, Callable[..., torch.Tensor]] = {"mse": F.mse_loss, "l1": F.l1_loss}
+    reconstruction = reconstructions[name]
+    return lambda out, y: reconstruction(out, y, reduction="none").flatten(1).mean(dim=1)
+
+
+@dataclasses.dataclass
+class Loop:
+    """The torch objects one split's training works with.
+
+    Attributes:
+        amp_dtype: autocast dtype (bfloat16 on CPU, float16 on CUDA) or None without AMP.
+        accumulation_steps: batches whose gradients are summed before one optimizer step.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None
+    scaler: torch.amp.GradScaler
+    loss_fn: LossFn
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    accumulation_steps: int = 1
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+
+def _progress(loader: DataLoader[Any], desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(loader, desc=desc, leave=False, disable=None, unit="batch")
+
+
+def train_epoch(loop: Loop, loader: DataLoader[Any], desc: str = "train") -> float:
+    """One pass over ``loader`` updating the model; returns the mean per-sample training loss.
+
+    The optimizer steps every ``accumulation_steps`` batches and after the last batch; each batch's loss
+    is scaled by ``1 / accumulation_steps`` so an accumulated step matches one larger batch.
+    """
+    loop.model.train()
+    loop.optimizer.zero_grad(set_to_none=True)
+    n_batches = len(loader)
+    total, count = 0.0, 0
+    for step, (x, y, _) in enumerate(_progress(loader, desc)):
+        x = x.to(loop.device, non_blocking=True)
+        y = y.to(loop.device, non_blocking=True)
+        with loop.autocast():
+            out = loop.model(x)
+        losses = loop.loss_fn(out.float(), y)
+        loop.scaler.scale(losses.mean() / loop.accumulation_steps).backward()
+        total += float(losses.detach().double().sum())
+        count += len(x)
+        if (step + 1) % loop.accumulation_steps == 0 or step + 1 == n_batches:
+            loop.scaler.step(loop.optimizer)
+            loop.scaler.update()
+            loop.optimizer.zero_grad(set_to_none=True)
+    return total / count if count else float("nan")
+
+
+def validate(loop: Loop, loader: DataLoader[Any], task: Task, desc: str = "validation") -> dict[str, float]:
+    """Mean per-sample loss and the task's metrics over every sample of ``loader`` (part level).
+
+    Returns:
+        ``{"loss": ..., <metric>: ...}`` with the names of ``metrics.metric_names(task)`` (``roc_auc`` in
+        classification, computed from the softmax scores).
+    """
+    from bids_app.metrics import compute_metrics, mean_of_columns, reconstruction_metrics_per_image
+
+    loop.model.eval()
+    total, count = 0.0, 0
+    truths: list[np.ndarray] = []
+    outputs: list[np.ndarray] = []
+    per_image: dict[str, list[np.ndarray]] = {}
+    with torch.inference_mode():
+        for x, y, _ in _progress(loader, desc):
+            x = x.to(loop.device, non_blocking=True)
+            y = y.to(loop.device, non_blocking=True)
+            with loop.autocast():
+                out = loop.model(x)
+            out = out.float()
+            losses = loop.loss_fn(out, y)
+            total += float(losses.double().sum())
+            count += len(x)
+            if task is Task.CLASSIFICATION:
+                outputs.append(torch.softmax(out, dim=1).cpu().numpy().astype(np.float64))
+                truths.append(y.cpu().numpy())
+            elif task is Task.REGRESSION:
+                outputs.append(out.reshape(len(x), -1)[:, 0].cpu().numpy().astype(np.float64))
+                truths.append(y.cpu().numpy().astype(np.float64))
+            else:
+                for name, values in reconstruction_metrics_per_image(y.cpu().numpy(), out.cpu().numpy()).items():
+                    per_image.setdefault(name, []).append(values)
+    result = {"loss": total / count if count else float("nan")}
+    if task is Task.CLASSIFICATION:
+        scores = np.concatenate(outputs)
+        result.update(compute_metrics(task, np.concatenate(truths), scores.argmax(axis=1), y_score=scores))
+    elif task is Task.REGRESSION:
+        result.update(compute_metrics(task, np.concatenate(truths), np.concatenate(outputs)))
+    else:
+        result.update(mean_of_columns(**{name: np.concatenate(v) for name, v in per_image.items()}))
+    return result

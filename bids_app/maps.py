@@ -1,0 +1,400 @@
+"""The on-disk model folder (MAPS): its layout, ``maps.json``, model files and their validation.
+
+See ``docs/maps.md`` for the tree. Model weights are stored with safetensors only: a pickle (``.pt``,
+``.pth``, ``.pth.tar``, or a pickle renamed ``model.safetensors``) is refused, because unpickling runs
+arbitrary code. Paths inside ``maps.json`` are written relative to declared roots (``${maps_dir}``,
+``${output_dir}``, ``${bids_dir}``) and the roots relative to the MAPS when it lies inside them, so a MAPS
+moved together with its output folder still reads back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from bids_app import read_version
+from bids_app.config import ExtractionMode, RunConfig, Task, config_to_nested, resolve_config
+from bids_app.derivatives import atomic_path, atomic_write_json
+from bids_app.errors import BidsAppError, DataError, InputMissingError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".tar", ".pkl", ".pickle", ".ckpt", ".bin")
+ROOT_NAMES = ("maps_dir", "output_dir", "bids_dir")
+MAX_SAFETENSORS_HEADER = 100_000_000  # bytes; the format's own limit
+
+
+@dataclasses.dataclass(frozen=True)
+class MapsLayout:
+    """Every path of one MAPS folder ``root``."""
+
+    root: Path
+
+    @property
+    def maps_json(self) -> Path:
+        return self.root / "maps.json"
+
+    @property
+    def environment_json(self) -> Path:
+        return self.root / "environment.json"
+
+    @property
+    def groups_dir(self) -> Path:
+        return self.root / "groups"
+
+    @property
+    def train_validation_tsv(self) -> Path:
+        return self.groups_dir / "train+validation.tsv"
+
+    def split_dir(self, split: int) -> Path:
+        return self.root / f"split-{split}"
+
+    def best_dir(self, split: int, metric: str) -> Path:
+        return self.split_dir(split) / f"best-{metric}"
+
+    def model_path(self, split: int, metric: str) -> Path:
+        return self.best_dir(split, metric) / "model.safetensors"
+
+    def selection_json(self, split: int, metric: str) -> Path:
+        """Epoch and value at which the model in ``best-<metric>`` was selected."""
+        return self.best_dir(split, metric) / "selection.json"
+
+    def group_dir(self, split: int, metric: str, group: str) -> Path:
+        """Predictions and metrics of that model on one group (``train``, ``validation``, ``test``...)."""
+        return self.best_dir(split, metric) / group
+
+    def training_logs_dir(self, split: int) -> Path:
+        return self.split_dir(split) / "training_logs"
+
+    def training_tsv(self, split: int) -> Path:
+        return self.training_logs_dir(split) / "training.tsv"
+
+    def tensorboard_dir(self, split: int) -> Path:
+        return self.training_logs_dir(split) / "tensorboard"
+
+    def summary_json(self, split: int) -> Path:
+        """Written last by a finished training of the split."""
+        return self.training_logs_dir(split) / "summary.json"
+
+    def tmp_dir(self, split: int) -> Path:
+        return self.split_dir(split) / "tmp"
+
+    def checkpoint_path(self, split: int) -> Path:
+        return self.tmp_dir(split) / "checkpoint.pt"
+
+    def trained_splits(self) -> list[int]:
+        """Splits whose training finished (``summary.json`` present), ascending."""
+        found = []
+        for path in self.root.glob("split-*"):
+            suffix = path.name.removeprefix("split-")
+            if suffix.isdigit() and self.summary_json(int(suffix)).is_file():
+                found.append(int(suffix))
+        return sorted(found)
+
+
+@dataclasses.dataclass(frozen=True)
+class MapsRecord:
+    """The content of ``maps.json`` with paths resolved against the MAPS' current location.
+
+    Attributes:
+        version: bids_app version that wrote it.
+        config: the resolved run configuration of the training.
+        task, mode, architecture: what the models are.
+        input_shape: one sample ``(1, ...)`` in voxels.
+        n_outputs: model outputs (classes in classification).
+        label_encoding: class → index (classification), else None.
+        extra: every other key of ``maps.json`` (e.g. ``transfer_source``).
+    """
+
+    version: str
+    config: RunConfig
+    task: Task
+    mode: ExtractionMode
+    architecture: str
+    input_shape: tuple[int, ...]
+    n_outputs: int
+    label_encoding: dict[str, int] | None
+    extra: dict[str, Any]
+
+
+def _portable(value: Any, roots: Mapping[str, Path]) -> Any:
+    """Replace absolute path strings under a root by ``${root}/relative`` (the deepest root wins)."""
+    if isinstance(value, dict):
+        return {key: _portable(item, roots) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_portable(item, roots) for item in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        best: tuple[int, str] | None = None
+        for name, root in roots.items():
+            try:
+                relative = Path(value).relative_to(root)
+            except ValueError:
+                continue
+            if best is None or len(root.parts) > best[0]:
+                rel = relative.as_posix()
+                best = (len(root.parts), f"${{{name}}}" + ("" if rel == "." else f"/{rel}"))
+        return value if best is None else best[1]
+    return value
+
+
+def _resolved(value: Any, roots: Mapping[str, Path]) -> Any:
+    if isinstance(value, dict):
+        return {key: _resolved(item, roots) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_resolved(item, roots) for item in value]
+    if isinstance(value, str) and value.startswith("${"):
+        name, _, rest = value[2:].partition("}")
+        if name in roots:
+            return str(roots[name] / rest.lstrip("/")) if rest else str(roots[name])
+    return value
+
+
+def _stored_root(root: Path, maps_dir: Path) -> str:
+    """A root relative to the MAPS when the MAPS lies inside it, else absolute."""
+    root = Path(os.path.abspath(root))
+    if Path(os.path.abspath(maps_dir)).is_relative_to(root):
+        return Path(os.path.relpath(root, os.path.abspath(maps_dir))).as_posix()
+    return str(root)
+
+
+def write_maps_json(maps_dir: Path, cfg: RunConfig, extra: Mapping[str, Any]) -> None:
+    """Write ``maps.json``: the resolved config, the bids_app version and what rebuilds the models.
+
+    Args:
+        maps_dir: the MAPS folder.
+        cfg: the training's configuration.
+        extra: at least ``input_shape`` (one sample, ``(1, ...)``), ``n_outputs`` and ``label_encoding``
+            (class → index, or None); any other JSON-ready key is kept (e.g. ``transfer_source``).
+    """
+    maps_dir = Path(os.path.abspath(maps_dir))
+    roots = {"maps_dir": maps_dir, "output_dir": cfg.output_dir, "bids_dir": cfg.bids_dir}
+    abs_roots = {name: Path(os.path.abspath(path)) for name, path in roots.items()}
+    content = {
+        "bids_app_version": read_version(),
+        "task": cfg.labels.task.value,
+        "mode": cfg.train.mode.value,
+        "architecture": cfg.train.architecture,
+        **{key: _portable(value, abs_roots) for key, value in extra.items()},
+        "roots": {name: _stored_root(path, maps_dir) for name, path in abs_roots.items() if name != "maps_dir"},
+        "config": _portable(config_to_nested(cfg), abs_roots),
+    }
+    atomic_write_json(MapsLayout(maps_dir).maps_json, content)
+
+
+def read_maps_json(maps_dir: Path, roots: Mapping[str, Path] | None = None) -> MapsRecord:
+    """Read ``maps.json``, resolving stored paths against the MAPS' current location.
+
+    Args:
+        maps_dir: the MAPS folder.
+        roots: override a stored root (``output_dir``, ``bids_dir``), e.g. when only the MAPS was moved.
+
+    Raises:
+        DataError: ``maps.json`` is missing, unreadable, or lacks a key.
+    """
+    maps_dir = Path(os.path.abspath(maps_dir))
+    path = MapsLayout(maps_dir).maps_json
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(
+            f"{path} is missing, so {maps_dir} is not a trained model folder. Run the group level with "
+            "--stages train first, or point to the right MAPS."
+        ) from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not readable JSON ({exc}). Re-run training to rewrite it.") from exc
+    try:
+        stored = content["roots"]
+        resolved_roots = {"maps_dir": maps_dir}
+        for name, value in stored.items():
+            resolved_roots[name] = Path(value) if os.path.isabs(value) else Path(os.path.normpath(maps_dir / value))
+        resolved_roots.update({name: Path(p) for name, p in (roots or {}).items()})
+        known = {"bids_app_version", "task", "mode", "architecture", "input_shape", "n_outputs", "label_encoding"}
+        extra = {k: _resolved(v, resolved_roots) for k, v in content.items() if k not in known | {"roots", "config"}}
+        encoding = content["label_encoding"]
+        return MapsRecord(
+            version=str(content["bids_app_version"]),
+            config=resolve_config(_resolved(content["config"], resolved_roots)),
+            task=Task(content["task"]),
+            mode=ExtractionMode(content["mode"]),
+            architecture=str(content["architecture"]),
+            input_shape=tuple(int(v) for v in content["input_shape"]),
+            n_outputs=int(content["n_outputs"]),
+            label_encoding=None if encoding is None else {str(k): int(v) for k, v in encoding.items()},
+            extra=extra,
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, BidsAppError):
+            raise DataError(f"{path} holds an invalid configuration: {exc}") from exc
+        raise DataError(f"{path} is incomplete or malformed ({exc!r}). Re-run training to rewrite it.") from exc
+
+
+def write_environment_json(maps_dir: Path, seed: int) -> None:
+    """Record the software and machine that trained the models (``environment.json``)."""
+    from bids_app.provenance import environment_record
+
+    atomic_write_json(MapsLayout(maps_dir).environment_json, environment_record(seed))
+
+
+def save_model(path: Path, model: nn.Module) -> None:
+    """Write ``model``'s state dict to ``path`` with safetensors, atomically (tied tensors saved once)."""
+    from safetensors.torch import save_model as save_safetensors
+
+    with atomic_path(path) as tmp:
+        save_safetensors(model, str(tmp), metadata={"format": "pt", "bids_app_version": read_version()})
+
+
+def _check_safetensors(path: Path) -> None:
+    """Refuse anything that is not a safetensors file (pickles and zip archives above all)."""
+    refuse = (
+        "Pickle model files are refused because loading them runs arbitrary code. Re-train with this bids_app "
+        "version, or convert the weights to safetensors yourself if you trust their origin."
+    )
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise DataError(f"Model file {path} is a pickle/torch checkpoint. {refuse}")
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(9)
+    except FileNotFoundError:
+        raise InputMissingError(f"Model file {path} does not exist. Train this split first.") from None
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise DataError(f"Model file {path} is a pickle/zip archive, not safetensors. {refuse}")
+    if len(head) < 9 or not 2 <= struct.unpack("<Q", head[:8])[0] <= MAX_SAFETENSORS_HEADER or head[8:9] != b"{":
+        raise DataError(f"Model file {path} is not a safetensors file. {refuse}")
+
+
+def find_model_path(maps_dir: Path, split: int, metric: str) -> Path:
+    """``split-<k>/best-<metric>/model.safetensors``, checked to be safetensors.
+
+    Raises:
+        DataError: only a pickle model file exists in that folder, or the file is not safetensors.
+        InputMissingError: no model for this split and metric.
+    """
+    layout = MapsLayout(Path(maps_dir))
+    path = layout.model_path(split, metric)
+    if not path.is_file():
+        best_dir = layout.best_dir(split, metric)
+        pickles = sorted(p for p in best_dir.glob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            _check_safetensors(pickles[0])
+        available = sorted(p.parent.name for p in layout.split_dir(split).glob("best-*/model.safetensors"))
+        raise InputMissingError(
+            f"No model {path}. Available for split {split}: {available or 'none'}. Train split {split} with "
+            f"selection metric '{metric}' (--stages train), or choose another metric."
+        )
+    _check_safetensors(path)
+    return path
+
+
+def load_state(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors state dict on CPU (refusing pickles, see ``find_model_path``)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    _check_safetensors(Path(path))
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise DataError(f"Model file {path} is corrupt ({exc}). Re-train this split.") from exc
+
+
+def build_maps_model(record: MapsRecord) -> nn.Module:
+    """A freshly initialised model of the MAPS' architecture, task and input shape."""
+    from bids_app.models import build_model
+
+    return build_model(
+        record.architecture,
+        task=record.task,
+        input_shape=record.input_shape,
+        n_outputs=record.n_outputs,
+        dropout=record.config.train.dropout,
+    )
+
+
+def load_model(maps_dir: Path, split: int, metric: str, device: str | torch.device = "cpu") -> nn.Module:
+    """The trained model ``split-<k>/best-<metric>`` in eval mode on ``device``.
+
+    The architecture is rebuilt from ``maps.json`` and the weights read from safetensors (never unpickled).
+
+    Raises:
+        DataError: invalid MAPS, a pickle model file, or weights that do not fit the architecture.
+        InputMissingError: no such split or metric.
+    """
+    record = validate_maps(maps_dir)
+    path = find_model_path(maps_dir, split, metric)
+    model = build_maps_model(record)
+    state = load_state(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise DataError(
+            f"Weights in {path} do not fit architecture '{record.architecture}' with input shape "
+            f"{record.input_shape}: {str(exc).splitlines()[0]}. The MAPS is inconsistent; re-train this split."
+        ) from exc
+    return model.to(device).eval()
+
+
+def _major(version: str) -> str:
+    return version.split(".", 1)[0]
+
+
+def validate_maps(maps_dir: Path) -> MapsRecord:
+    """Check a MAPS before predicting with it or resuming it, and return its record.
+
+    Checks ``maps.json`` (present, readable, same major version as this bids_app), ``environment.json``,
+    and for every finished split a safetensors model per selection metric (pickles refused).
+
+    Raises:
+        InputMissingError: ``maps_dir`` does not exist.
+        DataError: a file is missing or invalid, or the MAPS was written by another major version.
+    """
+    maps_dir = Path(maps_dir)
+    if not maps_dir.is_dir():
+        raise InputMissingError(f"Model folder {maps_dir} does not exist. Train a model first (--stages train).")
+    layout = MapsLayout(maps_dir)
+    record = read_maps_json(maps_dir)
+    current = read_version()
+    if _major(record.version) != _major(current):
+        raise DataError(
+            f"{layout.maps_json} was written by bids_app {record.version}, but this is bids_app {current} "
+            f"(different major version). Use bids_app {_major(record.version)}.x to read it, or re-train."
+        )
+    if not layout.environment_json.is_file():
+        raise DataError(f"{layout.environment_json} is missing. Re-run training (--stages train) to recreate it.")
+    for split in layout.trained_splits():
+        for metric in record.config.train.selection_metrics:
+            try:
+                find_model_path(maps_dir, split, metric)
+            except InputMissingError as exc:
+                raise DataError(
+                    f"{layout.model_path(split, metric)} is missing although split {split} finished training. "
+                    f"Re-train split {split} (--stages train with train.splits = [{split}] in the --config file)."
+                ) from exc
+    return record
+
+
+def source_training_pool(source_maps_dir: Path) -> pd.DataFrame:
+    """The source MAPS' ``groups/train+validation.tsv`` (for a transfer-learning target's own pool).
+
+    Returns:
+        Its rows as strings (``participant_id``, ``session_id``, ``label``, ...).
+
+    Raises:
+        InputMissingError: the source has no such file.
+    """
+    path = MapsLayout(Path(source_maps_dir)).train_validation_tsv
+    try:
+        return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise InputMissingError(
+            f"Transfer source {source_maps_dir} has no {path.name} in groups/. Point train.transfer_from to a "
+            "MAPS written by bids_app's training."
+        ) from None

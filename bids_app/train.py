@@ -1,0 +1,417 @@
+"""The fit loop of one split: losses, optimisation, selection of best models, logs, checkpoints, resume.
+
+Per epoch the training and validation losses are means over samples (the sum of per-sample losses divided by
+the number of samples, never a mean of batch means), and the validation metrics are computed at the sample
+level: per part (patch, slice, region) in part modes. Image-level soft voting belongs to prediction.
+
+Everything random follows from ``RunConfig.seed`` and the split number: the initial weights, the sampling
+order, the augmentation of every sample and the dropout masks. A run interrupted after an epoch and resumed
+(``train.resume``) gives bitwise the same weights and ``training.tsv`` as an uninterrupted run on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from bids_app.config import ExtractionMode, RunConfig, Task
+from bids_app.derivatives import atomic_write_json, atomic_write_text
+from bids_app.errors import ConfigError, DataError, TemporaryFailure
+from bids_app.maps import MapsLayout, MapsRecord
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from bids_app.checkpoint import TrainingState
+    from bids_app.epoch import Loop
+    from bids_app.split import Splits
+
+log = logging.getLogger(__name__)
+
+
+def check_train_config(cfg: RunConfig) -> None:
+    """Reject invalid training options before anything is written (ConfigError naming the option)."""
+    from bids_app.augment import build_augmentation
+    from bids_app.epoch import LOSSES, OPTIMIZERS
+    from bids_app.metrics import metric_names
+
+    tc, task = cfg.train, cfg.labels.task
+    if tc.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"Unknown optimizer '{tc.optimizer}' in train.optimizer. Available: {', '.join(OPTIMIZERS)}.")
+    if tc.loss is not None and tc.loss not in LOSSES[task]:
+        raise ConfigError(
+            f"Loss '{tc.loss}' does not apply to {task.value}. Available for {task.value}: {', '.join(LOSSES[task])}."
+        )
+    valid = metric_names(task)
+    unknown = [m for m in tc.selection_metrics if m not in valid]
+    if unknown or not tc.selection_metrics:
+        raise ConfigError(
+            f"Selection metric(s) {unknown or '(none)'} are not {task.value} metrics. Choose from: {', '.join(valid)}."
+        )
+    for name, value, low in (
+        ("epochs", tc.epochs, 1),
+        ("batch_size", tc.batch_size, 1),
+        ("accumulation_steps", tc.accumulation_steps, 1),
+        ("num_workers", tc.num_workers, 0),
+    ):
+        if value < low:
+            raise ConfigError(f"train.{name} is {value}; use an integer >= {low}.")
+    if tc.device not in ("auto", "cpu", "cuda") and not tc.device.startswith("cuda:"):
+        raise ConfigError(f"Unknown device '{tc.device}'. Use auto, cpu, cuda or cuda:<index>.")
+    build_augmentation(tc.augmentations, tc.mode, cfg.extraction.slice_direction)
+
+
+def prepare_maps(cfg: RunConfig, maps_dir: Path, table: pd.DataFrame) -> MapsRecord:
+    """Check the options against the data and write ``maps.json`` and ``environment.json`` (kept on resume).
+
+    Raises:
+        ConfigError: an option is invalid, or a resume uses another model or class set than the MAPS.
+        DataError: tensors of different shapes, or fewer than two classes in classification.
+    """
+    from bids_app import maps
+    from bids_app.data import encode_labels, sample_shape
+    from bids_app.models import check_compatibility
+
+    check_train_config(cfg)
+    tc, task = cfg.train, cfg.labels.task
+    input_shape = sample_shape(table, tc.mode)
+    check_compatibility(tc.architecture, task, tc.mode, input_shape)
+    encoding = (
+        encode_labels(table["label"].astype(str).tolist(), cfg.labels.classes) if task is Task.CLASSIFICATION else None
+    )
+    if encoding is not None and len(encoding) < 2:
+        raise DataError(f"Classification needs at least two classes; the labels hold {list(encoding)}.")
+    extra: dict[str, Any] = {
+        "input_shape": list(input_shape),
+        "n_outputs": len(encoding) if encoding else 1,
+        "label_encoding": encoding,
+        "selection_level": "image" if tc.mode is ExtractionMode.IMAGE else tc.mode.value,
+    }
+    if tc.transfer_from is not None:
+        source = maps.validate_maps(tc.transfer_from)
+        extra["transfer_source"] = {
+            "maps_dir": str(Path(tc.transfer_from).absolute()),
+            "architecture": source.architecture,
+            "bids_app_version": source.version,
+            "n_unfrozen_layers": tc.n_unfrozen_layers,
+        }
+    layout = MapsLayout(maps_dir)
+    if tc.resume and layout.maps_json.is_file():
+        record = maps.read_maps_json(maps_dir)
+        stored = (record.architecture, record.input_shape, record.label_encoding, record.task)
+        if stored != (tc.architecture, input_shape, encoding, task):
+            raise ConfigError(
+                f"Cannot resume {maps_dir}: it holds {stored[0]} for {stored[3].value} on inputs {stored[1]} with "
+                f"classes {stored[2]}, not {tc.architecture} on {input_shape} with {encoding}. Resume with the "
+                "original options or train into a new --model-name."
+            )
+        return record
+    maps.write_maps_json(maps_dir, cfg, extra)
+    maps.write_environment_json(maps_dir, cfg.seed)
+    return maps.read_maps_json(maps_dir)
+
+
+def _rows(fold_table: pd.DataFrame, table: pd.DataFrame, what: str) -> pd.DataFrame:
+    keys = ["participant_id", "session_id"]
+    rows = fold_table[keys].astype(str).merge(table, on=keys, how="left", indicator=True)
+    missing = rows[rows["_merge"] != "both"]
+    if not missing.empty:
+        first = missing.iloc[0]
+        raise DataError(
+            f"{len(missing)} image(s) of the {what} set have no tensor or label (e.g. {first['participant_id']} "
+            f"{first['session_id']}). Re-run the participant level for them or re-run --stages split."
+        )
+    return rows.drop(columns="_merge")
+
+
+def run_train_stage(cfg: RunConfig, maps_dir: Path, splits: Splits, table: pd.DataFrame) -> None:
+    """Train every selected split of ``splits`` into ``maps_dir`` (finished splits are skipped on resume).
+
+    Args:
+        cfg: the run configuration (``cfg.train`` above all).
+        maps_dir: the MAPS folder ``OUTPUT_DIR/models/<name>``.
+        splits: the subject-level splits (``split.read_splits``).
+        table: labels joined with ``data.index_tensors`` (``participant_id``, ``session_id``, ``label``,
+            ``tensor_path``, ``n_parts``, ...).
+    """
+    prepare_maps(cfg, maps_dir, table)
+    layout = MapsLayout(maps_dir)
+    folds = {fold.index: fold for fold in splits.folds}
+    for split in cfg.train.splits or tuple(sorted(folds)):
+        if split not in folds:
+            raise ConfigError(
+                f"Split {split} does not exist; {layout.groups_dir} holds splits {sorted(folds)}. Fix train.splits."
+            )
+        if cfg.train.resume and layout.summary_json(split).is_file() and not layout.tmp_dir(split).exists():
+            log.info("Split %d already trained in %s; skipped (resume).", split, layout.split_dir(split))
+            continue
+        fold = folds[split]
+        train_rows = _rows(fold.train, table, "training")
+        train_split(maps_dir, split, train_rows, _rows(fold.validation, table, "validation"), cfg)
+
+
+def _build_model(record: MapsRecord, cfg: RunConfig, split: int, device: torch.device) -> nn.Module:
+    from bids_app import maps
+    from bids_app.models import freeze_all_but_last, transfer_weights
+
+    model = maps.build_maps_model(record)
+    source_dir = cfg.train.transfer_from
+    if source_dir is not None:
+        source = maps.validate_maps(source_dir)
+        source_layout = MapsLayout(Path(source_dir))
+        metric = source.config.train.selection_metrics[0]
+        source_split = split if source_layout.model_path(split, metric).is_file() else 0
+        path = maps.find_model_path(source_dir, source_split, metric)
+        copied = transfer_weights(model, maps.load_state(path), source.architecture)
+        log.info("Split %d: %d tensors transferred from %s", split, len(copied), path)
+        if cfg.train.n_unfrozen_layers is not None:
+            freeze_all_but_last(model, cfg.train.n_unfrozen_layers)
+    return model.to(device)
+
+
+def _explained(
+    exc: RuntimeError | MemoryError, split: int, device: torch.device, batch_size: int
+) -> TemporaryFailure | ConfigError | None:
+    """The expected failure a training error stands for (out of memory, no deterministic kernel), else None."""
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return TemporaryFailure(
+            f"Out of memory training split {split} on {device} with batch size {batch_size}. Lower --batch-size "
+            f"(e.g. to {max(1, batch_size // 2)}; train.accumulation_steps keeps the effective batch) and retry "
+            "with --resume."
+        )
+    if "deterministic" in str(exc):
+        return ConfigError(f"{str(exc).splitlines()[0]} Turn off --deterministic or train on CPU (--device cpu).")
+    return None
+
+
+def train_split(
+    maps_dir: Path, split: int, train_table: pd.DataFrame, val_table: pd.DataFrame, cfg: RunConfig
+) -> dict[str, Any]:
+    """Train split ``k`` and keep one best model per selection metric.
+
+    Args:
+        maps_dir: the MAPS folder, with ``maps.json`` written (``prepare_maps``).
+        split: split number ``k``.
+        train_table, val_table: one row per image: ``participant_id``, ``session_id``, ``label``,
+            ``tensor_path``, ``n_parts``.
+        cfg: the run configuration.
+
+    Returns:
+        The summary also written to ``split-<k>/training_logs/summary.json``: epochs run, early stop,
+        best value and epoch per metric, sample counts, device and the SHA-256 of the final weights.
+
+    Raises:
+        TemporaryFailure: out of memory (lower ``--batch-size``).
+        ConfigError, DataError: invalid options or data; a checkpoint of another configuration.
+    """
+    import torch
+
+    from bids_app import maps
+    from bids_app.augment import build_augmentation
+    from bids_app.checkpoint import TrainingState, fingerprint, load_checkpoint, restore_checkpoint, state_sha256
+    from bids_app.data import TensorDataset, make_loader, mix_seed
+    from bids_app.epoch import Loop, make_optimizer, per_sample_loss, resolve_device
+    from bids_app.provenance import seed_everything
+
+    tc, task = cfg.train, cfg.labels.task
+    check_train_config(cfg)
+    record = maps.read_maps_json(maps_dir)
+    layout = MapsLayout(maps_dir)
+    for name, t in (("training", train_table), ("validation", val_table)):
+        if t.empty:
+            raise DataError(f"Split {split} has an empty {name} set. Check the split files in {layout.groups_dir}.")
+    device = resolve_device(tc.device)
+    augment = build_augmentation(tc.augmentations, tc.mode, cfg.extraction.slice_direction)
+    encoding = record.label_encoding
+    train_ds = TensorDataset(
+        train_table, tc.mode, task, label_encoding=encoding, augment=augment, cache=tc.cache_samples
+    )
+    val_ds = TensorDataset(val_table, tc.mode, task, label_encoding=encoding, cache=tc.cache_samples)
+    for name, ds in (("training", train_ds), ("validation", val_ds)):
+        targets = ds.sample_targets
+        if targets is not None and (np.isnan(targets).any() if task is Task.REGRESSION else (targets < 0).any()):
+            raise DataError(f"Split {split}: the {name} set has unlabelled images. Fix the label table.")
+    stamp = fingerprint(cfg, split, train_table, val_table)
+    checkpoint_path = layout.checkpoint_path(split)
+    resuming = tc.resume and checkpoint_path.is_file()
+    if not resuming:
+        if tc.resume:
+            log.warning("No checkpoint %s; split %d is trained from the start.", checkpoint_path, split)
+        for stale in (layout.tmp_dir(split), layout.training_logs_dir(split), *layout.split_dir(split).glob("best-*")):
+            shutil.rmtree(stale, ignore_errors=True)
+    previous_determinism = torch.are_deterministic_algorithms_enabled()
+    try:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        seed_everything(mix_seed(cfg.seed, split, 0), deterministic=tc.deterministic)
+        model = _build_model(record, cfg, split, device)
+        sampler_seed = mix_seed(cfg.seed, split, 1)
+        train_loader = make_loader(
+            train_ds,
+            batch_size=tc.batch_size,
+            seed=sampler_seed,
+            shuffle=True,
+            class_weighted=tc.class_weighted_sampling,
+            num_workers=tc.num_workers,
+            device=device,
+        )
+        val_loader = make_loader(
+            val_ds, batch_size=tc.batch_size, seed=sampler_seed, num_workers=tc.num_workers, device=device
+        )
+        loop = Loop(
+            model=model,
+            optimizer=make_optimizer(
+                tc.optimizer, [p for p in model.parameters() if p.requires_grad], tc.learning_rate, tc.weight_decay
+            ),
+            scheduler=None,
+            scaler=torch.amp.GradScaler(device.type, enabled=tc.amp and device.type == "cuda"),
+            loss_fn=per_sample_loss(task, tc.loss),
+            device=device,
+            amp_dtype=(torch.bfloat16 if device.type == "cpu" else torch.float16) if tc.amp else None,
+            accumulation_steps=tc.accumulation_steps,
+        )
+        if tc.lr_plateau_patience > 0:
+            loop.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(loop.optimizer, patience=tc.lr_plateau_patience)
+        state = TrainingState()
+        if resuming:
+            content = load_checkpoint(checkpoint_path, stamp)
+            state = restore_checkpoint(
+                content,
+                model=model,
+                optimizer=loop.optimizer,
+                scheduler=loop.scheduler,
+                scaler=loop.scaler,
+                loader_generator=train_loader.generator,
+            )
+            log.info("Split %d resumed after epoch %d from %s", split, state.epoch, checkpoint_path)
+        _fit(layout, split, cfg, loop, train_loader, val_loader, state, stamp)
+    except (RuntimeError, MemoryError) as exc:
+        explained = _explained(exc, split, device, tc.batch_size)
+        if explained is None:
+            raise
+        raise explained from exc
+    finally:
+        torch.use_deterministic_algorithms(previous_determinism)
+    summary = {
+        "split": split,
+        "epochs_completed": state.epoch + 1,
+        "stopped_early": state.stopped,
+        "best": {metric: {"value": value, "epoch": epoch} for metric, (value, epoch) in state.best.items()},
+        "n_train_images": train_ds.n_images,
+        "n_train_samples": len(train_ds),
+        "n_validation_images": val_ds.n_images,
+        "n_validation_samples": len(val_ds),
+        "device": str(device),
+        "final_weights_sha256": state_sha256(model),
+    }
+    atomic_write_json(layout.summary_json(split), summary)
+    shutil.rmtree(layout.tmp_dir(split), ignore_errors=True)
+    log.info("Split %d trained: best %s", split, {m: v for m, (v, _) in state.best.items()})
+    return summary
+
+
+def _improves(metric: str, value: float, best: tuple[float, int] | None) -> bool:
+    from bids_app.metrics import higher_is_better
+
+    if not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value > best[0] if higher_is_better(metric) else value < best[0]
+
+
+def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
+    """Rewrite ``training.tsv`` (one row per completed epoch) atomically."""
+    atomic_write_text(path, pd.DataFrame(history).to_csv(sep="\t", index=False, na_rep="n/a", lineterminator="\n"))
+
+
+def _fit(
+    layout: MapsLayout,
+    split: int,
+    cfg: RunConfig,
+    loop: Loop,
+    train_loader: Any,
+    val_loader: Any,
+    state: TrainingState,
+    stamp: str,
+) -> None:
+    """Epochs ``state.epoch + 1 .. epochs - 1``: train, validate, log, keep best models, early-stop, checkpoint."""
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    from bids_app import checkpoint, maps
+    from bids_app.epoch import train_epoch, validate
+
+    tc = cfg.train
+    start = state.epoch + 1
+    writer = SummaryWriter(str(layout.tensorboard_dir(split)), purge_step=start if start > 0 else None)
+    epochs = tqdm(range(start, tc.epochs), desc=f"split {split}", initial=start, total=tc.epochs, disable=None)
+    try:
+        for epoch in epochs:
+            if state.stopped:
+                break
+            train_loader.sampler.set_epoch(epoch)
+            learning_rate = float(loop.optimizer.param_groups[0]["lr"])
+            train_loss = train_epoch(loop, train_loader, f"epoch {epoch} train")
+            scores = validate(loop, val_loader, cfg.labels.task, f"epoch {epoch} validation")
+            if loop.scheduler is not None and math.isfinite(scores["loss"]):
+                loop.scheduler.step(scores["loss"])
+            row = {
+                "epoch": epoch,
+                "learning_rate": learning_rate,
+                "train_loss": train_loss,
+                **{f"validation_{name}": value for name, value in scores.items()},
+            }
+            state.history.append(row)
+            _write_history(layout.training_tsv(split), state.history)
+            for name, value in row.items():
+                if name != "epoch":
+                    writer.add_scalar(
+                        name.replace("_", "/", 1) if name.startswith("validation_") else name, value, epoch
+                    )
+            writer.flush()
+            for metric in tc.selection_metrics:
+                value = scores[metric]
+                if _improves(metric, value, state.best.get(metric)):
+                    maps.save_model(layout.model_path(split, metric), loop.model)
+                    atomic_write_json(
+                        layout.selection_json(split, metric),
+                        {"metric": metric, "value": value, "epoch": epoch, "split": split},
+                    )
+                    state.best[metric] = (value, epoch)
+            if tc.early_stopping_patience > 0:
+                if scores["loss"] < state.early_stopping_best - tc.early_stopping_tolerance:
+                    state.early_stopping_best = scores["loss"]
+                    state.early_stopping_counter = 0
+                else:
+                    state.early_stopping_counter += 1
+                state.stopped = state.early_stopping_counter >= tc.early_stopping_patience
+            state.epoch = epoch
+            checkpoint.save_checkpoint(
+                layout.checkpoint_path(split),
+                model=loop.model,
+                optimizer=loop.optimizer,
+                scheduler=loop.scheduler,
+                scaler=loop.scaler,
+                loader_generator=train_loader.generator,
+                state=state,
+                fingerprint=stamp,
+            )
+            log.info(
+                "Split %d epoch %d: train loss %.5g, validation loss %.5g", split, epoch, train_loss, scores["loss"]
+            )
+            if state.stopped:
+                log.info(
+                    "Split %d: early stopping after epoch %d (no improvement for %d epochs).",
+                    split,
+                    epoch,
+                    tc.early_stopping_patience,
+                )
+    finally:
+        epochs.close()
+        writer.close()

@@ -1,0 +1,287 @@
+"""Tensor index, datasets per mode, seeded loaders and augmentation."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from bids_app import data
+from bids_app.augment import AUGMENTATIONS, build_augmentation
+from bids_app.config import ExtractionMode, SliceDirection, Task
+from bids_app.data import TensorDataset, encode_labels, index_tensors, make_loader
+from bids_app.derivatives import sidecar_path, tensor_path
+from bids_app.errors import ConfigError, DataError
+from bids_app.extraction.storage import write_tensor
+
+SPACE = "MNI152NLin2009aSym"
+# Stored tensor shape per mode: (n_parts, 1, ...) or (1, D, H, W) for images.
+SHAPES = {
+    ExtractionMode.IMAGE: (1, 6, 6, 6),
+    ExtractionMode.PATCH: (4, 1, 3, 3, 3),
+    ExtractionMode.SLICE: (5, 1, 6, 7),
+    ExtractionMode.ROI: (2, 1, 3, 4, 5),
+}
+
+
+def write_tensors(
+    output_dir: Path,
+    mode: ExtractionMode,
+    images: Iterable[tuple[str, str | None]],
+    *,
+    offsets: dict[str, float] | None = None,
+    shape: tuple[int, ...] | None = None,
+    seed: int = 0,
+) -> list[Path]:
+    """Write one random float32 tensor per (participant label, session label) image; ``offsets`` adds signal."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for participant, session in images:
+        array = rng.random(shape or SHAPES[mode], dtype=np.float32)
+        array += np.float32((offsets or {}).get(participant, 0.0))
+        path = tensor_path(output_dir, participant, session, SPACE, mode.value, "T1w")
+        sidecar = {
+            "Mode": mode.value,
+            "ModeParameters": {},
+            "SourceSHA256": f"src-{participant}-{session}",
+            "RawSourceSHA256": f"raw-{participant}-{session}",
+        }
+        write_tensor(path, array, sidecar)
+        paths.append(path)
+    return paths
+
+
+def labelled_table(output_dir: Path, mode: ExtractionMode, labels: dict[str, str]) -> pd.DataFrame:
+    """``index_tensors`` joined with a label per participant id (``sub-XX``)."""
+    table = index_tensors(output_dir, mode)
+    table["label"] = table["participant_id"].map(labels)
+    return table
+
+
+@pytest.fixture
+def output_dir(tmp_path: Path) -> Path:
+    return tmp_path / "out"
+
+
+def test_index_lists_complete_tensors_with_one_glob(output_dir: Path, monkeypatch, caplog) -> None:
+    mode = ExtractionMode.PATCH
+    write_tensors(output_dir, mode, [("02", "M000"), ("02", "M012"), ("01", None), ("03", "M000")])
+    broken = sidecar_path(tensor_path(output_dir, "03", "M000", SPACE, mode.value, "T1w"))
+    content = json.loads(broken.read_text())
+    content["Complete"] = False
+    broken.write_text(json.dumps(content))
+    write_tensors(output_dir, ExtractionMode.IMAGE, [("01", None)])  # another mode: not listed
+    calls = []
+    original = Path.glob
+
+    def counting_glob(self, pattern):
+        calls.append(pattern)
+        return original(self, pattern)
+
+    monkeypatch.setattr(Path, "glob", counting_glob)
+    with caplog.at_level(logging.WARNING, logger="bids_app.data"):
+        table = index_tensors(output_dir, mode)
+    assert len(calls) == 1
+    assert list(table.columns) == list(data.INDEX_COLUMNS)
+    assert list(zip(table.participant_id, table.session_id, strict=True)) == [
+        ("sub-01", "n/a"),
+        ("sub-02", "ses-M000"),
+        ("sub-02", "ses-M012"),
+    ]
+    assert table["n_parts"].tolist() == [4, 4, 4]
+    assert table["sample_shape"].tolist() == [(1, 3, 3, 3)] * 3
+    assert table["source_sha256"].tolist()[1] == "src-02-M000"
+    assert table["raw_source_sha256"].tolist()[0] == "raw-01-None"
+    assert "sub-03_ses-M000" in caplog.text and "incomplete" in caplog.text
+
+
+def test_index_of_empty_output_is_empty(output_dir: Path) -> None:
+    table = index_tensors(output_dir, ExtractionMode.IMAGE)
+    assert table.empty and list(table.columns) == list(data.INDEX_COLUMNS)
+
+
+@pytest.mark.parametrize("mode", list(ExtractionMode))
+def test_dataset_samples_every_part(output_dir: Path, mode: ExtractionMode) -> None:
+    paths = write_tensors(output_dir, mode, [("01", "M000"), ("02", "M000"), ("03", None)])
+    table = labelled_table(output_dir, mode, {"sub-01": "CN", "sub-02": "AD", "sub-03": "CN"})
+    dataset = TensorDataset(table, mode, Task.CLASSIFICATION, label_encoding=encode_labels(table["label"]))
+    n_parts = 1 if mode is ExtractionMode.IMAGE else SHAPES[mode][0]
+    sample_shape = SHAPES[mode] if mode is ExtractionMode.IMAGE else SHAPES[mode][1:]
+    assert len(dataset) == 3 * n_parts
+    assert dataset.sample_table["part_id"].tolist() == list(range(n_parts)) * 3
+    last = len(dataset) - 1
+    x, y, index = dataset[last]
+    assert x.dtype == torch.float32 and tuple(x.shape) == sample_shape
+    assert index == last and y.dtype == torch.int64 and int(y) == 1  # sub-03 is CN: {"AD": 0, "CN": 1}
+    stored = np.load(paths[2])
+    expected = stored if mode is ExtractionMode.IMAGE else stored[n_parts - 1]
+    assert np.array_equal(x.numpy(), expected)
+    assert dataset.sample_table.iloc[last][["participant_id", "session_id"]].tolist() == ["sub-03", "n/a"]
+
+
+def test_dataset_opens_each_file_once_and_never_globs(output_dir: Path, monkeypatch) -> None:
+    mode = ExtractionMode.SLICE
+    write_tensors(output_dir, mode, [("01", "M000"), ("02", "M000")])
+    table = labelled_table(output_dir, mode, {"sub-01": "1.5", "sub-02": "2.5"})
+    dataset = TensorDataset(table, mode, Task.REGRESSION, label_encoding=None)
+    opened = []
+    original_load = data.load_tensor
+
+    def counting_load(path, mmap=True):
+        opened.append((Path(path).name, mmap))
+        return original_load(path, mmap=mmap)
+
+    monkeypatch.setattr(data, "load_tensor", counting_load)
+    monkeypatch.setattr(Path, "glob", lambda *a: pytest.fail("glob while reading samples"))
+    monkeypatch.setattr(Path, "rglob", lambda *a: pytest.fail("rglob while reading samples"))
+    for _ in range(2):
+        targets = [float(dataset[i][1]) for i in range(len(dataset))]
+    assert len(opened) == 2 and all(mmap for _, mmap in opened)
+    assert isinstance(dataset._array(0), np.memmap)
+    assert targets == [1.5] * 5 + [2.5] * 5
+
+
+def test_labels_encoding_unlabelled_and_errors(output_dir: Path) -> None:
+    mode = ExtractionMode.IMAGE
+    write_tensors(output_dir, mode, [("01", None), ("02", None), ("03", None)])
+    table = labelled_table(output_dir, mode, {"sub-01": "CN", "sub-02": "AD", "sub-03": "n/a"})
+    assert encode_labels(["CN", "AD", "n/a", "CN"]) == {"AD": 0, "CN": 1}
+    assert encode_labels(["CN", "AD"], classes=("CN", "AD")) == {"CN": 0, "AD": 1}
+    dataset = TensorDataset(table, mode, Task.CLASSIFICATION, label_encoding={"CN": 0, "AD": 1})
+    assert dataset.sample_targets.tolist() == [0, 1, -1]
+    with pytest.raises(DataError, match=r"'AD'.*not in the class mapping"):
+        TensorDataset(table, mode, Task.CLASSIFICATION, label_encoding={"CN": 0, "MCI": 1})
+    table["label"] = ["70", "abc", "n/a"]
+    with pytest.raises(DataError, match="abc"):
+        TensorDataset(table, mode, Task.REGRESSION, label_encoding=None)
+    reconstruction = TensorDataset(table.drop(columns="label"), mode, Task.RECONSTRUCTION, label_encoding=None)
+    x, y, _ = reconstruction[1]
+    assert torch.equal(x, y)
+
+
+def test_cache_keeps_samples_in_memory(output_dir: Path) -> None:
+    mode = ExtractionMode.ROI
+    write_tensors(output_dir, mode, [("01", None)])
+    table = index_tensors(output_dir, mode)
+    cached = TensorDataset(table, mode, Task.RECONSTRUCTION, label_encoding=None, cache=True)
+    plain = TensorDataset(table, mode, Task.RECONSTRUCTION, label_encoding=None)
+    assert cached.read_sample(1) is cached.read_sample(1)
+    assert plain.read_sample(1) is not plain.read_sample(1)
+    assert np.array_equal(cached.read_sample(1), plain.read_sample(1))
+
+
+def _batches(loader, epoch: int) -> list[tuple[list[int], np.ndarray]]:
+    loader.sampler.set_epoch(epoch)
+    return [(index.tolist(), x.numpy()) for x, _, index in loader]
+
+
+def test_loader_order_and_augmentation_follow_seed_and_epoch(output_dir: Path) -> None:
+    mode = ExtractionMode.PATCH
+    write_tensors(output_dir, mode, [(f"{i:02d}", None) for i in range(4)])
+    table = index_tensors(output_dir, mode)
+    augment = build_augmentation(("flip", "gaussian_noise", "intensity_scaling"), mode)
+    dataset = TensorDataset(table, mode, Task.RECONSTRUCTION, label_encoding=None, augment=augment)
+
+    def loader(seed: int, workers: int = 0):
+        return make_loader(dataset, batch_size=5, seed=seed, shuffle=True, num_workers=workers)
+
+    first = _batches(loader(7), epoch=0)
+    assert sorted(i for indices, _ in first for i in indices) == list(range(16))
+    again = _batches(loader(7), epoch=0)
+    with_workers = _batches(loader(7, workers=2), epoch=0)
+    for reference in (again, with_workers):
+        assert [i for i, _ in reference] == [i for i, _ in first]
+        assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(reference, first, strict=True))
+    assert [i for i, _ in _batches(loader(7), epoch=1)] != [i for i, _ in first]
+    assert [i for i, _ in _batches(loader(8), epoch=0)] != [i for i, _ in first]
+    unaugmented = np.stack([dataset.read_sample(i) for i in first[0][0]])
+    assert not np.allclose(first[0][1], unaugmented)
+
+
+def test_loader_settings(output_dir: Path) -> None:
+    write_tensors(output_dir, ExtractionMode.IMAGE, [("01", None), ("02", None)])
+    dataset = TensorDataset(
+        index_tensors(output_dir, ExtractionMode.IMAGE), ExtractionMode.IMAGE, Task.RECONSTRUCTION, label_encoding=None
+    )
+    loader = make_loader(dataset, batch_size=2, seed=0, num_workers=1)
+    assert loader.persistent_workers and not loader.pin_memory and loader.worker_init_fn is data.seed_worker
+    assert not make_loader(dataset, batch_size=2, seed=0).persistent_workers
+    assert [index.tolist() for _, _, index in make_loader(dataset, batch_size=1, seed=0)] == [[0], [1]]
+
+
+def test_class_weighted_sampling_balances_classes(output_dir: Path) -> None:
+    mode = ExtractionMode.IMAGE
+    write_tensors(output_dir, mode, [(f"{i:02d}", None) for i in range(10)])
+    labels = {f"sub-{i:02d}": ("AD" if i < 2 else "CN") for i in range(10)}
+    table = labelled_table(output_dir, mode, labels)
+    dataset = TensorDataset(table, mode, Task.CLASSIFICATION, label_encoding={"AD": 0, "CN": 1})
+    loader = make_loader(dataset, batch_size=10, seed=3, shuffle=True, class_weighted=True)
+    drawn = []
+    for epoch in range(40):
+        loader.sampler.set_epoch(epoch)
+        drawn += [int(v) for _, y, _ in loader for v in y]
+    share_ad = drawn.count(0) / len(drawn)
+    assert 0.4 < share_ad < 0.6  # 0.2 without weighting
+    loader.sampler.set_epoch(5)
+    repeat = [int(v) for _, y, _ in loader for v in y]
+    assert repeat == drawn[50:60]
+    regression = TensorDataset(table.assign(label="1"), mode, Task.REGRESSION, label_encoding=None)
+    with pytest.raises(ConfigError, match="class_weighted_sampling"):
+        make_loader(regression, batch_size=2, seed=0, class_weighted=True)
+
+
+def test_unknown_augmentation_lists_available() -> None:
+    with pytest.raises(ConfigError) as error:
+        build_augmentation(("flip", "elastic"), ExtractionMode.IMAGE)
+    assert "'elastic'" in str(error.value) and all(name in str(error.value) for name in AUGMENTATIONS)
+    with pytest.raises(ConfigError, match="sagittal"):
+        build_augmentation(("flip",), ExtractionMode.SLICE, SliceDirection.SAGITTAL)
+    assert build_augmentation(("flip",), ExtractionMode.SLICE, SliceDirection.AXIAL).lr_axis == 0
+    assert build_augmentation((), ExtractionMode.IMAGE) is None
+
+
+def _centre_of_mass(volume: np.ndarray) -> np.ndarray:
+    grid = np.indices(volume.shape).reshape(volume.ndim, -1)
+    weights = volume.reshape(-1)
+    return (grid * weights).sum(axis=1) / weights.sum()
+
+
+@pytest.mark.parametrize("shape", [(1, 21, 21, 21), (1, 21, 21)])
+def test_each_augmentation_is_seeded_and_bounded(shape: tuple[int, ...]) -> None:
+    x = np.zeros(shape, dtype=np.float32)
+    x[(0, *(slice(8, 13),) * (len(shape) - 1))] = 1.0
+    x[(0, *(slice(9, 12),) * (len(shape) - 1))] = 2.0
+    x[(0, *(8,) * (len(shape) - 1))] = 3.0  # breaks the left-right symmetry
+    original = x.copy()
+    mode = ExtractionMode.IMAGE if len(shape) == 4 else ExtractionMode.SLICE
+    direction = SliceDirection.CORONAL
+    for name in AUGMENTATIONS:
+        augment = build_augmentation((name,), mode, direction)
+        outputs = [augment(x, np.random.default_rng(seed)) for seed in (1, 1, 2, 3, 4, 5)]
+        assert all(o.shape == x.shape and o.dtype == np.float32 for o in outputs)
+        assert np.array_equal(outputs[0], outputs[1])
+        assert any(not np.array_equal(outputs[0], o) for o in outputs[2:])
+    assert np.array_equal(x, original)  # augmentations never modify their input
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        moved = build_augmentation(("affine",), mode, direction)(x, rng)
+        shift = np.linalg.norm(_centre_of_mass(moved[0]) - _centre_of_mass(x[0]))
+        assert shift <= 3 * np.sqrt(len(shape) - 1) + 0.2
+        scaled = build_augmentation(("intensity_scaling",), mode, direction)(x, rng)
+        assert 0.9 - 1e-6 <= scaled.max() / 3.0 <= 1.1 + 1e-6
+        noisy = build_augmentation(("gaussian_noise",), mode, direction)(x, rng)
+        assert np.std(noisy - x) <= 0.05 * 3.0 * 1.2
+    flip = build_augmentation(("flip",), mode, direction)
+    flipped = [
+        flip(x + np.arange(shape[1], dtype=np.float32).reshape(-1, *(1,) * (len(shape) - 2)), np.random.default_rng(s))
+        for s in range(8)
+    ]
+    ramp = x + np.arange(shape[1], dtype=np.float32).reshape(-1, *(1,) * (len(shape) - 2))
+    assert any(np.array_equal(f, ramp[:, ::-1]) for f in flipped)
+    assert any(np.array_equal(f, ramp) for f in flipped)
