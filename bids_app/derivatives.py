@@ -84,6 +84,17 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete temporary files that a killed writer left under ``folder`` (hidden ``.<name>.*.tmp*``).
+
+    Call it only where no other live process writes (a participant's own folder at the start of its job).
+    """
+    stale = [p for p in folder.rglob(".*.tmp*") if p.is_file()] if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (fsync'd before the rename)."""
     with atomic_path(path) as tmp, tmp.open("wb") as handle:

@@ -52,9 +52,11 @@ def run_participant(cfg: RunConfig) -> int:
     """Preprocess and extract every requested participant; failures of one never stop the others."""
     from tqdm import tqdm
 
+    from bids_app.participant import check_extraction
     from bids_app.validation import validate_input
 
     participants = select_participants(cfg.bids_dir, cfg.participant_labels)
+    check_extraction(cfg)
     if not cfg.skip_bids_validation:
         validate_input(cfg.bids_dir, participants, list_participants(cfg.bids_dir))
     if cfg.preprocess.derivatives_dirs:
@@ -189,6 +191,14 @@ def run_group(cfg: RunConfig) -> int:
         ", ".join(s.value for s in stages),
     )
 
+    if GroupStage.TRAIN in stages:  # refuse bad options before the split stage writes anything
+        from bids_app.data import sample_shape
+        from bids_app.models import check_compatibility
+
+        train.check_train_config(cfg)
+        check_compatibility(
+            cfg.train.architecture, cfg.labels.task, cfg.train.mode, sample_shape(table, cfg.train.mode)
+        )
     if GroupStage.SPLIT in stages and not cfg.train.resume:
         refuse_existing_maps(cfg, maps_dir)
         source_pool = maps.source_training_pool(cfg.train.transfer_from) if cfg.train.transfer_from else None

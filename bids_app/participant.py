@@ -26,6 +26,7 @@ from bids_app.derivatives import (
     preproc_path,
     qc_path,
     read_complete_sidecar,
+    remove_stale_temporaries,
     report_path,
     sidecar_path,
     tensor_path,
@@ -39,19 +40,36 @@ log = logging.getLogger(__name__)
 STANDARD_SPACES = {DEFAULT_SPACE, "MNI152NLin2009cSym", "MNI152NLin2009cAsym", "MNI152NLin6Asym", "MNI152Lin"}
 
 
+def check_extraction(cfg: RunConfig) -> None:
+    """Refuse extraction parameters that cannot fit the cropped template before any participant runs."""
+    from bids_app.errors import ConfigError
+    from bids_app.extraction import n_parts
+    from bids_app.preprocess.t1_linear import crop_box, load_template
+
+    template = load_template(cfg.preprocess)
+    box = crop_box(template, cfg.preprocess.crop_shape)
+    shape = tuple(s.stop - s.start for s in box)
+    if ExtractionMode.ROI in cfg.extraction.modes and not cfg.extraction.roi_masks:
+        raise ConfigError("roi mode needs at least one --roi-mask NAME=PATH (a binary mask in template space).")
+    for mode in cfg.extraction.modes:
+        n_parts(mode, cfg.extraction, shape)
+
+
 class ParticipantJob:
     """Processes the images of participant ``label`` into ``cfg.output_dir``."""
 
     def __init__(self, cfg: RunConfig, label: str, work_dir: Path) -> None:
-        from bids_app.preprocess.t1_linear import crop_box, load_template
+        from bids_app.preprocess.t1_linear import crop_box, crop_image, load_template
 
         self.cfg = cfg
         self.label = label
         self.work_dir = work_dir
         self.space = cfg.preprocess.template_space
         self.template = load_template(cfg.preprocess)
-        box = crop_box(self.template, cfg.preprocess.crop_shape)
-        self.template_crop = self.template.slicer[box]
+        self.template_crop = crop_image(self.template, crop_box(self.template, cfg.preprocess.crop_shape))
+        stale = remove_stale_temporaries(cfg.output_dir / f"sub-{label}")
+        if stale:
+            log.warning("sub-%s: removed %d temporary file(s) left by an interrupted run", label, len(stale))
         self.report_entries: list[Any] = []
         self.t1_transforms: dict[str | None, tuple[Path, Path]] = {}  # session → (raw T1w, transform)
         self._roi_masks: dict[str, Any] | None = None
@@ -219,10 +237,6 @@ class ParticipantJob:
 
         cfg = self.cfg.extraction
         roi_masks = self._roi(image) if mode is ExtractionMode.ROI else None
-        if mode is ExtractionMode.ROI and not roi_masks:
-            from bids_app.errors import ConfigError
-
-            raise ConfigError("roi mode needs at least one --roi-mask NAME=PATH (a binary mask in template space).")
         params = mode_parameters(mode, cfg, tuple(roi_masks or ()))
         tensor_hash = config_hash(
             {
@@ -272,7 +286,7 @@ class ParticipantJob:
 
         start = time.perf_counter()
         entries = [
-            ReportEntry(session_label=r.session_label, kind=r.suffix, image=img, template=self.template_crop, qc=qc)
+            ReportEntry(r.session_label, r.suffix, img, self.template_crop, qc, self._extra_entities(r))
             for r, img, qc in self.report_entries
         ]
         try:

@@ -1,0 +1,74 @@
+"""Input selection and its exit codes: missing participants, filters, validation, bad datasets."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from bids_app.bids_query import participant_ignore_regex
+from tests.conftest import run_cli
+
+
+def test_ignore_regex_keeps_only_requested_participants() -> None:
+    pattern = participant_ignore_regex(["01", "10"])
+    assert not pattern.search("/sub-01")
+    assert not pattern.search("/sub-10/anat/x.nii.gz")
+    assert pattern.search("/sub-011")
+    assert pattern.search("/sub-02/anat")
+    assert isinstance(pattern, re.Pattern)
+
+
+def test_unknown_participant_exits_66_naming_it(tiny_dataset, tmp_path: Path) -> None:
+    result = run_cli(str(tiny_dataset.bids_dir), str(tmp_path / "out"), "participant", "--participant-label", "999")
+    assert result.returncode == 66
+    assert "999" in result.stderr
+    assert not (tmp_path / "out").exists()  # nothing written for a refused run
+
+
+def test_missing_or_empty_bids_dir(tmp_path: Path) -> None:
+    assert run_cli(str(tmp_path / "nope"), str(tmp_path / "out"), "participant").returncode == 66
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli(str(empty), str(tmp_path / "out"), "participant")
+    assert result.returncode == 66
+
+
+def test_dataset_without_description_exits_66(tiny_copy: Path, tmp_path: Path) -> None:
+    (tiny_copy / "dataset_description.json").unlink()
+    result = run_cli(str(tiny_copy), str(tmp_path / "out"), "participant")
+    assert result.returncode == 66
+    assert "dataset_description.json" in result.stderr
+
+
+def test_filter_selecting_nothing_exits_18_and_prints_filters(tiny_dataset, tmp_path: Path) -> None:
+    filters = tmp_path / "filters.json"
+    filters.write_text(json.dumps({"t1w": {"acquisition": "mprage"}}))
+    result = run_cli(str(tiny_dataset.bids_dir), str(tmp_path / "out"), "participant", "--participant-label", "001",
+                     "--bids-filter-file", str(filters), "--skip-bids-validation")  # fmt: skip
+    assert result.returncode == 18
+    assert '"acquisition": "mprage"' in result.stderr
+
+
+def test_session_filter_selecting_nothing_exits_18(tiny_dataset, tmp_path: Path) -> None:
+    result = run_cli(str(tiny_dataset.bids_dir), str(tmp_path / "out"), "participant", "--participant-label", "001",
+                     "--session-label", "M999", "--skip-bids-validation")  # fmt: skip
+    assert result.returncode == 18
+
+
+def test_invalid_input_exits_16_with_validator_codes(tiny_copy: Path, tmp_path: Path) -> None:
+    anat = next((tiny_copy / "sub-001").glob("ses-*/anat"))
+    (anat / "sub-001_notbids.nii.gz").write_bytes(b"x")
+    result = run_cli(str(tiny_copy), str(tmp_path / "out"), "participant", "--participant-label", "001")
+    assert result.returncode == 16
+    assert "NOT_INCLUDED" in result.stderr or "FILENAME" in result.stderr
+
+
+def test_validation_is_restricted_to_requested_participants(tiny_copy: Path, tmp_path: Path) -> None:
+    """A broken file of another participant does not fail validation of the requested one."""
+    anat = next((tiny_copy / "sub-004").glob("ses-*/anat"))
+    (anat / "sub-004_notbids.nii.gz").write_bytes(b"x")
+    result = run_cli(str(tiny_copy), str(tmp_path / "out"), "participant", "--participant-label", "001",
+                     "--modes", "image", "--crop-shape", "40", "48", "40",
+                     "--template", str(tiny_copy / "code" / "template" / "tpl-tiny_T1w.nii.gz"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
