@@ -63,8 +63,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-    except PermissionError as exc:
-        raise OutputError(f"Cannot create folder {path.parent}: {exc.strerror}. Check its permissions.") from exc
+    except OSError as exc:
+        raise OutputError(
+            f"Cannot create folder {path.parent}: {exc.strerror}. Check the output path and its permissions."
+        ) from exc
     suffix = "".join(path.suffixes)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)

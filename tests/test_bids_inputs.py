@@ -72,3 +72,20 @@ def test_validation_is_restricted_to_requested_participants(tiny_copy: Path, tmp
                      "--modes", "image", "--crop-shape", "40", "48", "40",
                      "--template", str(tiny_copy / "code" / "template" / "tpl-tiny_T1w.nii.gz"))  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_uncreatable_output_exits_73(tiny_dataset, tmp_path: Path) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the output folder's parent should be")
+    result = run_cli(str(tiny_dataset.bids_dir), str(blocker / "out"), "participant", "--participant-label", "001")
+    assert result.returncode == 73
+    assert str(blocker) in result.stderr
+
+
+def test_bids_database_dir_persists_the_index(tiny_dataset, tmp_path: Path) -> None:
+    database = tmp_path / "db"
+    args = [str(tiny_dataset.bids_dir), str(tmp_path / "out"), "participant", "--participant-label", "001",
+            "--bids-database-dir", str(database), "--skip-bids-validation", "--modes", "image",
+            "--crop-shape", "40", "48", "40", "--template", str(tiny_dataset.template_path)]  # fmt: skip
+    assert run_cli(*args).returncode == 0
+    assert any(database.rglob("*.sqlite")) or any(p.is_file() for p in database.rglob("*"))

@@ -217,3 +217,38 @@ def test_killed_run_leaves_no_complete_looking_file_and_rerun_completes(tiny_dat
     for tensor in out.glob("sub-004/**/*.npy"):
         assert json.loads(tensor.with_suffix(".json").read_text())["Complete"] is True
     assert len(list(out.glob("sub-004/**/*.npy"))) == 4 * len(tiny_dataset.sessions)
+
+
+def test_clinica_caps_input(tmp_path: Path) -> None:
+    from bids_app.synthetic import generate_dataset
+
+    dataset = generate_dataset(tmp_path / "bids", n_subjects=2, n_sessions=1, preset="tiny", seed=4,
+                               preprocessed="caps")  # fmt: skip
+    out = tmp_path / "out"
+    args = participant_args(dataset, dataset.bids_dir, out, "-d", str(dataset.caps_dir))
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    images = sorted(out.glob("sub-*/ses-*/anat/*desc-preproc_T1w.nii.gz"))
+    assert len(images) == 2
+    assert all(nib.load(p).shape == CROP for p in images)
+    sidecar = json.loads(images[0].with_name(images[0].name.replace(".nii.gz", ".json")).read_text())
+    assert "derivatives/caps/subjects/" in sidecar["Sources"][0]
+    assert validate(out).returncode == 0
+
+
+def test_pet_linear_with_suvr(tmp_path: Path) -> None:
+    from bids_app.synthetic import generate_dataset
+
+    dataset = generate_dataset(tmp_path / "bids", n_subjects=2, n_sessions=1, preset="tiny", seed=5, with_pet=True)
+    out = tmp_path / "out"
+    args = participant_args(dataset, dataset.bids_dir, out, "--participant-label", "001", "--pet-tracer", "FDG")
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pet = next(out.glob("sub-001/ses-*/pet/*_trc-FDG_space-MNI152NLin2009aSym_desc-preproc_pet.nii.gz"))
+    data = np.asarray(nib.load(pet).dataobj)
+    assert data.shape == CROP
+    sidecar = json.loads(pet.with_name(pet.name.replace(".nii.gz", ".json")).read_text())
+    assert sidecar["Units"] == "SUVR"
+    tensors = sorted(out.glob("sub-001/ses-*/deeplearning/*_trc-FDG_*desc-image_pet.npy"))
+    assert len(tensors) == 1
+    assert validate(out).returncode == 0
