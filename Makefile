@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_DIR ?= demo
 STAMP := $(VENV)/.installed
 
-.PHONY: env lint test test-fast demo bench lock container-check clean
+.PHONY: env lint test test-fast demo bench lock descriptor container-check clean
 
 # The environment is rebuilt whenever a lock file or the package metadata changes.
 $(STAMP): requirements.lock requirements-dev.lock pyproject.toml version
@@ -40,12 +40,16 @@ lock:
 	rm -rf .lockenv && $(PYTHON) -m venv .lockenv
 	.lockenv/bin/pip install --quiet "torch==2.13.0" .
 	(echo "# Exact pins of the runtime environment (the image installs these). Regenerate: make lock"; \
-	 .lockenv/bin/pip freeze --exclude bids_app | sed 's/+cpu//') > requirements.lock
+	 .lockenv/bin/pip freeze --all --exclude pip --exclude bids_app | sed 's/+cpu//') > requirements.lock
 	.lockenv/bin/pip install --quiet ".[dev]"
 	(echo "# Exact pins of the development environment: runtime + test/lint tools. Regenerate: make lock"; \
 	 echo "-r requirements.lock"; \
-	 .lockenv/bin/pip freeze --exclude bids_app | sed 's/+cpu//' | grep -vxFf requirements.lock) > requirements-dev.lock
+	 .lockenv/bin/pip freeze --all --exclude pip --exclude bids_app | sed 's/+cpu//' | grep -vxFf requirements.lock) > requirements-dev.lock
 	rm -rf .lockenv
+
+# The boutiques descriptor follows the CLI parser.
+descriptor: env
+	$(BIN)/python scripts/boutiques_descriptor.py
 
 # A real podman build and read-only run of the Dockerfile and Singularity.def (needs root and ../shared).
 container-check:

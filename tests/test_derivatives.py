@@ -92,3 +92,12 @@ def test_paths_and_uris(tmp_path: Path) -> None:
     raw = tmp_path / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
     assert bids_uri(tmp_path, raw) == "bids:raw:sub-01/anat/sub-01_T1w.nii.gz"
     assert bids_uri(tmp_path / "other", raw) is None
+
+
+def test_written_files_follow_the_umask_not_mkstemp(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
