@@ -10,9 +10,11 @@ STAMP := $(VENV)/.installed
 # The environment is rebuilt whenever a lock file or the package metadata changes.
 $(STAMP): requirements.lock requirements-dev.lock pyproject.toml version
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet -r requirements-dev.lock
-	$(BIN)/python -m pip install --quiet --no-deps -e .
+	@echo "Installing the pinned environment into $(VENV) (log: $(VENV)/install.log)"
+	@{ $(BIN)/python -m pip install --upgrade "pip>=24" && \
+	   $(BIN)/python -m pip install -r requirements-dev.lock && \
+	   $(BIN)/python -m pip install --no-deps -e . ; } > $(VENV)/install.log 2>&1 \
+	   || { tail -n 40 $(VENV)/install.log; exit 1; }
 	touch $(STAMP)
 
 env: $(STAMP)

@@ -175,50 +175,60 @@ def process_participant(cfg: RunConfig, label: str, records: list[ImageRecord]) 
 
 def run_group(cfg: RunConfig) -> int:
     """Split, train and predict from the participant-level outputs; never re-reads raw images."""
-    from bids_app import maps, predict, split, train
+    from bids_app import maps, predict, split_files, train
     from bids_app.config import GroupStage
-    from bids_app.data import index_tensors
-    from bids_app.labels import load_labels
+    from bids_app.data import index_tensors, sample_shape
+    from bids_app.models import check_compatibility
 
     stages = cfg.stages or tuple(GroupStage)
     maps_dir = cfg.output_dir / "models" / cfg.train.model_name
-    groups_dir = maps_dir / "groups"
-    table = group_table(cfg, index_tensors(cfg.output_dir, cfg.train.mode), load_labels)
-    log.info(
-        "Group level: %d image(s) of %d participant(s) with labels; stages %s",
-        len(table),
-        table["participant_id"].nunique(),
-        ", ".join(s.value for s in stages),
-    )
-
+    tensors = index_tensors(cfg.output_dir, cfg.train.mode)
+    table = group_table(cfg, tensors, cfg.labels)
+    log.info("Group level: %d image(s) of %d participant(s) with labels; stages %s", len(table),
+             table["participant_id"].nunique(), ", ".join(s.value for s in stages))  # fmt: skip
     if GroupStage.TRAIN in stages:  # refuse bad options before the split stage writes anything
-        from bids_app.data import sample_shape
-        from bids_app.models import check_compatibility
-
         train.check_train_config(cfg)
-        check_compatibility(
-            cfg.train.architecture, cfg.labels.task, cfg.train.mode, sample_shape(table, cfg.train.mode)
-        )
+        shape = sample_shape(table, cfg.train.mode)
+        check_compatibility(cfg.train.architecture, cfg.labels.task, cfg.train.mode, shape)
     if GroupStage.SPLIT in stages and not cfg.train.resume:
         refuse_existing_maps(cfg, maps_dir)
-        source_pool = maps.source_training_pool(cfg.train.transfer_from) if cfg.train.transfer_from else None
-        if cfg.split.split_file is not None:
-            splits = split.load_split_file(cfg.split.split_file, table)
-        else:
-            # A transfer source's participants keep their side, so its test set stays unseen here too.
-            constraints = split.read_splits(cfg.train.transfer_from / "groups") if cfg.train.transfer_from else None
-            splits = split.make_splits(table, cfg.split, cfg.labels.task, cfg.seed, constraints=constraints)
-        if source_pool is not None:
-            split.check_disjoint(splits.test, source_pool, "the test set and the transfer source's training pool")
-        split.write_splits(groups_dir, splits, table, cfg.split, extra_seen=source_pool)
+        run_split_stage(cfg, table, tensors, maps_dir / "groups")
     if GroupStage.TRAIN in stages:
-        splits = split.read_splits(groups_dir)
-        train.run_train_stage(cfg, maps_dir, splits, table)
+        train.run_train_stage(cfg, maps_dir, split_files.read_splits(maps_dir / "groups"), table)
     if GroupStage.PREDICT in stages:
         maps.validate_maps(maps_dir)
         predict.run_predict_stage(cfg, maps_dir, table)
     log.info("Group level done: model folder %s", maps_dir)
     return 0
+
+
+def run_split_stage(cfg: RunConfig, table: Any, tensors: Any, groups_dir: Path) -> None:
+    """Subject-level splits for this model, guarded against transfer-learning leaks."""
+    import dataclasses
+
+    from bids_app import maps, split, split_files
+
+    source = cfg.train.transfer_from
+    source_pool = maps.source_training_pool(source) if source else None
+    if cfg.split.split_file is not None:
+        splits = split_files.load_split_file(cfg.split.split_file, table)
+    elif cfg.split.parent_label:
+        # Figure 2 of the ClinicaDL paper: split this (subset) task first, then the parent task with the same
+        # participants on the same sides; the parent split is the --split-file of the pre-training model.
+        parent_labels = dataclasses.replace(cfg.labels, label=cfg.split.parent_label, classes=())
+        parent_table = group_table(cfg, tensors, parent_labels)
+        splits, parent = split.make_nested_splits(table, parent_table, cfg.split, cfg.labels.task, cfg.seed)
+        parent_file = groups_dir / f"parent-{cfg.split.parent_label}_split.tsv"
+        split_files.write_split_file(parent_file, parent)
+        log.info("Parent split written to %s: pre-train with --label %s --split-file %s, then fine-tune here "
+                 "with --transfer-from.", parent_file, cfg.split.parent_label, parent_file)  # fmt: skip
+    else:
+        # A transfer source's participants keep their side, so its test set stays unseen here too.
+        constraints = split_files.read_splits(source / "groups") if source else None
+        splits = split.make_splits(table, cfg.split, cfg.labels.task, cfg.seed, constraints=constraints)
+    if source_pool is not None:
+        split.check_disjoint(splits.test, source_pool, "the test set and the transfer source's training pool")
+    split_files.write_splits(groups_dir, splits, table, cfg.split, extra_seen=source_pool)
 
 
 def refuse_existing_maps(cfg: RunConfig, maps_dir: Path) -> None:
@@ -232,16 +242,17 @@ def refuse_existing_maps(cfg: RunConfig, maps_dir: Path) -> None:
         )
 
 
-def group_table(cfg: RunConfig, tensors: Any, load_labels: Any) -> Any:
+def group_table(cfg: RunConfig, tensors: Any, labels_cfg: Any) -> Any:
     """Labels joined with the tensors the participant level produced for the training mode."""
     from bids_app.errors import InputMissingError
+    from bids_app.labels import load_labels
 
     if tensors.empty:
         raise InputMissingError(
             f"No complete {cfg.train.mode.value} tensors in {cfg.output_dir}. Run the participant level first "
             f"with --modes {cfg.train.mode.value}."
         )
-    labels = load_labels(cfg.bids_dir, cfg.labels, sessions=tensors[["participant_id", "session_id"]])
+    labels = load_labels(cfg.bids_dir, labels_cfg, sessions=tensors[["participant_id", "session_id"]])
     table = labels.merge(tensors, on=["participant_id", "session_id"], how="inner", validate="one_to_one")
     if table.empty:
         raise InputMissingError(

@@ -373,7 +373,7 @@ def run_predict_stage(cfg: RunConfig, maps_dir: Path, table: pd.DataFrame) -> No
     """
     from bids_app.data import TensorDataset
     from bids_app.epoch import resolve_device
-    from bids_app.split import read_splits
+    from bids_app.split_files import read_splits
 
     layout = MapsLayout(maps_dir)
     record = read_maps_json(maps_dir)

@@ -15,7 +15,6 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -24,23 +23,6 @@ from scipy import stats
 from bids_app.config import SplitConfig, Task
 from bids_app.errors import ConfigError, DataError, LeakError
 from bids_app.labels import MISSING_VALUES, NO_SESSION, TABLE_COLUMNS, mark_baseline, natural_key, sort_table
-
-if TYPE_CHECKING:  # at run time, __getattr__ below: split_files imports this module
-    from bids_app.split_files import load_split_file, read_splits, table_sha256, write_splits
-
-__all__ = [
-    "Fold",
-    "Splits",
-    "age_p_value",
-    "check_disjoint",
-    "load_split_file",
-    "make_nested_splits",
-    "make_splits",
-    "read_splits",
-    "sex_p_value",
-    "table_sha256",
-    "write_splits",
-]
 
 log = logging.getLogger(__name__)
 
@@ -419,12 +401,3 @@ def make_nested_splits(
     subset = make_splits(subset_table, cfg, task, seed)
     parent = make_splits(parent_table, cfg, parent_task or task, seed, constraints=subset)
     return subset, parent
-
-
-def __getattr__(name: str) -> Any:
-    """The re-exported split-file functions, imported on first use so that neither module import cycles."""
-    if name in ("load_split_file", "read_splits", "table_sha256", "write_splits"):
-        from bids_app import split_files
-
-        return getattr(split_files, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -238,3 +238,16 @@ def load_split_file(path: Path, table: pd.DataFrame) -> Splits:
         for fold in folds:
             p_values.update(_frame_p_values(f"split-{fold.index}", fold.validation, fold.train))
     return Splits(test, tuple(folds), USER_SPLIT_SEED, 0, p_values)
+
+
+def write_split_file(path: Path, splits: Splits) -> None:
+    """Write ``splits`` in the user split-file format that ``load_split_file`` (``--split-file``) reads."""
+    rows = [
+        [pid, sid, "test", NO_SESSION] for pid, sid in splits.test[["participant_id", "session_id"]].itertuples(False)
+    ]
+    for fold in splits.folds:
+        for side, frame in (("train", fold.train), ("validation", fold.validation)):
+            pairs = frame[["participant_id", "session_id"]].itertuples(index=False)
+            rows.extend([pid, sid, str(fold.index), side] for pid, sid in pairs)
+    lines = ["participant_id\tsession_id\tsplit\tside", *("\t".join(row) for row in rows)]
+    atomic_write_text(path, "\n".join(lines) + "\n")

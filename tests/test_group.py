@@ -153,3 +153,23 @@ def test_unknown_architecture_is_refused_before_work(cohort) -> None:
     result = run_cli(*group_args(dataset, out, "badarch", "--architecture", "conv5fc3"))
     assert result.returncode == 64
     assert "Did you mean 'conv5_fc3'" in result.stderr
+
+
+def test_parent_label_split_respects_the_subset_split(cohort) -> None:
+    """Transfer-safe nesting: the parent split keeps every subset participant on the same side."""
+    dataset, out = cohort
+    result = run_cli(*group_args(dataset, out, "nested", "--stages", "split", "--parent-label", "sex"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    groups = out / "models" / "nested" / "groups"
+    parent = read_tsv(groups / "parent-sex_split.tsv")
+    subset_test = set(read_tsv(groups / "test/data.tsv")["participant_id"])
+    assert subset_test <= set(parent[parent["split"] == "test"]["participant_id"])
+    for k in (0, 1):
+        validation = set(read_tsv(groups / f"split-{k}/validation.tsv")["participant_id"])
+        rows = parent[parent["split"] == str(k)]
+        assert validation <= set(rows[rows["side"] == "validation"]["participant_id"])
+        assert not validation & set(rows[rows["side"] == "train"]["participant_id"])
+    # the parent split is a valid --split-file: a pre-training model can use it as is
+    pretrain = run_cli(*group_args(dataset, out, "parent", "--stages", "split", "--label", "sex",
+                                   "--split-file", str(groups / "parent-sex_split.tsv")))  # fmt: skip
+    assert pretrain.returncode == 0, pretrain.stderr[-3000:]

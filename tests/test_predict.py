@@ -23,7 +23,8 @@ from bids_app.leakage import LeakFinding, check_leaks
 from bids_app.maps import MapsLayout, save_model, write_maps_json
 from bids_app.models import build_model
 from bids_app.predict import format_tsv, format_value, predict_group, run_predict_stage
-from bids_app.split import make_splits, write_splits
+from bids_app.split import make_splits
+from bids_app.split_files import write_splits
 from bids_app.voting import compute_voting_weights, soft_vote, vote_validation
 
 CLASSES = ["CN", "AD"]
