@@ -382,3 +382,21 @@ def make_loader(
         persistent_workers=num_workers > 0,
         pin_memory=torch.device(device).type == "cuda",
     )
+
+
+def rows_for(ids: pd.DataFrame, table: pd.DataFrame, what: str) -> pd.DataFrame:
+    """Rows of ``table`` (labels + tensors) for the images a split table ``ids`` lists, in ``ids``' order.
+
+    Raises:
+        DataError: an image of ``ids`` has no tensor or no label in ``table``.
+    """
+    keys = ["participant_id", "session_id"]
+    rows = ids[keys].astype(str).merge(table, on=keys, how="left", indicator=True)
+    missing = rows[rows["_merge"] != "both"]
+    if not missing.empty:
+        first = missing.iloc[0]
+        raise DataError(
+            f"{len(missing)} image(s) of the {what} have no tensor or label (e.g. {first['participant_id']} "
+            f"{first['session_id']}). Re-run the participant level for them or re-run --stages split."
+        )
+    return rows.drop(columns="_merge")

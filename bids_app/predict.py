@@ -301,20 +301,6 @@ def predict_group(
     log.info("Group '%s': %d image(s), %d part(s) predicted into %s", group_name, len(image), len(parts), out_dir)
 
 
-def _group_rows(ids: pd.DataFrame, table: pd.DataFrame, what: str) -> pd.DataFrame:
-    """Rows of ``table`` (labels + tensors) for the images listed in a split table ``ids``."""
-    keys = ["participant_id", "session_id"]
-    rows = ids[keys].astype(str).merge(table, on=keys, how="left", indicator=True)
-    missing = rows[rows["_merge"] != "both"]
-    if not missing.empty:
-        first = missing.iloc[0]
-        raise DataError(
-            f"{len(missing)} image(s) of the {what} group have no tensor or label (e.g. {first['participant_id']} "
-            f"{first['session_id']}). Re-run the participant level for them or re-run --stages split."
-        )
-    return rows.drop(columns="_merge")
-
-
 def _raw_dataset(output_dir: Path) -> Path | None:
     """The raw BIDS dataset a participant-level output links to (``DatasetLinks.raw``), if readable."""
     try:
@@ -371,7 +357,7 @@ def run_predict_stage(cfg: RunConfig, maps_dir: Path, table: pd.DataFrame) -> No
         ConfigError: ``predict_from`` without ``group_name``, or a reserved group name.
         InputMissingError: no trained split.
     """
-    from bids_app.data import TensorDataset
+    from bids_app.data import TensorDataset, rows_for
     from bids_app.epoch import resolve_device
     from bids_app.split_files import read_splits
 
@@ -383,7 +369,7 @@ def run_predict_stage(cfg: RunConfig, maps_dir: Path, table: pd.DataFrame) -> No
     splits = read_splits(layout.groups_dir)
     folds = {fold.index: fold for fold in splits.folds}
     if cfg.predict.predict_from is None:
-        other_name, other = "test", _group_rows(splits.test, table, "test")
+        other_name, other = "test", rows_for(splits.test, table, "test group")
     else:
         other_name = cfg.predict.group_name or ""
         if not other_name or other_name in (*TRAINING_GROUPS, "test") or not other_name.replace("-", "").isalnum():
@@ -396,7 +382,7 @@ def run_predict_stage(cfg: RunConfig, maps_dir: Path, table: pd.DataFrame) -> No
     train_table = training_checksums(maps_dir, table)
     device = resolve_device(cfg.train.device)
     for split in trained:
-        validation = _group_rows(folds[split].validation, table, "validation")
+        validation = rows_for(folds[split].validation, table, "validation group")
         for metric in record.config.train.selection_metrics:
             model = load_model(maps_dir, split, metric, device)
             for name, rows in ((VALIDATION_GROUP, validation), (other_name, other)):

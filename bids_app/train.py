@@ -118,19 +118,6 @@ def prepare_maps(cfg: RunConfig, maps_dir: Path, table: pd.DataFrame) -> MapsRec
     return maps.read_maps_json(maps_dir)
 
 
-def _rows(fold_table: pd.DataFrame, table: pd.DataFrame, what: str) -> pd.DataFrame:
-    keys = ["participant_id", "session_id"]
-    rows = fold_table[keys].astype(str).merge(table, on=keys, how="left", indicator=True)
-    missing = rows[rows["_merge"] != "both"]
-    if not missing.empty:
-        first = missing.iloc[0]
-        raise DataError(
-            f"{len(missing)} image(s) of the {what} set have no tensor or label (e.g. {first['participant_id']} "
-            f"{first['session_id']}). Re-run the participant level for them or re-run --stages split."
-        )
-    return rows.drop(columns="_merge")
-
-
 def run_train_stage(cfg: RunConfig, maps_dir: Path, splits: Splits, table: pd.DataFrame) -> None:
     """Train every selected split of ``splits`` into ``maps_dir`` (finished splits are skipped on resume).
 
@@ -141,6 +128,8 @@ def run_train_stage(cfg: RunConfig, maps_dir: Path, splits: Splits, table: pd.Da
         table: labels joined with ``data.index_tensors`` (``participant_id``, ``session_id``, ``label``,
             ``tensor_path``, ``n_parts``, ...).
     """
+    from bids_app.data import rows_for
+
     prepare_maps(cfg, maps_dir, table)
     layout = MapsLayout(maps_dir)
     folds = {fold.index: fold for fold in splits.folds}
@@ -153,8 +142,8 @@ def run_train_stage(cfg: RunConfig, maps_dir: Path, splits: Splits, table: pd.Da
             log.info("Split %d already trained in %s; skipped (resume).", split, layout.split_dir(split))
             continue
         fold = folds[split]
-        train_rows = _rows(fold.train, table, "training")
-        train_split(maps_dir, split, train_rows, _rows(fold.validation, table, "validation"), cfg)
+        train_rows = rows_for(fold.train, table, "training set")
+        train_split(maps_dir, split, train_rows, rows_for(fold.validation, table, "validation set"), cfg)
 
 
 def _build_model(record: MapsRecord, cfg: RunConfig, split: int, device: torch.device) -> nn.Module:
