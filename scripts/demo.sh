@@ -14,13 +14,13 @@ rm -rf "$DEMO"
 echo "== 1/4 generating $N_SUBJECTS participants (1 mm, regional atrophy in AD) in $BIDS"
 bids_app-generate "$BIDS" --n-subjects "$N_SUBJECTS" --n-sessions 1 --preset realistic --seed 42 --effect-size 0.6
 
-echo "== 2/4 participant level: t1-linear + image/slice tensors ($NPROCS participants at a time)"
-bids_app "$BIDS" "$OUT" participant --nprocs "$NPROCS" --omp-nthreads 1 --modes image slice \
+echo "== 2/4 participant level: t1-linear + image/slice/roi tensors ($NPROCS participants at a time)"
+bids_app "$BIDS" "$OUT" participant --nprocs "$NPROCS" --omp-nthreads 1 --modes image slice roi \
   --roi-mask "hippocampus=$BIDS/code/template/roi-hippocampus_mask.nii.gz" --seed 42
 
-echo "== 3/4 group level: subject-level split, training, prediction"
-bids_app "$BIDS" "$OUT" group --label diagnosis --task classification --mode image \
-  --architecture conv4_fc3 --epochs 6 --batch-size 4 --learning-rate 0.001 --n-splits 1 --test-size 0.25 \
+echo "== 3/4 group level: subject-level split, then a 3D CNN on the medial-temporal ROI, test predictions"
+bids_app "$BIDS" "$OUT" group --label diagnosis --task classification --mode roi \
+  --architecture conv4_fc3 --epochs 40 --batch-size 4 --learning-rate 0.003 --n-splits 1 --test-size 0.25 \
   --model-name demo_cnn --seed 42
 
 echo "== 4/4 validating the derivative dataset"
