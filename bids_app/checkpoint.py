@@ -23,7 +23,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from bids_app.config import RunConfig, config_to_nested
+from bids_app.config import RunConfig
+from bids_app.config_file import config_to_nested
 from bids_app.derivatives import atomic_path
 from bids_app.errors import ConfigError, DataError
 

@@ -24,10 +24,8 @@ from bids_app.config import (
     RunConfig,
     SliceDirection,
     Task,
-    load_config_file,
-    merge_nested,
-    resolve_config,
 )
+from bids_app.config_file import load_config_file, merge_nested, resolve_config
 from bids_app.errors import AnalysisLevelError, BidsAppError, ConfigError, InputMissingError, UsageError
 
 log = logging.getLogger("bids_app")
@@ -223,6 +221,28 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
     (F, "voting_threshold", "predict.voting_threshold", (), {"type": float, "help": "drop weaker parts"}),
     (F, "n_bootstrap", "predict.n_bootstrap", (), {"type": int, "help": "bootstrap resamples (1000)"}),
     (F, "inverse_mae_voting", "predict.inverse_mae_voting", (), {"action": "store_true"}),
+    (
+        F,
+        "exclude_failed_qc",
+        "split.exclude_failed_qc",
+        (),
+        {"action": "store_true", "help": "leave out images whose participant-level QC failed"},
+    ),
+    (
+        F,
+        "interpret_methods",
+        "interpret.methods",
+        (),
+        {"nargs": "+", "metavar": "METHOD", "help": "saliency methods for --stages interpret"},
+    ),
+    (
+        F,
+        "interpret_target",
+        "interpret.target",
+        (),
+        {"choices": ["predicted", "true"], "help": "explain the predicted or the true class"},
+    ),
+    (F, "interpret_group", "interpret.group_name", (), {"metavar": "NAME", "help": "group to explain (test)"}),
 )
 CONFIG_KEYS = {dest: key for _, dest, key, _, _ in OPTIONS}
 

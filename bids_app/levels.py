@@ -176,11 +176,11 @@ def process_participant(cfg: RunConfig, label: str, records: list[ImageRecord]) 
 def run_group(cfg: RunConfig) -> int:
     """Split, train and predict from the participant-level outputs; never re-reads raw images."""
     from bids_app import maps, predict, split_files, train
-    from bids_app.config import GroupStage
+    from bids_app.config import DEFAULT_GROUP_STAGES, GroupStage
     from bids_app.data import index_tensors, sample_shape
     from bids_app.models import check_compatibility
 
-    stages = cfg.stages or tuple(GroupStage)
+    stages = cfg.stages or DEFAULT_GROUP_STAGES
     maps_dir = cfg.output_dir / "models" / cfg.train.model_name
     tensors = index_tensors(cfg.output_dir, cfg.train.mode)
     table = group_table(cfg, tensors, cfg.labels)
@@ -198,6 +198,10 @@ def run_group(cfg: RunConfig) -> int:
     if GroupStage.PREDICT in stages:
         maps.validate_maps(maps_dir)
         predict.run_predict_stage(cfg, maps_dir, table)
+    if GroupStage.INTERPRET in stages:
+        from bids_app.interpret import run_interpret_stage
+
+        run_interpret_stage(cfg, maps_dir, table)
     log.info("Group level done: model folder %s", maps_dir)
     return 0
 

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from bids_app import read_version
-from bids_app.config import ExtractionMode, RunConfig, Task, config_to_nested, resolve_config
+from bids_app.config import ExtractionMode, RunConfig, Task
+from bids_app.config_file import config_to_nested, resolve_config
 from bids_app.derivatives import atomic_path, atomic_write_json
 from bids_app.errors import BidsAppError, DataError, InputMissingError
 

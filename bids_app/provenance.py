@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from bids_app import read_version
-from bids_app.config import RunConfig, dump_config
+from bids_app.config import RunConfig
+from bids_app.config_file import dump_config
 from bids_app.derivatives import CONTAINER_ENV, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
