@@ -125,7 +125,7 @@ for a in p._actions:
         desc += f" Also spelled {longs[1]}."
     if shorts:
         desc += f" Short form {shorts[0]}."
-    if type(a).__name__ == "_BoolFlag":
+    if type(a).__name__ == "BoolFlag":
         pos, neg = BOOL_HELP[a.dest]
         members = []
         for f, did, d in ((kebab, a.dest, pos), ("--no-" + kebab[2:], "no_" + a.dest, neg)):
