@@ -207,7 +207,12 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
         "interpret_methods",
         "interpret.methods",
         (),
-        {"nargs": "+", "metavar": "METHOD", "help": "saliency methods for --stages interpret"},
+        {
+            "nargs": "+",
+            "metavar": "METHOD",
+            "choices": ["gradients", "grad_cam", "integrated_gradients"],
+            "help": "saliency methods for --stages interpret",
+        },
     ),
     (
         F,
@@ -217,5 +222,6 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
         {"choices": ["predicted", "true"], "help": "explain the predicted or the true class"},
     ),
     (F, "interpret_group", "interpret.group_name", (), {"metavar": "NAME", "help": "group to explain (test)"}),
+    (F, "interpret_n_steps", "interpret.n_steps", (), {"type": int, "help": "integrated-gradients steps (32)"}),
 )
 CONFIG_KEYS = {dest: key for _, dest, key, _, _ in OPTIONS}

@@ -1,0 +1,421 @@
+"""The interpret stage: saliency maps of a trained model, written as NIfTI on the preprocessed images' grid.
+
+For every trained split, the model ``split-<k>/best-<metric>`` explains each image of a group (default
+``test``, i.e. ``groups/test/data.tsv``) with each method of ``bids_app.saliency``. Maps of patches, slices
+and regions are put back where the part came from (overlaps averaged, uncovered voxels 0), so every map has
+the shape and affine of the preprocessed image the tensor was cut from (the tensor sidecar's ``Source``).
+Outputs, under ``split-<k>/best-<metric>/<group>/interpret/``::
+
+    targets.tsv                                     per image: true, predicted and explained class
+    <method>/interpretation.json                    method, target, model file and its SHA-256, ...
+    <method>/sub-<p>[_ses-<s>]_desc-<label>_saliency.nii.gz          one per image
+    <method>/class-<name>_desc-<label>_mean_saliency.nii.gz          mean over the images explained for <name>
+
+``<label>`` is the method name without underscores (``gradcam``), a valid BIDS label. See
+docs/interpretation.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from bids_app import read_version
+from bids_app.config import ExtractionMode, InterpretConfig, RunConfig, Task
+from bids_app.derivatives import atomic_path, atomic_write_json, atomic_write_text, file_sha256
+from bids_app.errors import ConfigError, DataError, InputMissingError
+from bids_app.maps import MapsLayout, MapsRecord, find_model_path, load_model, validate_maps
+from bids_app.saliency import SaliencyMethod, stitch_parts
+
+if TYPE_CHECKING:
+    import torch
+
+    from bids_app.data import TensorDataset
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("predicted", "true")
+TARGETS_TSV = "targets.tsv"
+METADATA_JSON = "interpretation.json"
+MISSING = "n/a"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ImageGrid:
+    """The voxel grid of a preprocessed image, on which its saliency maps are written.
+
+    Attributes:
+        source_path: the preprocessed NIfTI.
+        affine: its ``(4, 4)`` voxel-to-world affine (mm).
+        shape: its ``(D, H, W)`` in voxels.
+        qform_code, sform_code: its NIfTI xform codes (kept, so a template space stays a template space).
+    """
+
+    source_path: Path
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+    qform_code: int
+    sform_code: int
+
+
+# -- options --------------------------------------------------------------------------------------------
+
+
+def check_interpret_config(cfg: InterpretConfig) -> tuple[tuple[SaliencyMethod, ...], str]:
+    """The methods and the target of ``cfg``, checked.
+
+    Raises:
+        ConfigError: an unknown method (with a did-you-mean), no method, an unknown target, ``n_steps < 1``.
+    """
+    names = [m.value for m in SaliencyMethod]
+    methods: list[SaliencyMethod] = []
+    for name in cfg.methods:
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"Unknown saliency method '{name}'.{hint} Available: {', '.join(names)}.")
+        if SaliencyMethod(name) not in methods:
+            methods.append(SaliencyMethod(name))
+    if not methods:
+        raise ConfigError(f"No saliency method given. Pass --interpret-methods with some of: {', '.join(names)}.")
+    if cfg.target not in TARGETS:
+        raise ConfigError(f"Unknown interpret target '{cfg.target}'. Use --interpret-target predicted or true.")
+    if cfg.n_steps < 1:
+        raise ConfigError(f"interpret.n_steps is {cfg.n_steps}; integrated gradients need n_steps >= 1.")
+    return tuple(methods), cfg.target
+
+
+# -- geometry: where a tensor's parts come from -------------------------------------------------------
+
+
+def output_root(tensor_path: Path) -> Path:
+    """The participant-level output folder holding ``tensor_path`` (the parent of its ``sub-*`` folder)."""
+    for parent in Path(tensor_path).parents:
+        if parent.name.startswith("sub-"):
+            return parent.parent
+    raise DataError(f"Tensor {tensor_path} is not inside a sub-<label> folder of a participant-level output.")
+
+
+def read_grid(source_path: Path) -> ImageGrid:
+    """The grid of a preprocessed image (header only; the voxels are not read).
+
+    Raises:
+        InputMissingError: the image does not exist.
+        DataError: it is not a readable 3D NIfTI.
+    """
+    import nibabel as nib
+
+    if not source_path.is_file():
+        raise InputMissingError(
+            f"Preprocessed image {source_path} is missing: saliency maps are written on its grid. Re-run the "
+            "participant level for this image (or restore the file)."
+        )
+    try:
+        image = nib.load(source_path)
+        if not isinstance(image, nib.Nifti1Image):  # NIfTI-2 images are Nifti1Image subclasses
+            raise ValueError(f"not a NIfTI image but {type(image).__name__}")
+        _, qform_code = image.header.get_qform(coded=True)
+        _, sform_code = image.header.get_sform(coded=True)
+        shape = tuple(int(v) for v in image.shape)
+        affine = np.asarray(image.affine, dtype=np.float64)
+    except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, AttributeError) as exc:
+        raise DataError(f"Cannot read preprocessed image {source_path}: {exc}. Re-run the participant level.") from exc
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise DataError(f"Preprocessed image {source_path} has shape {shape}; a 3D image is expected.")
+    return ImageGrid(source_path, affine, (shape[0], shape[1], shape[2]), int(qform_code), int(sform_code))
+
+
+# -- writing --------------------------------------------------------------------------------------------
+
+
+def write_map(path: Path, volume: np.ndarray, grid: ImageGrid) -> None:
+    """Write ``volume`` (``grid.shape``) as float32 NIfTI with ``grid``'s affine and xform codes, atomically."""
+    import nibabel as nib
+
+    if volume.shape != grid.shape:
+        raise ValueError(f"map of shape {volume.shape} for the grid {grid.shape} of {grid.source_path}")
+    image = nib.Nifti1Image(np.asarray(volume, dtype=np.float32), grid.affine)
+    image.header.set_qform(grid.affine, code=grid.qform_code)
+    image.header.set_sform(grid.affine, code=grid.sform_code or 2)
+    image.header.set_xyzt_units("mm")
+    with atomic_path(path) as tmp:
+        nib.save(image, tmp)
+
+
+def map_name(participant_id: str, session_id: str, method: SaliencyMethod) -> str:
+    """``sub-01_ses-M000_desc-gradcam_saliency.nii.gz`` (no ``ses-`` without sessions)."""
+    prefix = participant_id if session_id in ("", MISSING) else f"{participant_id}_{session_id}"
+    return f"{prefix}_desc-{method.label}_saliency.nii.gz"
+
+
+def class_labels(class_names: Sequence[str]) -> list[str]:
+    """BIDS labels of the class names (alphanumerics kept); the class index where that is empty or ambiguous."""
+    labels = [re.sub(r"[^A-Za-z0-9]", "", name) for name in class_names]
+    return [label if label and labels.count(label) == 1 else str(i) for i, label in enumerate(labels)]
+
+
+# -- the stage ------------------------------------------------------------------------------------------
+
+
+def group_rows(cfg: RunConfig, maps_dir: Path, record: MapsRecord, table: pd.DataFrame, split: int) -> pd.DataFrame:
+    """Labels and tensors of the images of ``cfg.interpret.group_name`` for ``split``.
+
+    ``test`` is ``groups/test/data.tsv``; ``train`` and ``validation`` the split's own; another name is the
+    group predicted from ``--predict-from`` under ``--group-name`` (the same flags as the predict stage).
+
+    Raises:
+        ConfigError: an unknown group name.
+    """
+    from bids_app.data import rows_for
+    from bids_app.split_files import read_splits
+
+    name = cfg.interpret.group_name
+    if name in ("test", "train", "validation"):
+        splits = read_splits(MapsLayout(maps_dir).groups_dir)
+        if name == "test":
+            return rows_for(splits.test, table, "test group")
+        fold = {f.index: f for f in splits.folds}[split]
+        return rows_for(fold.train if name == "train" else fold.validation, table, f"{name} group of split {split}")
+    if cfg.predict.predict_from is not None and name == cfg.predict.group_name:
+        from bids_app.predict import external_table
+
+        return external_table(cfg.predict.predict_from, record)
+    raise ConfigError(
+        f"Unknown interpret group '{name}'. Use test, train or validation, or the --group-name given with "
+        "--predict-from (pass both flags again with --stages interpret)."
+    )
+
+
+def run_interpret_stage(cfg: RunConfig, maps_dir: Path, table: pd.DataFrame) -> None:
+    """Write saliency maps for every trained split (module docstring).
+
+    Args:
+        cfg: the run configuration (``cfg.interpret``; ``cfg.train.splits``, ``device``; ``cfg.predict``'s
+            batch size and external group; ``cfg.extraction.roi_masks`` for roi models).
+        maps_dir: the MAPS folder.
+        table: labels joined with ``data.index_tensors`` of OUTPUT_DIR (as for training).
+
+    Raises:
+        ConfigError: bad interpret options, a model that is not a classifier, a mode other than the model's.
+        InputMissingError: no trained split, model or preprocessed image.
+        DataError: a tensor that does not fit its preprocessed image.
+    """
+    from bids_app.epoch import resolve_device
+
+    methods, target = check_interpret_config(cfg.interpret)
+    record = validate_maps(maps_dir)
+    if record.task is not Task.CLASSIFICATION:
+        raise ConfigError(
+            f"--stages interpret explains classifiers; the model in {maps_dir} does {record.task.value}. "
+            "Drop interpret from --stages for this model."
+        )
+    if cfg.train.mode is not record.mode:
+        raise ConfigError(
+            f"The model in {maps_dir} was trained on {record.mode.value} tensors but this run reads "
+            f"{cfg.train.mode.value} tensors. Pass --mode {record.mode.value}."
+        )
+    metric = cfg.interpret.selection_metric or record.config.train.selection_metrics[0]
+    layout = MapsLayout(maps_dir)
+    trained = [k for k in layout.trained_splits() if not cfg.train.splits or k in cfg.train.splits]
+    if not trained:
+        raise InputMissingError(f"No trained split in {maps_dir}. Run the group level with --stages train first.")
+    device = resolve_device(cfg.train.device)
+    for split in trained:
+        model_path = find_model_path(maps_dir, split, metric)
+        rows = group_rows(cfg, maps_dir, record, table, split)
+        out_dir = layout.group_dir(split, metric, cfg.interpret.group_name) / "interpret"
+        explainer = GroupExplainer(cfg, record, load_model(maps_dir, split, metric, device), methods, target)
+        explainer.explain(rows, out_dir)
+        model_info = {
+            "Split": split,
+            "SelectionMetric": metric,
+            "ModelFile": model_path.relative_to(maps_dir).as_posix(),
+            "ModelSHA256": file_sha256(model_path),
+        }
+        for method in methods:
+            atomic_write_json(out_dir / method.value / METADATA_JSON, explainer.metadata(method, model_info))
+        log.info("Split %d: %s maps of %d image(s) in %s", split, ", ".join(methods), len(rows), out_dir)
+
+
+class GroupExplainer:
+    """Saliency maps of one model for the images of one group (used by :func:`run_interpret_stage`)."""
+
+    def __init__(
+        self, cfg: RunConfig, record: MapsRecord, model: torch.nn.Module, methods: Sequence[SaliencyMethod], target: str
+    ) -> None:
+        from bids_app.saliency import saliency_function
+
+        self.cfg, self.record, self.model, self.target = cfg, record, model, target
+        self.methods = tuple(methods)
+        self.functions = {m: saliency_function(m, model, n_steps=cfg.interpret.n_steps) for m in self.methods}
+        encoding = record.label_encoding or {}
+        self.class_names = sorted(encoding, key=encoding.__getitem__)
+        self.class_counts: dict[str, int] = {}
+        self._masks: dict[tuple[bytes, tuple[int, ...]], list[np.ndarray]] = {}
+
+    def explain(self, rows: pd.DataFrame, out_dir: Path) -> None:
+        """Write each image's maps, the per-class means and ``targets.tsv`` under ``out_dir``."""
+        from bids_app.data import TensorDataset
+
+        dataset = TensorDataset(rows, self.record.mode, self.record.task, label_encoding=self.record.label_encoding)
+        try:
+            self._explain(dataset, rows, out_dir)
+        finally:
+            dataset.close()
+
+    def _explain(self, dataset: TensorDataset, rows: pd.DataFrame, out_dir: Path) -> None:
+        from tqdm import tqdm
+
+        labels = dataset.sample_targets
+        if self.target == "true" and labels is not None and (labels < 0).any():
+            raise ConfigError(
+                f"--interpret-target true needs labels, but {int((labels < 0).sum())} sample(s) of group "
+                f"'{self.cfg.interpret.group_name}' have none. Use --interpret-target predicted."
+            )
+        ends = np.cumsum(np.asarray(rows["n_parts"], dtype=np.int64))
+        sums: dict[tuple[SaliencyMethod, int], np.ndarray] = {}
+        reference: ImageGrid | None = None
+        target_rows = []
+        counts: dict[int, int] = {}
+        written: set[Path] = set()
+        for i in tqdm(range(len(rows)), desc="interpret", unit="image", disable=None):
+            row = rows.iloc[i]
+            grid, parameters = self._grid(Path(row["tensor_path"]))
+            samples = range(int(ends[i] - row["n_parts"]), int(ends[i]))
+            x = np.stack([dataset.read_sample(j) for j in samples])
+            true_index = -1 if labels is None else int(labels[samples.start])
+            predicted = self._predict(x)
+            explained = true_index if self.target == "true" else predicted
+            masks = self._roi_masks(grid, parameters) if self.record.mode is ExtractionMode.ROI else []
+            for method in self.methods:
+                part_maps = self._saliency(method, x, explained)
+                volume = stitch_parts(part_maps, self.record.mode, parameters, grid.shape, masks)
+                path = out_dir / method.value / map_name(str(row["participant_id"]), str(row["session_id"]), method)
+                write_map(path, volume, grid)
+                written.add(path)
+                key = (method, explained)
+                sums[key] = sums.get(key, np.zeros(grid.shape, np.float64)) + volume
+            reference = self._same_grid(reference, grid)
+            name = self.class_names
+            target_rows.append({"participant_id": row["participant_id"], "session_id": row["session_id"],
+                                "true_label": name[true_index] if true_index >= 0 else MISSING,
+                                "predicted_label": name[predicted], "target_label": name[explained]})  # fmt: skip
+            counts[explained] = counts.get(explained, 0) + 1
+        self.class_counts = {self.class_names[k]: counts[k] for k in sorted(counts)}
+        labels_by_index = class_labels(self.class_names)
+        for (method, k), total in sorted(sums.items()):
+            path = out_dir / method.value / f"class-{labels_by_index[k]}_desc-{method.label}_mean_saliency.nii.gz"
+            if reference is not None:
+                write_map(path, (total / counts[k]).astype(np.float32), reference)
+                written.add(path)
+        for method in self.methods:
+            for stale in sorted((out_dir / method.value).glob("*saliency.nii.gz")):
+                if stale not in written:
+                    log.info("Removing %s, left by an earlier interpretation", stale)
+                    stale.unlink()
+        text = pd.DataFrame(target_rows).to_csv(sep="\t", index=False, lineterminator="\n")
+        atomic_write_text(out_dir / TARGETS_TSV, text)
+
+    def metadata(self, method: SaliencyMethod, model_info: Mapping[str, Any]) -> dict[str, Any]:
+        """The content of ``<method>/interpretation.json``."""
+        from bids_app.models import grad_cam_layer
+
+        content: dict[str, Any] = {
+            "Method": method.value,
+            "Description": method.description,
+            "Target": self.target,
+            "Group": self.cfg.interpret.group_name,
+            "Architecture": self.record.architecture,
+            "Mode": self.record.mode.value,
+            **model_info,
+            "Classes": self.class_names,
+            "ImagesPerTargetClass": self.class_counts,
+            "BidsAppVersion": read_version(),
+        }
+        if method is SaliencyMethod.GRAD_CAM:
+            layer = grad_cam_layer(self.model)
+            content["Layer"] = next(n for n, m in self.model.named_modules() if m is layer)
+        if method is SaliencyMethod.INTEGRATED_GRADIENTS:
+            content.update({"Baseline": "zeros", "NSteps": self.cfg.interpret.n_steps})
+        return content
+
+    # -- helpers --------------------------------------------------------------------------------------
+
+    def _grid(self, tensor_path: Path) -> tuple[ImageGrid, dict[str, Any]]:
+        from bids_app.extraction.storage import read_sidecar
+
+        sidecar = read_sidecar(tensor_path)
+        if sidecar.get("Mode") != self.record.mode.value or "Source" not in sidecar:
+            raise DataError(
+                f"Tensor sidecar of {tensor_path} has Mode {sidecar.get('Mode')!r} and Source "
+                f"{sidecar.get('Source')!r}; the model needs {self.record.mode.value} tensors with a Source. "
+                "Re-run the participant level for this image."
+            )
+        grid = read_grid(output_root(tensor_path) / str(sidecar["Source"]))
+        return grid, dict(sidecar.get("ModeParameters") or {})
+
+    def _batches(self, x: np.ndarray) -> list[torch.Tensor]:
+        import torch
+
+        device = next(self.model.parameters()).device
+        size = max(1, self.cfg.predict.batch_size)
+        return [torch.from_numpy(x[i : i + size]).to(device) for i in range(0, len(x), size)]
+
+    def _predict(self, x: np.ndarray) -> int:
+        """The image's predicted class: arg max of its parts' mean softmax (one part in image mode)."""
+        import torch
+
+        with torch.inference_mode():
+            probabilities = torch.cat([torch.softmax(self.model(b).float(), dim=1).cpu() for b in self._batches(x)])
+        return int(probabilities.mean(dim=0).argmax())
+
+    def _saliency(self, method: SaliencyMethod, x: np.ndarray, target: int) -> np.ndarray:
+        import torch
+
+        maps = []
+        for batch in self._batches(x):
+            targets = torch.full((len(batch),), target, dtype=torch.int64, device=batch.device)
+            maps.append(self.functions[method](batch, targets).detach().cpu().numpy())
+        return np.concatenate(maps)
+
+    def _roi_masks(self, grid: ImageGrid, parameters: Mapping[str, Any]) -> list[np.ndarray]:
+        """The ROI masks of the extraction, aligned to ``grid`` (cached per grid)."""
+        import nibabel as nib
+
+        from bids_app.extraction.roi import load_roi_masks
+
+        key = (grid.affine.tobytes(), grid.shape)
+        if key not in self._masks:
+            names = [str(n) for n in parameters.get("RoiNames", [])]
+            given = dict(self.cfg.extraction.roi_masks) or dict(self.record.config.extraction.roi_masks)
+            missing = [n for n in names if n not in given]
+            if missing:
+                raise ConfigError(
+                    f"The model's regions {names} were cut with masks this run does not know ({missing}). Pass "
+                    "the masks of the extraction again: --roi-mask NAME=PATH for each."
+                )
+            image = nib.load(grid.source_path)
+            assert isinstance(image, nib.Nifti1Image)  # read_grid checked it
+            aligned = load_roi_masks([(n, Path(given[n])) for n in names], image)
+            self._masks[key] = [aligned[n] for n in names]
+        return self._masks[key]
+
+    @staticmethod
+    def _same_grid(reference: ImageGrid | None, grid: ImageGrid) -> ImageGrid:
+        if reference is not None and (reference.shape != grid.shape or not np.allclose(reference.affine, grid.affine)):
+            raise DataError(
+                f"{grid.source_path} and {reference.source_path} are on different grids ({grid.shape} vs "
+                f"{reference.shape}); mean maps need one template grid. Preprocess every image with the same "
+                "template and crop."
+            )
+        return reference or grid
