@@ -2,19 +2,24 @@
 
 An image leaks when the model saw it, or the same scan under another name, in training or validation: its
 participant id is in the MAPS' ``groups/train+validation.tsv``, or its preprocessed (``source_sha256``) or raw
-(``raw_source_sha256``) source file has the sha256 of a training/validation image. ``predict`` refuses such a
-group unless ``allow_leak`` is set, in which case the pairs are recorded in ``leak_warning.json``.
+(``raw_source_sha256``) source file has the sha256 of a training/validation image, or, for a group from another
+output (``--predict-from``), when its anatomical fingerprint is more alike a training/validation image's than
+any two different participants of the training pool are (``check_identity_leaks``, ``bids_app.fingerprint``):
+the same person re-scanned under another name. ``predict`` refuses such a group unless ``allow_leak`` is set,
+in which case the pairs are recorded in ``leak_warning.json``. See docs/leakage.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from bids_app.derivatives import atomic_write_json
+from bids_app.derivatives import atomic_path, atomic_write_json
 from bids_app.errors import DataError, InputMissingError, LeakError
 from bids_app.maps import MapsLayout
 
@@ -22,6 +27,8 @@ log = logging.getLogger(__name__)
 
 SHA_COLUMNS = ("source_sha256", "raw_source_sha256")
 LEAK_WARNING_FILE = "leak_warning.json"
+IDENTITY_FILE = "identity_fingerprints.json"  # in the MAPS' groups/: calibration, pool images, checks made
+IDENTITY_ARRAY = "identity_fingerprints.npy"  # the pool's low-resolution volumes (n, x, y, z), float32
 MISSING = "n/a"
 
 
@@ -30,7 +37,8 @@ class LeakFinding:
     """An image of the predicted group that is also (or is the same scan as) a training/validation image.
 
     ``reason`` is ``participant`` (same participant id), ``source_sha256`` (same preprocessed image file) or
-    ``raw_source_sha256`` (same raw scan); ``sha256`` is the shared digest ("" for ``participant``).
+    ``raw_source_sha256`` (same raw scan) or ``fingerprint`` (same anatomy: the same person under another
+    name); ``sha256`` is the shared digest ("" otherwise); ``similarity`` the fingerprints' (``fingerprint``).
     """
 
     reason: str
@@ -39,6 +47,7 @@ class LeakFinding:
     train_participant_id: str
     train_session_id: str
     sha256: str = ""
+    similarity: float | None = None
 
 
 def read_train_table(maps_dir: Path) -> pd.DataFrame:
@@ -106,8 +115,9 @@ def check_leaks(
         matched = known.merge(train, left_on=column, right_on=f"train_{column}")
         pairs.append(matched.assign(reason=column, sha256=matched[column]))
     found = pd.concat(pairs, ignore_index=True).fillna({"sha256": ""})
-    fields = [f.name for f in dataclasses.fields(LeakFinding)]
-    return [LeakFinding(*(str(v) for v in row)) for row in found[fields].itertuples(index=False, name=None)]
+    fields = [f.name for f in dataclasses.fields(LeakFinding) if f.name != "similarity"]
+    rows = found[fields].astype(str).itertuples(index=False, name=None)
+    return [LeakFinding(**dict(zip(fields, row, strict=True))) for row in rows]
 
 
 def enforce_no_leak(findings: list[LeakFinding], group_name: str, allow_leak: bool, group_dir: Path) -> None:
@@ -115,17 +125,20 @@ def enforce_no_leak(findings: list[LeakFinding], group_name: str, allow_leak: bo
     if not findings:
         (group_dir / LEAK_WARNING_FILE).unlink(missing_ok=True)  # from an earlier run on other images
         return
-    shown = "; ".join(
-        f"{f.participant_id} {f.session_id} ~ {f.train_participant_id} {f.train_session_id} ({f.reason})"
-        for f in findings[:5]
-    )
-    more = f" and {len(findings) - 5} more" if len(findings) > 5 else ""
+    reasons: dict[str, list[str]] = {}  # one entry per image pair, with every reason it was found for
+    for f in findings:
+        pair = f"{f.participant_id} {f.session_id} ~ {f.train_participant_id} {f.train_session_id}"
+        reasons.setdefault(pair, []).append(f.reason + (f" {f.similarity:.3f}" if f.similarity is not None else ""))
+    shown = "; ".join(f"{pair} ({', '.join(why)})" for pair, why in list(reasons.items())[:5])
+    more = f" and {len(reasons) - 5} more" if len(reasons) > 5 else ""
+    identity = any(f.reason == "fingerprint" for f in findings)
     if not allow_leak:
         raise LeakError(
-            f"Group '{group_name}' shares {len(findings)} image pair(s) with the model's training/validation data: "
+            f"Group '{group_name}' shares {len(reasons)} image pair(s) with the model's training/validation data: "
             f"{shown}{more}. Predict on images the model never saw, or pass --allow-leak to proceed anyway."
+            + (f" Identity pairs are listed in the model's groups/{IDENTITY_FILE}." if identity else "")
         )
-    log.warning("allow_leak: predicting group '%s' despite %d leak(s): %s%s", group_name, len(findings), shown, more)
+    log.warning("allow_leak: predicting group '%s' despite %d leak(s): %s%s", group_name, len(reasons), shown, more)
     atomic_write_json(
         group_dir / LEAK_WARNING_FILE,
         {
@@ -134,3 +147,111 @@ def enforce_no_leak(findings: list[LeakFinding], group_name: str, allow_leak: bo
             "Pairs": [dataclasses.asdict(f) for f in findings],
         },
     )
+
+
+def _pool_volumes(groups_dir: Path, pool: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
+    """Low-resolution volumes of the pool's images: re-used from ``groups/`` when made from the same files.
+
+    Returns:
+        The pool rows that have a preprocessed image, and their volumes ``(n, x, y, z)``.
+    """
+    from bids_app import fingerprint
+
+    keys = pool[["participant_id", "session_id", "source_sha256"]].astype(str).values.tolist()
+    record_path, array_path = groups_dir / IDENTITY_FILE, groups_dir / IDENTITY_ARRAY
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        if record.get("Images") == keys and record.get("FingerprintMM") == fingerprint.FINGERPRINT_MM:
+            return pool, np.load(array_path, allow_pickle=False)
+    except (OSError, ValueError):
+        pass  # no usable cache: compute
+    paths = [fingerprint.preprocessed_image_path(Path(p)) for p in pool["tensor_path"]]
+    found = [path is not None for path in paths]
+    if not all(found):
+        log.warning("%d training/validation image(s) have no preprocessed image left: not fingerprinted.",
+                    found.count(False))  # fmt: skip
+    kept = pool[found].reset_index(drop=True)
+    volumes = np.stack([fingerprint.lowres_volume(p) for p in paths if p is not None]) if any(found) else None
+    if volumes is not None:
+        with atomic_path(array_path) as tmp:
+            np.save(tmp, volumes, allow_pickle=False)
+    return kept, volumes if volumes is not None else np.zeros((0, 1, 1, 1), np.float32)
+
+
+def check_identity_leaks(
+    maps_dir: Path, group_table: pd.DataFrame, output_table: pd.DataFrame, group_name: str
+) -> list[LeakFinding]:
+    """Images of ``group_table`` whose anatomy matches a training/validation image (``bids_app.fingerprint``).
+
+    The training pool's fingerprints are calibrated on its own pairs (same participant, other session; two
+    different participants); the calibration, the pool's image list and the pairs found for ``group_name`` are
+    recorded in ``groups/identity_fingerprints.json`` (the pool's volumes in ``identity_fingerprints.npy``,
+    re-used while the pool's images keep their checksums).
+
+    Args:
+        maps_dir: the model folder.
+        group_table: images to predict with ``participant_id``, ``session_id``, ``tensor_path``.
+        output_table: OUTPUT_DIR's images (``data.index_tensors`` columns): the training pool's files.
+        group_name: name recorded with the pairs.
+
+    Returns:
+        One ``fingerprint`` finding per (group image, training image) pair above the threshold, most alike
+        first; none (with a warning) when the pool has fewer than two participants with images.
+
+    Raises:
+        DataError: the group's images were preprocessed on another grid than the pool's.
+    """
+    from bids_app import fingerprint
+
+    keys = ["participant_id", "session_id"]
+    train_ids = read_train_table(maps_dir)[keys].astype(str)
+    pool = train_ids.merge(output_table[[*keys, "source_sha256", "tensor_path"]].astype(str), on=keys, how="inner")
+    groups_dir = MapsLayout(maps_dir).groups_dir
+    pool, volumes = _pool_volumes(groups_dir, pool)
+    calibration = None
+    if len(pool):
+        model = fingerprint.fit_model(volumes)
+        prints = fingerprint.fingerprints(volumes, model)
+        values = fingerprint.features(volumes, model)
+        calibration = fingerprint.calibrate(values, pool["participant_id"].tolist(), pool["session_id"].tolist())
+    if calibration is None:
+        log.warning("Identity check skipped for group '%s': the training pool has fewer than two participants "
+                    "with preprocessed images in the output.", group_name)  # fmt: skip
+        return []
+    paths = [fingerprint.preprocessed_image_path(Path(p)) for p in group_table["tensor_path"]]
+    group = group_table[[p is not None for p in paths]].reset_index(drop=True)
+    if len(group) < len(group_table):
+        log.warning("%d image(s) of group '%s' have no preprocessed image: not fingerprinted.",
+                    len(group_table) - len(group), group_name)  # fmt: skip
+    findings: list[LeakFinding] = []
+    if len(group):
+        group_prints = fingerprint.fingerprints(np.stack([fingerprint.lowres_volume(p) for p in paths if p]), model)
+        for i, j, score in fingerprint.matching_pairs(group_prints, prints, calibration.threshold):
+            new, seen = group.iloc[i], pool.iloc[j]
+            pair = (str(new["participant_id"]), str(new["session_id"]), str(seen["participant_id"]))
+            findings.append(LeakFinding("fingerprint", *pair, str(seen["session_id"]), "", score))
+    record_path = groups_dir / IDENTITY_FILE
+    try:
+        checks = json.loads(record_path.read_text(encoding="utf-8")).get("Checks", {})
+    except (OSError, ValueError, AttributeError):
+        checks = {}
+    pairs = [dataclasses.asdict(f) for f in findings]
+    checks[group_name] = {"NImages": len(group_table), "NFingerprinted": len(group), "Pairs": pairs}
+    record = {
+        "Description": "Anatomical fingerprints of the training/validation images (bids_app.fingerprint): a pair "
+        "more alike than Calibration.threshold is taken for one person under two names.",
+        "FingerprintMM": fingerprint.FINGERPRINT_MM,
+        "HighPassMM": fingerprint.HIGH_PASS_MM,
+        "Calibration": dataclasses.asdict(calibration),
+        "Images": pool[["participant_id", "session_id", "source_sha256"]].values.tolist(),
+        "Checks": checks,
+    }
+    atomic_write_json(record_path, record)
+    log.info(
+        "Identity check of group '%s': %d pair(s) above the threshold %.3f (different people of the pool: %.3f).",
+        group_name,
+        len(findings),
+        calibration.threshold,
+        calibration.max_different,
+    )
+    return findings

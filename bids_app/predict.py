@@ -35,7 +35,7 @@ import pandas as pd
 from bids_app.config import PredictConfig, RunConfig, Task
 from bids_app.derivatives import atomic_write_text
 from bids_app.errors import ConfigError, DataError, InputMissingError
-from bids_app.leakage import check_leaks, enforce_no_leak, training_checksums
+from bids_app.leakage import LeakFinding, check_identity_leaks, check_leaks, enforce_no_leak, training_checksums
 from bids_app.maps import MapsLayout, MapsRecord, load_model, read_maps_json
 from bids_app.metrics import RECONSTRUCTION_METRICS, reconstruction_metrics_per_image
 from bids_app.voting import (
@@ -237,6 +237,7 @@ def predict_group(
     model: torch.nn.Module | None = None,
     class_names: Sequence[str] | None = None,
     train_table: pd.DataFrame | None = None,
+    identity_findings: Sequence[LeakFinding] = (),
 ) -> None:
     """Predict one group with the best model of a split and write its TSVs (module docstring).
 
@@ -258,6 +259,7 @@ def predict_group(
         class_names: class index → name; default the MAPS' label encoding (classification only).
         train_table: training/validation images with checksums (``leakage.training_checksums``); default
             ``groups/train+validation.tsv``.
+        identity_findings: this group's ``leakage.check_identity_leaks`` pairs, refused or recorded with the rest.
 
     Raises:
         LeakError: the group shares participants or scans with training/validation and ``allow_leak`` is off.
@@ -266,7 +268,8 @@ def predict_group(
     """
     out_dir = MapsLayout(maps_dir).group_dir(split, selection_metric, group_name)
     if group_name not in TRAINING_GROUPS:
-        enforce_no_leak(check_leaks(maps_dir, table, train_table), group_name, cfg.allow_leak, out_dir)
+        findings = [*check_leaks(maps_dir, table, train_table), *identity_findings]
+        enforce_no_leak(findings, group_name, cfg.allow_leak, out_dir)
     if model is None:
         import torch
 
@@ -346,7 +349,8 @@ def run_predict_stage(cfg: RunConfig, maps_dir: Path, table: pd.DataFrame) -> No
     """Predict with every trained split and selection metric: validation first, then test or another group.
 
     Without ``cfg.predict.predict_from`` the groups are the split's ``validation`` and ``test``; with it, the
-    ``validation`` group (for the voting weights) and ``cfg.predict.group_name`` (the other output's images).
+    ``validation`` group (for the voting weights) and ``cfg.predict.group_name`` (the other output's images),
+    whose anatomical fingerprints are first compared with the training pool's (``leakage.check_identity_leaks``).
 
     Args:
         cfg: the run configuration (``cfg.predict``, ``cfg.train.splits``, ``cfg.train.device``).
@@ -380,6 +384,7 @@ def run_predict_stage(cfg: RunConfig, maps_dir: Path, table: pd.DataFrame) -> No
         other = external_table(cfg.predict.predict_from, record)
     class_names = sorted(record.label_encoding or {}, key=(record.label_encoding or {}).__getitem__)
     train_table = training_checksums(maps_dir, table)
+    identity = [] if cfg.predict.predict_from is None else check_identity_leaks(maps_dir, other, table, other_name)
     device = resolve_device(cfg.train.device)
     for split in trained:
         validation = rows_for(folds[split].validation, table, "validation group")
@@ -390,4 +395,5 @@ def run_predict_stage(cfg: RunConfig, maps_dir: Path, table: pd.DataFrame) -> No
                 predict_group(
                     maps_dir, name, rows, dataset, cfg.predict, record.task, split, metric,
                     model=model, class_names=class_names, train_table=train_table,
+                    identity_findings=identity if name == other_name else (),
                 )  # fmt: skip

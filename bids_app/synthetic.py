@@ -9,8 +9,18 @@ optionally ``pet/*_trc-FDG_pet.nii.gz``, and under ``code/template/`` the atroph
 (``derivatives/preproc/sub-<p>/ses-<s>/anat/*_space-MNI152NLin2009aSym_desc-preproc_T1w.nii.gz``, which
 validates as its own root) or as a Clinica CAPS (``derivatives/caps/subjects/sub-<p>/ses-<s>/t1_linear/
 *_space-MNI152NLin2009cSym_desc-Crop_res-1x1x1_T1w.nii.gz``); the validator skips ``derivatives/`` of a raw
-dataset. Participants are ``001``, ``002``...; sessions ``M000``, ``M012``... (months from baseline).
-Same arguments give byte-identical files (gzip without timestamps, seeded streams).
+dataset. Participants are ``001``, ``002``... (``first_label`` moves the start); sessions ``M000``, ``M012``...
+(months from baseline, one a year: AD atrophy grows by 10 % of its baseline value per year, so later sessions of
+an AD participant show more of it). Same arguments give byte-identical files (gzip without timestamps, seeded
+streams).
+
+Kinds of data (ClinicaDL's generators): ``atrophy`` (default) grades grey-matter loss in the hippocampal region
+with ``effect_size``; ``trivial`` divides the intensity inside the region's mask by ``TRIVIAL_FACTOR`` in AD
+participants (an effect any model must find); ``random`` gives every participant the same anatomy, so images
+differ only by acquisition noise, pose and bias (and template-space images by Gaussian noise), and draws the
+diagnoses at random: nothing is learnable. ``rescans_of`` makes the first ``n_rescans`` participants re-scans of
+another generated dataset's first participants under this dataset's labels: same anatomy, new noise, pose and
+bias, imaged ``len(rescans_of.sessions)`` years after that dataset's baseline (a later study of the same people).
 """
 
 from __future__ import annotations
@@ -47,6 +57,9 @@ MAX_SESSIONS = 20
 MAX_SUBJECTS = 9999
 MIN_AGE, MAX_AGE = 60.0, 85.0
 MNI_XFORM, SCANNER_XFORM = 4, 1
+KINDS = ("atrophy", "trivial", "random")
+TRIVIAL_FACTOR = 2.0  # kind="trivial": AD intensity inside the region's mask is divided by this
+RANDOM_NOISE_FRACTION = 0.05  # kind="random": template-space noise sigma relative to the image maximum
 PARTICIPANTS_JSON: dict[str, dict[str, Any]] = {
     "participant_id": {"Description": "Participant identifier"},
     "diagnosis": {
@@ -75,6 +88,10 @@ class GeneratedDataset:
         sessions: bare session labels (``"M000"``...), the same for every participant.
         derivative_dir: ``bids_dir/derivatives/preproc`` or ``bids_dir/derivatives/caps``; None when not asked.
         caps_dir: the CAPS folder when ``preprocessed="caps"``, else None.
+        kind: ``atrophy``, ``trivial`` or ``random`` (module docstring).
+        identities: who each participant is, in ``participants`` order; equal identities in two datasets are
+            the same person (``rescans_of``).
+        rescans: ``(label here, label in rescans_of)`` for each re-scanned participant.
     """
 
     bids_dir: Path
@@ -84,6 +101,29 @@ class GeneratedDataset:
     sessions: tuple[str, ...]
     derivative_dir: Path | None
     caps_dir: Path | None
+    kind: str = "atrophy"
+    identities: tuple[Identity, ...] = ()
+    rescans: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a generated participant is: the random stream of its anatomy and what its images depend on.
+
+    Attributes:
+        seed, index: the anatomy is drawn from ``default_rng([seed, 1, index])``.
+        affected: carries the disease effect; ``diagnosis`` is the recorded one.
+        effect_size: the ``effect_size`` of the dataset it was first generated in.
+        age: years at its first generated session; ``sex``: ``M`` or ``F``.
+    """
+
+    seed: int
+    index: int
+    affected: bool
+    diagnosis: str
+    effect_size: float
+    age: float
+    sex: str
 
 
 @dataclass(frozen=True)
@@ -92,7 +132,8 @@ class _Participant:
     affected: bool  # carries the disease effect in its images
     diagnosis: str  # the recorded label: "AD" iff affected, unless random_labels
     sex: str
-    age: float  # years, at baseline
+    age: float  # years, at this dataset's first session
+    years_later: int = 0  # a re-scan: years between its identity's first session and this dataset's first one
 
 
 @dataclass(frozen=True)
@@ -108,8 +149,25 @@ class _Settings:
     random_labels: bool
     with_pet: bool
     preprocessed: str | None
+    kind: str = "atrophy"
+    first_label: int = 1
+    rescans_of: GeneratedDataset | None = None
+    n_rescans: int = 0
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise UsageError(f"Unknown kind {self.kind!r}. Choose one of: {', '.join(KINDS)}.")
+        if self.first_label < 1:
+            raise UsageError(f"first_label must be a positive integer, got {self.first_label}.")
+        source = self.rescans_of
+        n_source = len(source.identities) if source is not None else 0
+        if not 0 <= self.n_rescans <= min(n_source, self.n_subjects):
+            raise UsageError(
+                f"n_rescans must be 0 to {min(n_source, self.n_subjects)} (participants of rescans_of and of this "
+                f"dataset), got {self.n_rescans}. Pass rescans_of=<the first GeneratedDataset>."
+            )
+        if source is not None and source.kind != self.kind:
+            raise UsageError(f"rescans_of is a {source.kind!r} dataset; generate the re-scans with the same kind.")
         if self.preset not in PRESET_VOXEL_MM:
             raise UsageError(f"Unknown preset {self.preset!r}. Choose one of: {', '.join(PRESET_VOXEL_MM)}.")
         if self.preprocessed is not None and self.preprocessed not in PREPROCESSED_KINDS:
@@ -141,7 +199,9 @@ class _Settings:
         return self.out_dir / "derivatives" / ("caps" if self.preprocessed == "caps" else "preproc")
 
 
-def _draw_participants(n_subjects: int, n_sessions: int, seed: int, random_labels: bool) -> list[_Participant]:
+def _draw_participants(
+    n_subjects: int, n_sessions: int, seed: int, random_labels: bool, first_label: int = 1
+) -> list[_Participant]:
     """Balanced groups; ages and sexes stratified by disease status so they do not predict it."""
     rng = np.random.default_rng([seed, 0])
     n_affected = n_subjects // 2
@@ -157,10 +217,10 @@ def _draw_participants(n_subjects: int, n_sessions: int, seed: int, random_label
     diagnosed = affected
     if random_labels:
         diagnosed = np.random.default_rng([seed, 4]).permutation(np.arange(n_subjects) < n_affected)
-    width = max(3, len(str(n_subjects)))
+    width = max(3, len(str(first_label + n_subjects - 1)))
     return [
         _Participant(
-            label=f"{i + 1:0{width}d}",
+            label=f"{first_label + i:0{width}d}",
             affected=bool(affected[i]),
             diagnosis="AD" if diagnosed[i] else "CN",
             sex=str(sexes[i]),
@@ -268,30 +328,52 @@ def _write_preprocessed(settings: _Settings, label: str, session: str, image: np
     atomic_write_json(path.with_name(path.name.replace(".nii.gz", ".json")), sidecar)
 
 
-def _write_participant(settings: _Settings, index: int, p: _Participant) -> None:
+def _subject(settings: _Settings, who: Identity) -> Any:
+    """The participant's ``SubjectAnatomy``: its own (``who``), or the one shared by all in ``random`` data."""
+    from bids_app import synthetic_anatomy as anatomy
+
+    if settings.kind == "random":
+        return anatomy.random_subject(np.random.default_rng([settings.seed, 1]), 0.0, MIN_AGE)
+    rng = np.random.default_rng([who.seed, 1, who.index])
+    severity = who.effect_size * rng.uniform(0.75, 1.25) * who.affected  # drawn for all: aligned streams
+    return anatomy.random_subject(rng, 0.0 if settings.kind == "trivial" else severity, who.age)
+
+
+def _apply_kind(settings: _Settings, p: _Participant, image: np.ndarray, space: Any, noise_key: list[int]) -> Any:
+    """The ``trivial`` mask effect (AD) or the ``random`` template-space noise on a template-space image."""
+    if settings.kind == "trivial" and p.affected:
+        return image * np.where(space.roi_mask() > 0, np.float32(1.0 / TRIVIAL_FACTOR), np.float32(1.0))
+    if settings.kind == "random":
+        sigma = np.float32(RANDOM_NOISE_FRACTION * float(image.max()))  # the maximum is near white matter
+        noise = np.random.default_rng(noise_key).standard_normal(image.shape, dtype=np.float32)
+        return np.where(image > 0, np.clip(image + sigma * noise, 0.0, None), np.float32(0.0))
+    return image
+
+
+def _write_participant(settings: _Settings, index: int, p: _Participant, who: Identity) -> None:
     """Render one participant's anatomy once, then acquire and write each of its sessions."""
     from bids_app import synthetic_anatomy as anatomy
 
     seed = settings.seed
     space = anatomy.load_template_space(PRESET_VOXEL_MM[settings.preset])
     pet_space = anatomy.load_template_space(max(2, PRESET_VOXEL_MM[settings.preset]))
-    rng = np.random.default_rng([seed, 1, index])
-    severity = settings.effect_size * rng.uniform(0.75, 1.25) * p.affected  # drawn for all: aligned streams
-    subject = anatomy.random_subject(rng, severity, p.age)
+    subject = _subject(settings, who)
     images = anatomy.render_subject(space, subject)
     pet_images = anatomy.render_subject(pet_space, subject, "pet") if settings.with_pet else None
+    stream = 5 if p.years_later else 2  # a re-scan's acquisitions never repeat its first dataset's ones
     for k, session in enumerate(settings.sessions):  # one session a year: k is also the years since baseline
         prefix = f"sub-{p.label}_ses-{session}"
         session_dir = settings.out_dir / f"sub-{p.label}" / f"ses-{session}"
-        template_image = images.at(k)
-        data, affine = anatomy.acquire_t1w(np.random.default_rng([seed, 2, index, k]), space, template_image)
+        template_image = _apply_kind(settings, p, images.at(p.years_later + k), space, [seed, 7, index, k])
+        data, affine = anatomy.acquire_t1w(np.random.default_rng([seed, stream, index, k]), space, template_image)
         _write_nifti(session_dir / "anat" / f"{prefix}_T1w.nii.gz", data, affine, SCANNER_XFORM)
         atomic_write_json(session_dir / "anat" / f"{prefix}_T1w.json", anatomy.T1W_SIDECAR)
         if settings.preprocessed is not None:
             _write_preprocessed(settings, p.label, session, template_image, space.affine)
         if pet_images is not None:
-            rng_pet = np.random.default_rng([seed, 3, index, k])
-            data, affine = anatomy.acquire_pet(rng_pet, pet_space, pet_images.at(k))
+            rng_pet = np.random.default_rng([seed, stream + 1, index, k])
+            pet_image = _apply_kind(settings, p, pet_images.at(p.years_later + k), pet_space, [seed, 8, index, k])
+            data, affine = anatomy.acquire_pet(rng_pet, pet_space, pet_image)
             _write_nifti(session_dir / "pet" / f"{prefix}_trc-FDG_pet.nii.gz", data, affine, SCANNER_XFORM)
             atomic_write_json(session_dir / "pet" / f"{prefix}_trc-FDG_pet.json", anatomy.PET_SIDECAR)
     logger.debug("Wrote participant %s (%s, %d sessions)", p.label, p.diagnosis, settings.n_sessions)
@@ -318,6 +400,10 @@ def generate_dataset(
     random_labels: bool = False,
     with_pet: bool = False,
     preprocessed: str | None = None,
+    kind: str = "atrophy",
+    first_label: int = 1,
+    rescans_of: GeneratedDataset | None = None,
+    n_rescans: int = 0,
 ) -> GeneratedDataset:
     """Write a synthetic raw BIDS dataset (T1w, optionally FDG PET and preprocessed images) to ``out_dir``.
 
@@ -335,6 +421,14 @@ def generate_dataset(
         with_pet: also write a static FDG PET per session (2 mm, or 4 mm for ``tiny``).
         preprocessed: ``"derivative"`` writes the template-space images before pose, bias and noise to
             ``derivatives/preproc``; ``"caps"`` writes them as a Clinica CAPS to ``derivatives/caps``.
+        kind: ``"atrophy"``, ``"trivial"`` or ``"random"`` (module docstring); ``effect_size`` is the
+            atrophy kind's.
+        first_label: number of the first participant label (e.g. 101 for a second cohort: ``101``, ``102``...).
+        rescans_of: a dataset made by this function; with ``n_rescans``, the first ``n_rescans`` participants
+            here are re-scans of its first ``n_rescans`` participants (same anatomy, diagnosis and sex; new
+            noise, pose and bias; ``len(rescans_of.sessions)`` years older). Give ``first_label`` so their
+            labels differ from the originals'.
+        n_rescans: how many re-scans (0 to both datasets' numbers of participants).
 
     Raises:
         UsageError: a bad argument or a non-empty ``out_dir``.
@@ -343,11 +437,26 @@ def generate_dataset(
 
     from bids_app.synthetic_anatomy import load_template_space
 
-    settings = _Settings(
-        Path(out_dir), n_subjects, n_sessions, preset, seed, effect_size, random_labels, with_pet, preprocessed
-    )
-    participants = _draw_participants(n_subjects, n_sessions, seed, random_labels)
-    arguments = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.name != "out_dir"}
+    settings = _Settings(Path(out_dir), n_subjects, n_sessions, preset, seed, effect_size, random_labels, with_pet,
+                         preprocessed, kind, first_label, rescans_of, n_rescans)  # fmt: skip
+    participants = _draw_participants(n_subjects, n_sessions, seed, random_labels, first_label)
+    identities = [
+        Identity(seed, i, p.affected, p.diagnosis, effect_size, p.age, p.sex) for i, p in enumerate(participants)
+    ]
+    if rescans_of is not None:
+        later = len(rescans_of.sessions)
+        for i, who in enumerate(rescans_of.identities[:n_rescans]):
+            participants[i] = dataclasses.replace(participants[i], affected=who.affected, diagnosis=who.diagnosis,
+                                                  sex=who.sex, age=who.age + later, years_later=later)  # fmt: skip
+            identities[i] = who
+    defaults = {"kind": "atrophy", "first_label": 1, "rescans_of": None, "n_rescans": 0}  # README stays as it was
+    arguments = {
+        f.name: getattr(settings, f.name)
+        for f in dataclasses.fields(settings)
+        if f.name != "out_dir" and defaults.get(f.name, ...) != getattr(settings, f.name)
+    }
+    if rescans_of is not None:
+        arguments["rescans_of"] = rescans_of.bids_dir.name
     _write_raw_metadata(settings.out_dir, participants, settings.sessions, arguments)
     template_path, roi_mask_path = _write_templates(settings.out_dir, preset)
     if settings.derivative_dir is not None and preprocessed is not None:
@@ -357,7 +466,7 @@ def generate_dataset(
     write = functools.partial(_write_participant, settings)
     progress = functools.partial(tqdm, total=n_subjects, desc="participants", disable=not sys.stderr.isatty())
     with ThreadPoolExecutor(_n_workers(preset, n_subjects)) as pool:
-        for _ in progress(pool.map(write, range(n_subjects), participants)):
+        for _ in progress(pool.map(write, range(n_subjects), participants, identities)):
             pass
     return GeneratedDataset(
         bids_dir=settings.out_dir,
@@ -367,6 +476,12 @@ def generate_dataset(
         sessions=settings.sessions,
         derivative_dir=settings.derivative_dir,
         caps_dir=settings.derivative_dir if preprocessed == "caps" else None,
+        kind=kind,
+        identities=tuple(identities),
+        rescans=tuple(
+            (p.label, label)
+            for p, label in zip(participants, rescans_of.participants if rescans_of else (), strict=False)
+        )[:n_rescans],
     )
 
 
@@ -387,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--random-labels", action="store_true", help="diagnoses independent of the images")
     parser.add_argument("--with-pet", action="store_true", help="also write FDG PET")
     parser.add_argument("--preprocessed", choices=PREPROCESSED_KINDS, help="also write template-space images")
+    parser.add_argument("--kind", choices=KINDS, default="atrophy", help="atrophy (default), trivial or random")
+    parser.add_argument("--first-label", type=int, default=1, help="number of the first participant label")
     try:
         options = vars(parser.parse_args(argv))  # dest names are generate_dataset's keywords
         dataset = generate_dataset(options.pop("out_dir"), **options)

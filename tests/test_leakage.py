@@ -101,3 +101,21 @@ def test_training_checksums_fill_from_the_output_or_mark_unknown(
 
     write_train_tsv(tmp_path, TRAIN)
     assert training_checksums(tmp_path, output.iloc[:0]).equals(TRAIN)  # recorded checksums win
+
+
+def test_enforce_no_leak_groups_reasons_per_pair_and_shows_similarity(tmp_path: Path) -> None:
+    findings = [
+        LeakFinding("raw_source_sha256", "sub-b1", "ses-M000", "sub-a1", "ses-M000", "abc"),
+        LeakFinding("fingerprint", "sub-b1", "ses-M000", "sub-a1", "ses-M000", "", 0.98765),
+        LeakFinding("fingerprint", "sub-b2", "ses-M000", "sub-a2", "ses-M012", "", 0.61),
+    ]
+    with pytest.raises(LeakError) as caught:
+        enforce_no_leak(findings, "cohortb", allow_leak=False, group_dir=tmp_path)
+    message = str(caught.value)
+    assert "shares 2 image pair(s)" in message
+    assert "sub-b1 ses-M000 ~ sub-a1 ses-M000 (raw_source_sha256, fingerprint 0.988)" in message
+    assert "sub-b2 ses-M000 ~ sub-a2 ses-M012 (fingerprint 0.610)" in message
+    assert "groups/identity_fingerprints.json" in message
+    enforce_no_leak(findings, "cohortb", allow_leak=True, group_dir=tmp_path)
+    pairs = json.loads((tmp_path / LEAK_WARNING_FILE).read_text())["Pairs"]
+    assert [p["similarity"] for p in pairs] == [None, 0.98765, 0.61]

@@ -261,6 +261,7 @@ def test_leak_check_refuses_renamed_duplicate_scan(maps_dir: Path, tmp_path: Pat
             "train_participant_id": "sub-r3",
             "train_session_id": "ses-M000",
             "sha256": sha("raw sub-r3 ses-M000"),
+            "similarity": None,
         }
     ]
     assert (out / "external_image_level_prediction.tsv").is_file()

@@ -306,3 +306,85 @@ def test_realistic_preset_uses_the_1mm_template(tmp_path: Path) -> None:
         other = nib.Nifti1Image.from_filename(path)
         assert other.shape == template.shape and np.allclose(other.affine, template.affine)
     assert _validate(ds.bids_dir).returncode == 0
+
+
+# -- kinds, re-scans, labels --------------------------------------------------------------------------
+
+
+def test_random_kind_is_one_anatomy_plus_noise(tmp_path: Path, tiny: GeneratedDataset) -> None:
+    ds = generate_dataset(tmp_path / "random", n_subjects=4, seed=5, kind="random", preprocessed="derivative")
+    assert ds.kind == "random"
+    images = [_preproc(ds, label, "M000").astype(np.float64) for label in ds.participants]
+    brain = images[0] > 0.2 * images[0].max()
+    sigma = 0.05 * max(float(image.max()) for image in images)  # RANDOM_NOISE_FRACTION of the maximum
+    for other in images[1:]:
+        assert np.std((other - images[0])[brain]) == pytest.approx(np.sqrt(2) * sigma, rel=0.15)
+        assert abs(np.mean((other - images[0])[brain])) < 0.1 * sigma  # no anatomy left, only noise
+    # in the default kind, two participants differ by far more than that noise
+    a, b = (_preproc(tiny, label, "M000").astype(np.float64) for label in tiny.participants[:2])
+    assert np.std((a - b)[brain]) > 1.2 * np.sqrt(2) * sigma
+
+
+def test_trivial_kind_is_separable_by_a_threshold_on_the_roi_mean(tmp_path: Path) -> None:
+    ds = generate_dataset(tmp_path / "trivial", n_subjects=6, n_sessions=2, seed=6, kind="trivial",
+                          preprocessed="derivative")  # fmt: skip
+    for session in ds.sessions:
+        means = _roi_means(ds, session)
+        assert len(means["AD"]) == len(means["CN"]) == 3
+        assert max(means["AD"]) < 0.7 * min(means["CN"])  # the region's intensity halved in AD
+    # raw images carry it too: native images are written from the effect-bearing template images
+    assert _validate(ds.bids_dir).returncode == 0
+
+
+def test_rescans_share_anatomy_under_new_labels(tmp_path: Path, tiny: GeneratedDataset) -> None:
+    second = generate_dataset(tmp_path / "second", n_subjects=3, n_sessions=1, seed=9, first_label=101,
+                              rescans_of=tiny, n_rescans=2, preprocessed="derivative")  # fmt: skip
+    assert second.participants == ("101", "102", "103")
+    assert second.rescans == (("101", "001"), ("102", "002"))
+    assert second.identities[:2] == tiny.identities[:2] and second.identities[2] not in tiny.identities
+    rows = {r["participant_id"]: r for r in _read_tsv(second.bids_dir / "participants.tsv")}
+    first_rows = {r["participant_id"]: r for r in _read_tsv(tiny.bids_dir / "participants.tsv")}
+    for new, old in second.rescans:
+        assert rows[f"sub-{new}"]["diagnosis"] == first_rows[f"sub-{old}"]["diagnosis"]
+        assert rows[f"sub-{new}"]["sex"] == first_rows[f"sub-{old}"]["sex"]
+        assert float(rows[f"sub-{new}"]["age"]) == pytest.approx(float(first_rows[f"sub-{old}"]["age"]) + 2)
+        # same anatomy two years on: the template-space image is the original's, plus atrophy in AD only
+        original, rescan = _preproc(tiny, old, "M012"), _preproc(second, new, "M000")
+        same = np.corrcoef(original.ravel(), rescan.ravel())[0, 1]
+        assert same > 0.999
+        raw = "sub-{}/ses-M000/anat/sub-{}_ses-M000_T1w.nii.gz"
+        assert (
+            _volume(tiny.bids_dir / raw.format(old, old)).tobytes()
+            != _volume(second.bids_dir / raw.format(new, new)).tobytes()
+        )  # a new acquisition: other noise, pose and bias
+    stranger = _preproc(second, "103", "M000")
+    assert (
+        max(np.corrcoef(stranger.ravel(), _preproc(tiny, p, "M000").ravel())[0, 1] for p in tiny.participants) < 0.999
+    )
+    assert _validate(second.bids_dir).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"kind": "noise"}, "Unknown kind"),
+        ({"first_label": 0}, "first_label"),
+        ({"n_rescans": 1}, "n_rescans must be 0 to 0"),
+    ],
+)
+def test_bad_kind_and_rescan_arguments(tmp_path: Path, options: dict[str, object], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        generate_dataset(tmp_path / "x", n_subjects=2, **options)  # type: ignore[arg-type]
+
+
+def test_rescans_need_the_same_kind(tmp_path: Path, tiny: GeneratedDataset) -> None:
+    with pytest.raises(UsageError, match="same kind"):
+        generate_dataset(tmp_path / "x", n_subjects=2, kind="trivial", rescans_of=tiny, n_rescans=1)
+
+
+def test_cli_kind_and_first_label(tmp_path: Path) -> None:
+    out = tmp_path / "bids"
+    assert main([str(out), "--n-subjects", "2", "--kind", "random", "--first-label", "7"]) == 0
+    assert sorted(p.name for p in out.glob("sub-*")) == ["sub-007", "sub-008"]
+    assert "kind='random'" in (out / "README").read_text()
+    assert main([str(tmp_path / "other"), "--kind", "noise"]) == 64
