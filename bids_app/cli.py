@@ -162,15 +162,12 @@ def _flags_to_nested(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return nested
 
 
-def _check_paths(bids_dir: Path, output_dir: Path) -> None:
-    if output_dir == bids_dir:
+def _check_writable_path(bids_dir: Path, path: Path, what: str) -> None:
+    """Nothing is ever written into BIDS_DIR, except under its derivatives/ folder."""
+    if path == bids_dir or (path.is_relative_to(bids_dir) and not path.is_relative_to(bids_dir / "derivatives")):
         raise UsageError(
-            f"OUTPUT_DIR must differ from BIDS_DIR ({bids_dir}); use e.g. {bids_dir / 'derivatives' / 'bids_app'}."
-        )
-    if output_dir.is_relative_to(bids_dir) and not output_dir.is_relative_to(bids_dir / "derivatives"):
-        raise UsageError(
-            f"OUTPUT_DIR {output_dir} is inside BIDS_DIR {bids_dir} but not under derivatives/; "
-            f"use e.g. {bids_dir / 'derivatives' / 'bids_app'}."
+            f"{what} {path} is BIDS_DIR {bids_dir} or inside it (not under derivatives/); bids_app never writes "
+            f"into the input dataset. Use e.g. {bids_dir / 'derivatives' / 'bids_app'}."
         )
 
 
@@ -185,7 +182,7 @@ def parse_config(argv: Sequence[str]) -> RunConfig:
         ) from None
     bids_dir = args.bids_dir.resolve()
     output_dir = args.output_dir.resolve()
-    _check_paths(bids_dir, output_dir)
+    _check_writable_path(bids_dir, output_dir, "OUTPUT_DIR")
     file_values: dict[str, Any] = load_config_file(args.config.resolve()) if args.config else {}
     flags = _flags_to_nested(args)
     nested = merge_nested(file_values, flags)
@@ -198,7 +195,11 @@ def parse_config(argv: Sequence[str]) -> RunConfig:
     }
     if "bids_filter_file" in vars(args):
         nested["bids_filters"] = _read_filter_file(args.bids_filter_file)
-    return resolve_config(nested)
+    cfg = resolve_config(nested)
+    for path, what in ((cfg.work_dir, "--work-dir"), (cfg.bids_database_dir, "--bids-database-dir")):
+        if path is not None:
+            _check_writable_path(bids_dir, path.resolve(), what)
+    return cfg
 
 
 def configure_logging(verbose: int) -> None:

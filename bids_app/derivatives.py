@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ APP_NAME = "bids_app"
 CODE_URL = "https://github.com/bids-apps/bids_app"
 BIDS_VERSION = "1.10.0"
 CONTAINER_ENV = "BIDS_APP_CONTAINER"  # set in the image: "<type>:<tag>", e.g. "docker:bids_app:0.1.0"
+SHARED_TEMPORARY_AGE_S = 600.0  # a temporary in OUTPUT_DIR's shared folders older than this is a dead writer's
 
 # Folders and files that are not BIDS (the validator would report NOT_INCLUDED). No trailing slashes.
 BIDSIGNORE_ENTRIES = (
@@ -94,14 +96,24 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
-def remove_stale_temporaries(folder: Path) -> list[Path]:
+def remove_stale_temporaries(folder: Path, min_age_s: float = 0.0, recursive: bool = True) -> list[Path]:
     """Delete temporary files that a killed writer left under ``folder`` (hidden ``.<name>.*.tmp*``).
 
-    Call it only where no other live process writes (a participant's own folder at the start of its job).
+    With ``min_age_s == 0`` call it only where no other live process writes (a participant's own folder at
+    the start of its job); in shared folders pass an age no live writer's temporary can reach.
     """
-    stale = [p for p in folder.rglob(".*.tmp*") if p.is_file()] if folder.is_dir() else []
-    for path in stale:
-        path.unlink(missing_ok=True)
+    if not folder.is_dir():
+        return []
+    candidates = folder.rglob(".*.tmp*") if recursive else folder.glob(".*.tmp*")
+    now = time.time()
+    stale = []
+    for path in candidates:
+        try:
+            if path.is_file() and now - path.stat().st_mtime >= min_age_s:
+                path.unlink(missing_ok=True)
+                stale.append(path)
+        except FileNotFoundError:  # its writer renamed it meanwhile
+            continue
     return stale
 
 
@@ -256,6 +268,9 @@ def init_derivative(output_dir: Path, bids_dir: Path, version: str) -> None:
     )
     atomic_write_text(output_dir / "README.md", README_TEXT.format(version=version))
     atomic_write_text(output_dir / ".bidsignore", "\n".join(BIDSIGNORE_ENTRIES) + "\n")
+    # A job killed while writing a shared file leaves its temporary; other jobs' take milliseconds to rename.
+    for folder in (output_dir, output_dir / "status"):
+        remove_stale_temporaries(folder, min_age_s=SHARED_TEMPORARY_AGE_S, recursive=False)
 
 
 def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:

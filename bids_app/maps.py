@@ -249,8 +249,10 @@ def save_model(path: Path, model: nn.Module) -> None:
     """Write ``model``'s state dict to ``path`` with safetensors, atomically (tied tensors saved once)."""
     from safetensors.torch import save_model as save_safetensors
 
+    # One metadata key only: safetensors writes the metadata from a hash map, so with two keys their order,
+    # hence the file's bytes, changed from one process to the next. The version is in maps.json.
     with atomic_path(path) as tmp:
-        save_safetensors(model, str(tmp), metadata={"format": "pt", "bids_app_version": read_version()})
+        save_safetensors(model, str(tmp), metadata={"format": "pt"})
 
 
 def _check_safetensors(path: Path) -> None:

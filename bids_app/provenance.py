@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bids_app import read_version
-from bids_app.config import RunConfig
+from bids_app.config import AnalysisLevel, RunConfig
 from bids_app.config_file import dump_config
 from bids_app.derivatives import CONTAINER_ENV, atomic_write_json, atomic_write_text
 
@@ -68,7 +68,8 @@ def start_run(cfg: RunConfig, argv: Sequence[str]) -> RunContext:
     logging.getLogger("bids_app").addHandler(handler)
     atomic_write_text(log_dir / "command.txt", shlex.join(["bids_app", *argv]) + "\n")
     atomic_write_text(log_dir / "config.toml", dump_config(cfg))
-    atomic_write_json(log_dir / "environment.json", environment_record(cfg.seed))
+    probe = cfg.analysis_level is AnalysisLevel.GROUP
+    atomic_write_json(log_dir / "environment.json", environment_record(cfg.seed, probe_devices=probe))
     log.info("bids_app %s, run %s; log file %s", read_version(), run_id, log_file)
     return RunContext(run_id=run_id, log_dir=log_dir, log_file=log_file)
 
@@ -103,8 +104,14 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def _torch_record() -> dict[str, Any]:
-    """torch, CUDA/cuDNN and GPU names, only if torch is already importable (it is a dependency)."""
+def _torch_record(probe_devices: bool) -> dict[str, Any]:
+    """torch, CUDA/cuDNN and GPU names. Without ``probe_devices`` (participant level, where torch is not used)
+    only the installed torch version is read: importing torch costs ~2 s per participant job."""
+    if not probe_devices and "torch" not in sys.modules:
+        try:
+            return {"torch": importlib.metadata.version("torch"), "cuda_available": None}
+        except importlib.metadata.PackageNotFoundError:
+            return {"torch": None}
     try:
         import torch
     except ImportError:
@@ -121,7 +128,7 @@ def _torch_record() -> dict[str, Any]:
     return record
 
 
-def environment_record(seed: int) -> dict[str, Any]:
+def environment_record(seed: int, probe_devices: bool = True) -> dict[str, Any]:
     """Everything about the software and machine that can change a result."""
     packages = {}
     for dist in importlib.metadata.distributions():
@@ -139,7 +146,7 @@ def environment_record(seed: int) -> dict[str, Any]:
         "git_commit": _git_commit(),
         "seed": seed,
         "key_packages": {name: packages.get(name) for name in KEY_PACKAGES},
-        **_torch_record(),
+        **_torch_record(probe_devices),
         "packages": dict(sorted(packages.items())),
     }
 

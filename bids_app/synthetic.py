@@ -14,13 +14,8 @@ dataset. Participants are ``001``, ``002``... (``first_label`` moves the start);
 an AD participant show more of it). Same arguments give byte-identical files (gzip without timestamps, seeded
 streams).
 
-Kinds of data (ClinicaDL's generators): ``atrophy`` (default) grades grey-matter loss in the hippocampal region
-with ``effect_size``; ``trivial`` divides the intensity inside the region's mask by ``TRIVIAL_FACTOR`` in AD
-participants (an effect any model must find); ``random`` gives every participant the same anatomy, so images
-differ only by acquisition noise, pose and bias (and template-space images by Gaussian noise), and draws the
-diagnoses at random: nothing is learnable. ``rescans_of`` makes the first ``n_rescans`` participants re-scans of
-another generated dataset's first participants under this dataset's labels: same anatomy, new noise, pose and
-bias, imaged ``len(rescans_of.sessions)`` years after that dataset's baseline (a later study of the same people).
+Who is in the cohort (diagnoses, ages, the kinds ``atrophy``/``trivial``/``random`` and re-scans of another
+generated dataset) is :mod:`bids_app.synthetic_cohorts`; the images are :mod:`bids_app.synthetic_anatomy`.
 """
 
 from __future__ import annotations
@@ -39,9 +34,11 @@ from typing import Any, NoReturn
 import numpy as np
 
 from bids_app import read_version
+from bids_app import synthetic_cohorts as cohorts
 from bids_app.derivatives import BIDS_VERSION, atomic_path, atomic_write_json, atomic_write_text
 from bids_app.errors import BidsAppError, UsageError
 from bids_app.preprocess.template import DEFAULT_SPACE, default_template_path
+from bids_app.synthetic_cohorts import KINDS, PARTICIPANTS_JSON, SESSIONS_JSON, Identity, Participant
 
 logger = logging.getLogger(__name__)
 
@@ -55,25 +52,7 @@ ROI_MASK_NAME = "roi-hippocampus_mask.nii.gz"
 MAX_EFFECT_SIZE = 0.9
 MAX_SESSIONS = 20
 MAX_SUBJECTS = 9999
-MIN_AGE, MAX_AGE = 60.0, 85.0
 MNI_XFORM, SCANNER_XFORM = 4, 1
-KINDS = ("atrophy", "trivial", "random")
-TRIVIAL_FACTOR = 2.0  # kind="trivial": AD intensity inside the region's mask is divided by this
-RANDOM_NOISE_FRACTION = 0.05  # kind="random": template-space noise sigma relative to the image maximum
-PARTICIPANTS_JSON: dict[str, dict[str, Any]] = {
-    "participant_id": {"Description": "Participant identifier"},
-    "diagnosis": {
-        "Description": "Clinical diagnosis",
-        "Levels": {"AD": "Alzheimer's disease", "CN": "cognitively normal"},
-    },
-    "age": {"Description": "Age at the first session", "Units": "year"},
-    "sex": {"Description": "Sex", "Levels": {"M": "male", "F": "female"}},
-}
-SESSIONS_JSON = {
-    "session_id": {"Description": "Session identifier: months since baseline"},
-    "age": {"Description": "Age at the session", "Units": "year"},
-    "diagnosis": PARTICIPANTS_JSON["diagnosis"],
-}
 
 
 @dataclass(frozen=True)
@@ -88,7 +67,7 @@ class GeneratedDataset:
         sessions: bare session labels (``"M000"``...), the same for every participant.
         derivative_dir: ``bids_dir/derivatives/preproc`` or ``bids_dir/derivatives/caps``; None when not asked.
         caps_dir: the CAPS folder when ``preprocessed="caps"``, else None.
-        kind: ``atrophy``, ``trivial`` or ``random`` (module docstring).
+        kind: ``atrophy``, ``trivial`` or ``random`` (:mod:`bids_app.synthetic_cohorts`).
         identities: who each participant is, in ``participants`` order; equal identities in two datasets are
             the same person (``rescans_of``).
         rescans: ``(label here, label in rescans_of)`` for each re-scanned participant.
@@ -104,36 +83,6 @@ class GeneratedDataset:
     kind: str = "atrophy"
     identities: tuple[Identity, ...] = ()
     rescans: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Who a generated participant is: the random stream of its anatomy and what its images depend on.
-
-    Attributes:
-        seed, index: the anatomy is drawn from ``default_rng([seed, 1, index])``.
-        affected: carries the disease effect; ``diagnosis`` is the recorded one.
-        effect_size: the ``effect_size`` of the dataset it was first generated in.
-        age: years at its first generated session; ``sex``: ``M`` or ``F``.
-    """
-
-    seed: int
-    index: int
-    affected: bool
-    diagnosis: str
-    effect_size: float
-    age: float
-    sex: str
-
-
-@dataclass(frozen=True)
-class _Participant:
-    label: str
-    affected: bool  # carries the disease effect in its images
-    diagnosis: str  # the recorded label: "AD" iff affected, unless random_labels
-    sex: str
-    age: float  # years, at this dataset's first session
-    years_later: int = 0  # a re-scan: years between its identity's first session and this dataset's first one
 
 
 @dataclass(frozen=True)
@@ -155,19 +104,7 @@ class _Settings:
     n_rescans: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise UsageError(f"Unknown kind {self.kind!r}. Choose one of: {', '.join(KINDS)}.")
-        if self.first_label < 1:
-            raise UsageError(f"first_label must be a positive integer, got {self.first_label}.")
-        source = self.rescans_of
-        n_source = len(source.identities) if source is not None else 0
-        if not 0 <= self.n_rescans <= min(n_source, self.n_subjects):
-            raise UsageError(
-                f"n_rescans must be 0 to {min(n_source, self.n_subjects)} (participants of rescans_of and of this "
-                f"dataset), got {self.n_rescans}. Pass rescans_of=<the first GeneratedDataset>."
-            )
-        if source is not None and source.kind != self.kind:
-            raise UsageError(f"rescans_of is a {source.kind!r} dataset; generate the re-scans with the same kind.")
+        cohorts.check_cohort(self.kind, self.first_label, self.n_subjects, self.rescans_of, self.n_rescans)
         if self.preset not in PRESET_VOXEL_MM:
             raise UsageError(f"Unknown preset {self.preset!r}. Choose one of: {', '.join(PRESET_VOXEL_MM)}.")
         if self.preprocessed is not None and self.preprocessed not in PREPROCESSED_KINDS:
@@ -199,37 +136,6 @@ class _Settings:
         return self.out_dir / "derivatives" / ("caps" if self.preprocessed == "caps" else "preproc")
 
 
-def _draw_participants(
-    n_subjects: int, n_sessions: int, seed: int, random_labels: bool, first_label: int = 1
-) -> list[_Participant]:
-    """Balanced groups; ages and sexes stratified by disease status so they do not predict it."""
-    rng = np.random.default_rng([seed, 0])
-    n_affected = n_subjects // 2
-    affected = rng.permutation(np.arange(n_subjects) < n_affected)
-    oldest_baseline = max(MAX_AGE - (n_sessions - 1), MIN_AGE + 1.0)
-    ages = np.empty(n_subjects)
-    sexes = np.empty(n_subjects, dtype=object)
-    for status in (True, False):
-        members = np.flatnonzero(affected == status)
-        strata = (rng.permutation(len(members)) + rng.uniform(size=len(members))) / len(members)
-        ages[members] = MIN_AGE + strata * (oldest_baseline - MIN_AGE)
-        sexes[members] = rng.permutation(np.where(np.arange(len(members)) % 2 == 0, "F", "M"))
-    diagnosed = affected
-    if random_labels:
-        diagnosed = np.random.default_rng([seed, 4]).permutation(np.arange(n_subjects) < n_affected)
-    width = max(3, len(str(first_label + n_subjects - 1)))
-    return [
-        _Participant(
-            label=f"{first_label + i:0{width}d}",
-            affected=bool(affected[i]),
-            diagnosis="AD" if diagnosed[i] else "CN",
-            sex=str(sexes[i]),
-            age=round(float(ages[i]), 1),
-        )
-        for i in range(n_subjects)
-    ]
-
-
 def _write_tsv(path: Path, header: list[str], rows: list[list[str]]) -> None:
     lines = ["\t".join(header), *("\t".join(row) for row in rows)]
     atomic_write_text(path, "\n".join(lines) + "\n")
@@ -244,7 +150,7 @@ def _write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, xform_code: i
 
 
 def _write_raw_metadata(
-    bids_dir: Path, participants: list[_Participant], sessions: tuple[str, ...], arguments: dict[str, Any]
+    bids_dir: Path, participants: list[Participant], sessions: tuple[str, ...], arguments: dict[str, Any]
 ) -> None:
     version = read_version()
     atomic_write_json(
@@ -328,43 +234,21 @@ def _write_preprocessed(settings: _Settings, label: str, session: str, image: np
     atomic_write_json(path.with_name(path.name.replace(".nii.gz", ".json")), sidecar)
 
 
-def _subject(settings: _Settings, who: Identity) -> Any:
-    """The participant's ``SubjectAnatomy``: its own (``who``), or the one shared by all in ``random`` data."""
-    from bids_app import synthetic_anatomy as anatomy
-
-    if settings.kind == "random":
-        return anatomy.random_subject(np.random.default_rng([settings.seed, 1]), 0.0, MIN_AGE)
-    rng = np.random.default_rng([who.seed, 1, who.index])
-    severity = who.effect_size * rng.uniform(0.75, 1.25) * who.affected  # drawn for all: aligned streams
-    return anatomy.random_subject(rng, 0.0 if settings.kind == "trivial" else severity, who.age)
-
-
-def _apply_kind(settings: _Settings, p: _Participant, image: np.ndarray, space: Any, noise_key: list[int]) -> Any:
-    """The ``trivial`` mask effect (AD) or the ``random`` template-space noise on a template-space image."""
-    if settings.kind == "trivial" and p.affected:
-        return image * np.where(space.roi_mask() > 0, np.float32(1.0 / TRIVIAL_FACTOR), np.float32(1.0))
-    if settings.kind == "random":
-        sigma = np.float32(RANDOM_NOISE_FRACTION * float(image.max()))  # the maximum is near white matter
-        noise = np.random.default_rng(noise_key).standard_normal(image.shape, dtype=np.float32)
-        return np.where(image > 0, np.clip(image + sigma * noise, 0.0, None), np.float32(0.0))
-    return image
-
-
-def _write_participant(settings: _Settings, index: int, p: _Participant, who: Identity) -> None:
+def _write_participant(settings: _Settings, index: int, p: Participant, who: Identity) -> None:
     """Render one participant's anatomy once, then acquire and write each of its sessions."""
     from bids_app import synthetic_anatomy as anatomy
 
-    seed = settings.seed
+    seed, kind = settings.seed, settings.kind
     space = anatomy.load_template_space(PRESET_VOXEL_MM[settings.preset])
     pet_space = anatomy.load_template_space(max(2, PRESET_VOXEL_MM[settings.preset]))
-    subject = _subject(settings, who)
+    subject = cohorts.subject_anatomy(kind, seed, who)
     images = anatomy.render_subject(space, subject)
     pet_images = anatomy.render_subject(pet_space, subject, "pet") if settings.with_pet else None
     stream = 5 if p.years_later else 2  # a re-scan's acquisitions never repeat its first dataset's ones
     for k, session in enumerate(settings.sessions):  # one session a year: k is also the years since baseline
         prefix = f"sub-{p.label}_ses-{session}"
         session_dir = settings.out_dir / f"sub-{p.label}" / f"ses-{session}"
-        template_image = _apply_kind(settings, p, images.at(p.years_later + k), space, [seed, 7, index, k])
+        template_image = cohorts.apply_kind(kind, p.affected, images.at(p.years_later + k), space, [seed, 7, index, k])
         data, affine = anatomy.acquire_t1w(np.random.default_rng([seed, stream, index, k]), space, template_image)
         _write_nifti(session_dir / "anat" / f"{prefix}_T1w.nii.gz", data, affine, SCANNER_XFORM)
         atomic_write_json(session_dir / "anat" / f"{prefix}_T1w.json", anatomy.T1W_SIDECAR)
@@ -372,7 +256,8 @@ def _write_participant(settings: _Settings, index: int, p: _Participant, who: Id
             _write_preprocessed(settings, p.label, session, template_image, space.affine)
         if pet_images is not None:
             rng_pet = np.random.default_rng([seed, stream + 1, index, k])
-            pet_image = _apply_kind(settings, p, pet_images.at(p.years_later + k), pet_space, [seed, 8, index, k])
+            pet_image = cohorts.apply_kind(kind, p.affected, pet_images.at(p.years_later + k), pet_space,
+                                           [seed, 8, index, k])  # fmt: skip
             data, affine = anatomy.acquire_pet(rng_pet, pet_space, pet_image)
             _write_nifti(session_dir / "pet" / f"{prefix}_trc-FDG_pet.nii.gz", data, affine, SCANNER_XFORM)
             atomic_write_json(session_dir / "pet" / f"{prefix}_trc-FDG_pet.json", anatomy.PET_SIDECAR)
@@ -421,8 +306,8 @@ def generate_dataset(
         with_pet: also write a static FDG PET per session (2 mm, or 4 mm for ``tiny``).
         preprocessed: ``"derivative"`` writes the template-space images before pose, bias and noise to
             ``derivatives/preproc``; ``"caps"`` writes them as a Clinica CAPS to ``derivatives/caps``.
-        kind: ``"atrophy"``, ``"trivial"`` or ``"random"`` (module docstring); ``effect_size`` is the
-            atrophy kind's.
+        kind: ``"atrophy"``, ``"trivial"`` or ``"random"`` (:mod:`bids_app.synthetic_cohorts`);
+            ``effect_size`` is the atrophy kind's.
         first_label: number of the first participant label (e.g. 101 for a second cohort: ``101``, ``102``...).
         rescans_of: a dataset made by this function; with ``n_rescans``, the first ``n_rescans`` participants
             here are re-scans of its first ``n_rescans`` participants (same anatomy, diagnosis and sex; new
@@ -439,16 +324,8 @@ def generate_dataset(
 
     settings = _Settings(Path(out_dir), n_subjects, n_sessions, preset, seed, effect_size, random_labels, with_pet,
                          preprocessed, kind, first_label, rescans_of, n_rescans)  # fmt: skip
-    participants = _draw_participants(n_subjects, n_sessions, seed, random_labels, first_label)
-    identities = [
-        Identity(seed, i, p.affected, p.diagnosis, effect_size, p.age, p.sex) for i, p in enumerate(participants)
-    ]
-    if rescans_of is not None:
-        later = len(rescans_of.sessions)
-        for i, who in enumerate(rescans_of.identities[:n_rescans]):
-            participants[i] = dataclasses.replace(participants[i], affected=who.affected, diagnosis=who.diagnosis,
-                                                  sex=who.sex, age=who.age + later, years_later=later)  # fmt: skip
-            identities[i] = who
+    participants, identities = cohorts.draw_cohort(n_subjects, n_sessions, seed, effect_size, random_labels,
+                                                   first_label, rescans_of, n_rescans)  # fmt: skip
     defaults = {"kind": "atrophy", "first_label": 1, "rescans_of": None, "n_rescans": 0}  # README stays as it was
     arguments = {
         f.name: getattr(settings, f.name)
@@ -478,10 +355,7 @@ def generate_dataset(
         caps_dir=settings.derivative_dir if preprocessed == "caps" else None,
         kind=kind,
         identities=tuple(identities),
-        rescans=tuple(
-            (p.label, label)
-            for p, label in zip(participants, rescans_of.participants if rescans_of else (), strict=False)
-        )[:n_rescans],
+        rescans=cohorts.rescan_pairs(participants, rescans_of, n_rescans),
     )
 
 

@@ -50,7 +50,11 @@ def validator_path() -> str:
 
 def run_validator(root: Path, extra_args: Sequence[str] = ()) -> ValidationResult:
     """Validate ``root`` as a dataset of its own; parse the JSON report."""
-    env = {**os.environ, "DENO_DIR": os.environ.get("DENO_DIR", str(Path(tempfile.gettempdir()) / "deno"))}
+    env = {
+        **os.environ,
+        "DENO_DIR": os.environ.get("DENO_DIR", str(Path(tempfile.gettempdir()) / "deno")),
+        "DENO_NO_UPDATE_CHECK": "1",  # no network call, no telemetry
+    }
     proc = subprocess.run(
         [validator_path(), str(root), "--format", "json", *extra_args],
         capture_output=True,

@@ -194,3 +194,11 @@ def test_bad_filter_file_is_a_usage_error(tmp_path: Path) -> None:
 def test_parse_config_rejects_unknown_level(tmp_path: Path) -> None:
     with pytest.raises(AnalysisLevelError):
         parse_config([str(tmp_path / "bids"), str(tmp_path / "o"), "session"])
+
+
+@pytest.mark.parametrize("flag", ["--work-dir", "--bids-database-dir"])
+def test_scratch_folders_inside_bids_dir_are_refused(tmp_path: Path, flag: str) -> None:
+    bids = tmp_path / "bids"
+    result = run_cli(str(bids), str(tmp_path / "o"), "participant", flag, str(bids / "scratch"))
+    assert result.returncode == 64
+    assert flag in result.stderr and "never writes" in result.stderr
