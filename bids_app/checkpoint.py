@@ -53,6 +53,26 @@ class TrainingState:
     stopped: bool = False
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
+    def improves(self, metric: str, value: float) -> bool:
+        """True when ``value`` is finite and beats the best ``metric`` kept so far (or none is kept)."""
+        from bids_app.metrics import higher_is_better
+
+        if not math.isfinite(value):
+            return False
+        best = self.best.get(metric)
+        if best is None:
+            return True
+        return value > best[0] if higher_is_better(metric) else value < best[0]
+
+    def update_early_stopping(self, loss: float, patience: int, tolerance: float) -> None:
+        """Count epochs without a validation ``loss`` lower than the best by more than ``tolerance``."""
+        if loss < self.early_stopping_best - tolerance:
+            self.early_stopping_best = loss
+            self.early_stopping_counter = 0
+        else:
+            self.early_stopping_counter += 1
+        self.stopped = self.early_stopping_counter >= patience
+
 
 def capture_rng() -> dict[str, Any]:
     """Global random states as tensors and plain values."""

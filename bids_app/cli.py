@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -203,8 +204,13 @@ def parse_config(argv: Sequence[str]) -> RunConfig:
 
 
 def configure_logging(verbose: int) -> None:
-    """Console logging for the whole ``bids_app`` logger tree; per-run files are added by provenance."""
+    """Console logging for the whole ``bids_app`` logger tree; per-run files are added by provenance.
+
+    In a distributed run (torchrun/srun) only rank 0 logs INFO to the console; the others say only warnings.
+    """
     level = logging.WARNING if verbose < 0 else (logging.INFO if verbose == 0 else logging.DEBUG)
+    if os.environ.get("RANK", "0") != "0":
+        level = max(level, logging.WARNING)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger("bids_app")

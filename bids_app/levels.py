@@ -23,7 +23,7 @@ from bids_app.bids_query import (
 )
 from bids_app.config import AnalysisLevel, RunConfig
 from bids_app.derivatives import init_derivative
-from bids_app.errors import BidsAppError, DataError
+from bids_app.errors import BidsAppError, DataError, IOFailure, OutputError
 from bids_app.provenance import end_run, start_run
 from bids_app.status import Outcome, StatusRow, rebuild_status_table, write_participant_status
 
@@ -44,7 +44,10 @@ def run(cfg: RunConfig, argv: Sequence[str]) -> int:
         code = exc.exit_code
         raise
     finally:
-        end_run(ctx, code)
+        try:
+            end_run(ctx, code)
+        except OSError as exc:  # never mask the run's own error with a failure to record its end
+            log.warning("Could not record the end of run %s: %s", ctx.run_id, exc)
     return code
 
 
@@ -132,6 +135,8 @@ def process_participant(cfg: RunConfig, label: str, records: list[ImageRecord]) 
 
     start = time.perf_counter()
     if not records:
+        log.error("sub-%s: no T1w image with the active filters in %s; check the dataset or --bids-filter-file.",
+                  label, cfg.bids_dir)  # fmt: skip
         return [
             StatusRow(
                 label,
@@ -151,6 +156,8 @@ def process_participant(cfg: RunConfig, label: str, records: list[ImageRecord]) 
         for record in sorted(records, key=lambda r: (r.suffix != "T1w", r.session_label or "")):
             try:
                 rows += job.process_image(record)
+            except (IOFailure, OutputError):
+                raise  # the output itself is failing (disk full, unwritable): every participant would fail alike
             except BidsAppError as exc:
                 log.error("sub-%s %s: %s", label, record.path.name, exc)
                 rows.append(
@@ -174,8 +181,18 @@ def process_participant(cfg: RunConfig, label: str, records: list[ImageRecord]) 
 
 
 def run_group(cfg: RunConfig) -> int:
-    """Split, train and predict from the participant-level outputs; never re-reads raw images."""
-    from bids_app import maps, predict, split_files, train
+    """Split, train and predict from the participant-level outputs; never re-reads raw images.
+
+    Under torchrun or srun every rank runs this: all train (DDP); rank 0 alone splits, predicts and interprets.
+    """
+    from bids_app import distributed
+
+    with distributed.process_group(cfg.train.device):
+        return _run_group(cfg)
+
+
+def _run_group(cfg: RunConfig) -> int:
+    from bids_app import distributed, maps, predict, split_files, train
     from bids_app.config import DEFAULT_GROUP_STAGES, GroupStage
     from bids_app.data import index_tensors, sample_shape
     from bids_app.models import check_compatibility
@@ -186,22 +203,33 @@ def run_group(cfg: RunConfig) -> int:
     table = group_table(cfg, tensors, cfg.labels)
     log.info("Group level: %d image(s) of %d participant(s) with labels; stages %s", len(table),
              table["participant_id"].nunique(), ", ".join(s.value for s in stages))  # fmt: skip
-    if GroupStage.TRAIN in stages:  # refuse bad options before the split stage writes anything
+    if GroupStage.INTERPRET in stages:  # refuse bad options before the split stage writes anything
+        from bids_app.interpret import check_interpret_config
+
+        check_interpret_config(cfg.interpret)
+    if GroupStage.TRAIN in stages:
         train.check_train_config(cfg)
         shape = sample_shape(table, cfg.train.mode)
         check_compatibility(cfg.train.architecture, cfg.labels.task, cfg.train.mode, shape)
-    if GroupStage.SPLIT in stages and not cfg.train.resume:
-        refuse_existing_maps(cfg, maps_dir)
-        run_split_stage(cfg, table, tensors, maps_dir / "groups")
+    split_done = distributed.broadcast_flag((maps_dir / "groups" / "splits.json").is_file())
+    if GroupStage.SPLIT in stages and not (cfg.train.resume and split_done):
+        with distributed.main_only() as main:
+            if main:
+                from bids_app.quality import write_qc_summary
+
+                refuse_existing_maps(cfg, maps_dir)
+                write_qc_summary(cfg.output_dir)
+                run_split_stage(cfg, table, tensors, maps_dir / "groups")
     if GroupStage.TRAIN in stages:
         train.run_train_stage(cfg, maps_dir, split_files.read_splits(maps_dir / "groups"), table)
-    if GroupStage.PREDICT in stages:
-        maps.validate_maps(maps_dir)
-        predict.run_predict_stage(cfg, maps_dir, table)
-    if GroupStage.INTERPRET in stages:
-        from bids_app.interpret import run_interpret_stage
+    with distributed.main_only() as main:
+        if main and GroupStage.PREDICT in stages:
+            maps.validate_maps(maps_dir)
+            predict.run_predict_stage(cfg, maps_dir, table)
+        if main and GroupStage.INTERPRET in stages:
+            from bids_app.interpret import run_interpret_stage
 
-        run_interpret_stage(cfg, maps_dir, table)
+            run_interpret_stage(cfg, maps_dir, table)
     log.info("Group level done: model folder %s", maps_dir)
     return 0
 
@@ -239,7 +267,7 @@ def refuse_existing_maps(cfg: RunConfig, maps_dir: Path) -> None:
     """A new split would orphan the models of an earlier one: demand --overwrite or --resume."""
     from bids_app.errors import UsageError
 
-    if (maps_dir / "groups").is_dir() and not cfg.overwrite:
+    if (maps_dir / "groups" / "splits.json").is_file() and not cfg.overwrite:
         raise UsageError(
             f"Model folder {maps_dir} already exists. Pass --resume to continue it, --overwrite to redo it, "
             "or choose another --model-name."
@@ -263,4 +291,11 @@ def group_table(cfg: RunConfig, tensors: Any, labels_cfg: Any) -> Any:
             f"No labelled image: the label table of {cfg.bids_dir} and the tensors of {cfg.output_dir} share no "
             "participant/session. Check --label and the participant-level outputs."
         )
+    if cfg.split.exclude_failed_qc:
+        from bids_app.quality import failed_images
+
+        failed = failed_images(cfg.output_dir)
+        keep = [pair not in failed for pair in zip(table["participant_id"], table["session_id"], strict=True)]
+        log.info("Leaving out %d image(s) whose QC failed (--exclude-failed-qc)", len(keep) - sum(keep))
+        table = table[keep].reset_index(drop=True)
     return table

@@ -268,10 +268,13 @@ def _check_safetensors(path: Path) -> None:
             head = handle.read(9)
     except FileNotFoundError:
         raise InputMissingError(f"Model file {path} does not exist. Train this split first.") from None
+    # A safetensors file opens with its JSON header's length (u64, little endian) then "{"; the length's first
+    # byte may be 0x80 (a header of 1920 bytes), so the header is checked before any pickle/zip magic.
+    if len(head) == 9 and 2 <= struct.unpack("<Q", head[:8])[0] <= MAX_SAFETENSORS_HEADER and head[8:9] == b"{":
+        return
     if head[:2] == b"PK" or head[:1] == b"\x80":
         raise DataError(f"Model file {path} is a pickle/zip archive, not safetensors. {refuse}")
-    if len(head) < 9 or not 2 <= struct.unpack("<Q", head[:8])[0] <= MAX_SAFETENSORS_HEADER or head[8:9] != b"{":
-        raise DataError(f"Model file {path} is not a safetensors file. {refuse}")
+    raise DataError(f"Model file {path} is not a safetensors file. {refuse}")
 
 
 def find_model_path(maps_dir: Path, split: int, metric: str) -> Path:

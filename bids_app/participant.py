@@ -96,10 +96,10 @@ class ParticipantJob:
                 skipped = self._extract(record, image, mode, provenance)
                 outcome, message = (Outcome.SKIPPED if skipped else Outcome.OK), ""
             except Exception as exc:
-                from bids_app.errors import BidsAppError
+                from bids_app.errors import BidsAppError, IOFailure, OutputError
 
-                if not isinstance(exc, BidsAppError):
-                    raise
+                if not isinstance(exc, BidsAppError) or isinstance(exc, IOFailure | OutputError):
+                    raise  # bugs keep their traceback; a failing output stops the run (exit 73/74)
                 log.error("sub-%s %s %s extraction: %s", self.label, record.path.name, mode.value, exc)
                 outcome, message = Outcome.FAILED, str(exc)
             rows.append(

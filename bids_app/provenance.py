@@ -59,6 +59,9 @@ def make_run_id(level: str, labels: Sequence[str]) -> str:
 def start_run(cfg: RunConfig, argv: Sequence[str]) -> RunContext:
     """Create the run's log folder, attach a file handler, write command line, config and environment."""
     run_id = make_run_id(cfg.analysis_level.value, cfg.participant_labels)
+    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID")
+    if rank and os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) != "1":
+        run_id += f"_rank-{rank}"  # each process of a distributed group run keeps its own log folder
     log_dir = cfg.output_dir / "logs" / run_id
     log_dir.mkdir(parents=True, exist_ok=True)
     log_file = log_dir / "bids_app.log"

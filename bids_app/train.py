@@ -7,6 +7,9 @@ level: per part (patch, slice, region) in part modes. Image-level soft voting be
 Everything random follows from ``RunConfig.seed`` and the split number: the initial weights, the sampling
 order, the augmentation of every sample and the dropout masks. A run interrupted after an epoch and resumed
 (``train.resume``) gives bitwise the same weights and ``training.tsv`` as an uninterrupted run on CPU.
+
+Under torchrun every rank trains its shard with DDP and holds the same state; rank 0 alone writes (see
+``bids_app.distributed``). With one process nothing differs from a run without torch.distributed.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import pandas as pd
 
 from bids_app.config import ExtractionMode, RunConfig, Task
 from bids_app.derivatives import atomic_write_json, atomic_write_text
-from bids_app.errors import ConfigError, DataError, TemporaryFailure
+from bids_app.errors import ConfigError, DataError
 from bids_app.maps import MapsLayout, MapsRecord
 
 if TYPE_CHECKING:
@@ -128,9 +131,10 @@ def run_train_stage(cfg: RunConfig, maps_dir: Path, splits: Splits, table: pd.Da
         table: labels joined with ``data.index_tensors`` (``participant_id``, ``session_id``, ``label``,
             ``tensor_path``, ``n_parts``, ...).
     """
+    from bids_app import distributed
     from bids_app.data import rows_for
 
-    prepare_maps(cfg, maps_dir, table)
+    distributed.on_main(prepare_maps, cfg, maps_dir, table)  # the other ranks read maps.json once it exists
     layout = MapsLayout(maps_dir)
     folds = {fold.index: fold for fold in splits.folds}
     for split in cfg.train.splits or tuple(sorted(folds)):
@@ -138,7 +142,8 @@ def run_train_stage(cfg: RunConfig, maps_dir: Path, splits: Splits, table: pd.Da
             raise ConfigError(
                 f"Split {split} does not exist; {layout.groups_dir} holds splits {sorted(folds)}. Fix train.splits."
             )
-        if cfg.train.resume and layout.summary_json(split).is_file() and not layout.tmp_dir(split).exists():
+        finished = layout.summary_json(split).is_file() and not layout.tmp_dir(split).exists()
+        if cfg.train.resume and distributed.broadcast_flag(finished):
             log.info("Split %d already trained in %s; skipped (resume).", split, layout.split_dir(split))
             continue
         fold = folds[split]
@@ -165,21 +170,6 @@ def _build_model(record: MapsRecord, cfg: RunConfig, split: int, device: torch.d
     return model.to(device)
 
 
-def _explained(
-    exc: RuntimeError | MemoryError, split: int, device: torch.device, batch_size: int
-) -> TemporaryFailure | ConfigError | None:
-    """The expected failure a training error stands for (out of memory, no deterministic kernel), else None."""
-    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
-        return TemporaryFailure(
-            f"Out of memory training split {split} on {device} with batch size {batch_size}. Lower --batch-size "
-            f"(e.g. to {max(1, batch_size // 2)}; train.accumulation_steps keeps the effective batch) and retry "
-            "with --resume."
-        )
-    if "deterministic" in str(exc):
-        return ConfigError(f"{str(exc).splitlines()[0]} Turn off --deterministic or train on CPU (--device cpu).")
-    return None
-
-
 def train_split(
     maps_dir: Path, split: int, train_table: pd.DataFrame, val_table: pd.DataFrame, cfg: RunConfig
 ) -> dict[str, Any]:
@@ -202,11 +192,11 @@ def train_split(
     """
     import torch
 
-    from bids_app import maps
+    from bids_app import distributed, maps
     from bids_app.augment import build_augmentation
     from bids_app.checkpoint import TrainingState, fingerprint, load_checkpoint, restore_checkpoint, state_sha256
     from bids_app.data import TensorDataset, make_loader, mix_seed
-    from bids_app.epoch import Loop, make_optimizer, per_sample_loss, resolve_device
+    from bids_app.epoch import Loop, explain_training_error, make_optimizer, per_sample_loss, resolve_device
     from bids_app.provenance import seed_everything
 
     tc, task = cfg.train, cfg.labels.task
@@ -216,7 +206,7 @@ def train_split(
     for name, t in (("training", train_table), ("validation", val_table)):
         if t.empty:
             raise DataError(f"Split {split} has an empty {name} set. Check the split files in {layout.groups_dir}.")
-    device = resolve_device(tc.device)
+    device = distributed.rank_device(resolve_device(tc.device))
     augment = build_augmentation(tc.augmentations, tc.mode, cfg.extraction.slice_direction)
     encoding = record.label_encoding
     train_ds = TensorDataset(
@@ -229,8 +219,8 @@ def train_split(
             raise DataError(f"Split {split}: the {name} set has unlabelled images. Fix the label table.")
     stamp = fingerprint(cfg, split, train_table, val_table)
     checkpoint_path = layout.checkpoint_path(split)
-    resuming = tc.resume and checkpoint_path.is_file()
-    if not resuming:
+    resuming = tc.resume and distributed.broadcast_flag(checkpoint_path.is_file())
+    if not resuming and distributed.is_main():
         if tc.resume:
             log.warning("No checkpoint %s; split %d is trained from the start.", checkpoint_path, split)
         for stale in (layout.tmp_dir(split), layout.training_logs_dir(split), *layout.split_dir(split).glob("best-*")):
@@ -238,22 +228,32 @@ def train_split(
     previous_determinism = torch.are_deterministic_algorithms_enabled()
     try:  # torch.cuda.OutOfMemoryError is a RuntimeError
         seed_everything(mix_seed(cfg.seed, split, 0), deterministic=tc.deterministic)
-        model = _build_model(record, cfg, split, device)
+        model = distributed.prepare_model(_build_model(record, cfg, split, device), device)
         sampler_seed = mix_seed(cfg.seed, split, 1)
+        rank, world_size = distributed.rank(), distributed.world_size()
+        batch_size = distributed.per_rank_batch_size(tc.batch_size)
         train_loader = make_loader(
             train_ds,
-            batch_size=tc.batch_size,
+            batch_size=batch_size,
             seed=sampler_seed,
             shuffle=True,
             class_weighted=tc.class_weighted_sampling,
             num_workers=tc.num_workers,
             device=device,
+            rank=rank,
+            world_size=world_size,
         )
         val_loader = make_loader(
-            val_ds, batch_size=tc.batch_size, seed=sampler_seed, num_workers=tc.num_workers, device=device
+            val_ds,
+            batch_size=batch_size,
+            seed=sampler_seed,
+            num_workers=tc.num_workers,
+            device=device,
+            rank=rank,
+            world_size=world_size,
         )
         loop = Loop(
-            model=model,
+            model=distributed.wrap_model(model, device),
             optimizer=make_optimizer(
                 tc.optimizer, [p for p in model.parameters() if p.requires_grad], tc.learning_rate, tc.weight_decay
             ),
@@ -280,7 +280,7 @@ def train_split(
             log.info("Split %d resumed after epoch %d from %s", split, state.epoch, checkpoint_path)
         _fit(layout, split, cfg, loop, train_loader, val_loader, state, stamp)
     except (RuntimeError, MemoryError) as exc:
-        explained = _explained(exc, split, device, tc.batch_size)
+        explained = explain_training_error(exc, split, device, tc.batch_size)
         if explained is None:
             raise
         raise explained from exc
@@ -298,20 +298,13 @@ def train_split(
         "device": str(device),
         "final_weights_sha256": state_sha256(model),
     }
-    atomic_write_json(layout.summary_json(split), summary)
-    shutil.rmtree(layout.tmp_dir(split), ignore_errors=True)
+    if world_size > 1:
+        summary.update(n_processes=world_size, batch_size_per_process=batch_size)
+    if distributed.is_main():
+        atomic_write_json(layout.summary_json(split), summary)
+        shutil.rmtree(layout.tmp_dir(split), ignore_errors=True)
     log.info("Split %d trained: best %s", split, {m: v for m, (v, _) in state.best.items()})
     return summary
-
-
-def _improves(metric: str, value: float, best: tuple[float, int] | None) -> bool:
-    from bids_app.metrics import higher_is_better
-
-    if not math.isfinite(value):
-        return False
-    if best is None:
-        return True
-    return value > best[0] if higher_is_better(metric) else value < best[0]
 
 
 def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
@@ -333,20 +326,27 @@ def _fit(
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    from bids_app import checkpoint, maps
+    from bids_app import checkpoint, distributed, maps
+    from bids_app.data import mix_seed
     from bids_app.epoch import train_epoch, validate
 
     tc = cfg.train
     start = state.epoch + 1
-    writer = SummaryWriter(str(layout.tensorboard_dir(split)), purge_step=start if start > 0 else None)
+    main, net = distributed.is_main(), distributed.unwrap(loop.model)
+    writer = (
+        SummaryWriter(str(layout.tensorboard_dir(split)), purge_step=start if start > 0 else None) if main else None
+    )
     epochs = tqdm(range(start, tc.epochs), desc=f"split {split}", initial=start, total=tc.epochs, disable=None)
     try:
         for epoch in epochs:
             if state.stopped:
                 break
             train_loader.sampler.set_epoch(epoch)
+            if distributed.world_size() > 1:  # per rank and epoch: a resume needs no other rank's random state
+                distributed.reseed_rank(mix_seed(cfg.seed, split, 3, epoch, distributed.rank()))
             learning_rate = float(loop.optimizer.param_groups[0]["lr"])
             train_loss = train_epoch(loop, train_loader, f"epoch {epoch} train")
+            distributed.broadcast_buffers(loop.model)
             scores = validate(loop, val_loader, cfg.labels.task, f"epoch {epoch} validation")
             if loop.scheduler is not None and math.isfinite(scores["loss"]):
                 loop.scheduler.step(scores["loss"])
@@ -357,40 +357,38 @@ def _fit(
                 **{f"validation_{name}": value for name, value in scores.items()},
             }
             state.history.append(row)
-            _write_history(layout.training_tsv(split), state.history)
-            for name, value in row.items():
-                if name != "epoch":
-                    writer.add_scalar(
-                        name.replace("_", "/", 1) if name.startswith("validation_") else name, value, epoch
-                    )
-            writer.flush()
+            if writer is not None:  # rank 0 writes; every rank keeps the same state
+                _write_history(layout.training_tsv(split), state.history)
+                for name, value in row.items():
+                    if name != "epoch":
+                        writer.add_scalar(
+                            name.replace("_", "/", 1) if name.startswith("validation_") else name, value, epoch
+                        )
+                writer.flush()
             for metric in tc.selection_metrics:
                 value = scores[metric]
-                if _improves(metric, value, state.best.get(metric)):
-                    maps.save_model(layout.model_path(split, metric), loop.model)
-                    atomic_write_json(
-                        layout.selection_json(split, metric),
-                        {"metric": metric, "value": value, "epoch": epoch, "split": split},
-                    )
+                if state.improves(metric, value):
+                    if main:
+                        maps.save_model(layout.model_path(split, metric), net)
+                        atomic_write_json(
+                            layout.selection_json(split, metric),
+                            {"metric": metric, "value": value, "epoch": epoch, "split": split},
+                        )
                     state.best[metric] = (value, epoch)
             if tc.early_stopping_patience > 0:
-                if scores["loss"] < state.early_stopping_best - tc.early_stopping_tolerance:
-                    state.early_stopping_best = scores["loss"]
-                    state.early_stopping_counter = 0
-                else:
-                    state.early_stopping_counter += 1
-                state.stopped = state.early_stopping_counter >= tc.early_stopping_patience
+                state.update_early_stopping(scores["loss"], tc.early_stopping_patience, tc.early_stopping_tolerance)
             state.epoch = epoch
-            checkpoint.save_checkpoint(
-                layout.checkpoint_path(split),
-                model=loop.model,
-                optimizer=loop.optimizer,
-                scheduler=loop.scheduler,
-                scaler=loop.scaler,
-                loader_generator=train_loader.generator,
-                state=state,
-                fingerprint=stamp,
-            )
+            if main:
+                checkpoint.save_checkpoint(
+                    layout.checkpoint_path(split),
+                    model=net,
+                    optimizer=loop.optimizer,
+                    scheduler=loop.scheduler,
+                    scaler=loop.scaler,
+                    loader_generator=train_loader.generator,
+                    state=state,
+                    fingerprint=stamp,
+                )
             log.info(
                 "Split %d epoch %d: train loss %.5g, validation loss %.5g", split, epoch, train_loss, scores["loss"]
             )
@@ -403,4 +401,5 @@ def _fit(
                 )
     finally:
         epochs.close()
-        writer.close()
+        if writer is not None:
+            writer.close()

@@ -220,11 +220,6 @@ def test_full_disk_in_a_participant_run_exits_74_and_leaves_nothing_half_written
     assert_nothing_looks_complete_but_is_not(out)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="levels.process_participant records an IOFailure of one output as a failed stage (exit 65) instead "
-    "of stopping with 74 (reported to the levels.py owner)",
-)
 def test_one_unwritable_output_file_exits_74_not_65(
     tiny_dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
@@ -339,11 +334,6 @@ def test_full_disk_during_training_exits_74_and_leaves_no_temporary(
     assert_nothing_looks_complete_but_is_not(out / "models")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="levels.run_group skips the split stage under --resume even when groups/splits.json was never "
-    "written, so a run killed while splitting cannot be resumed (reported to the levels.py owner)",
-)
 def test_run_killed_while_splitting_resumes(cohort: tuple[Any, Path], tmp_path: Path, capsys) -> None:
     """The state a kill during the split stage leaves: split tables written, ``splits.json`` (last) not."""
     dataset, participant_out = cohort
@@ -386,14 +376,7 @@ OOM_ERRORS = {
     [
         "python",
         "cuda",
-        pytest.param(
-            "cpu-allocator",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="train._explained only recognises 'out of memory'; torch's CPU allocator says \"can't "
-                'allocate memory" (reported to the train.py owner)',
-            ),
-        ),
+        "cpu-allocator",
     ],
 )
 def test_oversized_batch_exits_75_asking_for_a_lower_batch_size(
