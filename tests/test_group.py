@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -173,3 +174,29 @@ def test_parent_label_split_respects_the_subset_split(cohort) -> None:
     pretrain = run_cli(*group_args(dataset, out, "parent", "--stages", "split", "--label", "sex",
                                    "--split-file", str(groups / "parent-sex_split.tsv")))  # fmt: skip
     assert pretrain.returncode == 0, pretrain.stderr[-3000:]
+
+
+def test_failed_qc_images_can_be_left_out_of_the_splits(cohort, tmp_path: Path) -> None:
+    dataset, out = cohort
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("models", "logs"))
+    qc_file = next(copy.glob("sub-002/ses-M000/qc/*_desc-qc_T1w.json"))
+    record = json.loads(qc_file.read_text())
+    record["smoothed_correlation_to_template"] = 0.1  # a gross misregistration
+    qc_file.write_text(json.dumps(record))
+    result = run_cli(*group_args(dataset, copy, "qc", "--stages", "split", "--exclude-failed-qc"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = read_tsv(copy / "qc_summary.tsv")
+    assert len(summary) == 24
+
+    def listed_pairs(name: str) -> set[tuple[str, str]]:
+        groups = copy / "models" / name / "groups"
+        tables = [read_tsv(p) for p in groups.rglob("*.tsv") if p.name != "demographics.tsv"]
+        listed = pd.concat(tables)
+        return set(zip(listed["participant_id"], listed["session_id"], strict=True))
+
+    assert ("sub-002", "ses-M000") not in listed_pairs("qc")
+    # the same split without the option keeps the image: the flag, not chance, left it out
+    result = run_cli(*group_args(dataset, copy, "noqc", "--stages", "split"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("sub-002", "ses-M000") in listed_pairs("noqc")
