@@ -252,7 +252,7 @@ def per_rank_batch_size(batch_size: int) -> int:
 def real_sample_count(n_samples: int, rank: int, world_size: int) -> int:
     """How many of rank ``rank``'s ``ceil(n_samples / world_size)`` sampled items are not padding.
 
-    ``data.SeededSampler`` gives rank ``r`` the positions ``r, r + W, ...`` of the epoch's sequence padded to a
+    ``sampling.SeededSampler`` gives rank ``r`` the positions ``r, r + W, ...`` of the epoch's sequence padded to a
     multiple of ``W``; positions at or after ``n_samples`` are the padding, always at the end of a rank's slice.
     """
     return len(range(rank, n_samples, world_size))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -285,3 +286,128 @@ def test_each_augmentation_is_seeded_and_bounded(shape: tuple[int, ...]) -> None
     ramp = x + np.arange(shape[1], dtype=np.float32).reshape(-1, *(1,) * (len(shape) - 2))
     assert any(np.array_equal(f, ramp[:, ::-1]) for f in flipped)
     assert any(np.array_equal(f, ramp) for f in flipped)
+
+
+def _all_samples(dataset: TensorDataset) -> list[np.ndarray]:
+    return [dataset[i][0].numpy() for i in range(len(dataset))]
+
+
+@pytest.mark.parametrize("mode", list(ExtractionMode))
+def test_cache_returns_the_uncached_samples_bit_for_bit(output_dir: Path, mode: ExtractionMode) -> None:
+    write_tensors(output_dir, mode, [("01", None), ("02", None), ("03", None)])
+    table = index_tensors(output_dir, mode)
+    plain = TensorDataset(table, mode, Task.RECONSTRUCTION, label_encoding=None)
+    cached = TensorDataset(table, mode, Task.RECONSTRUCTION, label_encoding=None, cache=True)
+    expected = _all_samples(plain)
+    first = [x.numpy().copy() for x, _, _ in make_loader(cached, batch_size=2, seed=0)]
+    assert len(cached._cached) == len(cached)
+    for path in table["tensor_path"]:  # the second epoch must come from memory alone
+        Path(path).write_bytes(b"")
+    second = [x.numpy() for x, _, _ in make_loader(cached, batch_size=2, seed=0)]
+    for batches in (first, second):
+        assert np.array_equal(np.concatenate(batches), np.stack(expected))
+    assert all(np.array_equal(a, b) for a, b in zip(_all_samples(cached), expected, strict=True))
+    assert not cached.read_sample(0).flags.writeable  # a cached sample cannot be changed by a caller
+
+
+def test_float16_tensors_load_as_float32_samples(output_dir: Path) -> None:
+    mode = ExtractionMode.PATCH
+    paths = write_tensors(output_dir, mode, [("01", None), ("02", None)])
+    for path in paths:  # rewrite as float16, as `--tensor-dtype float16` extraction stores them
+        write_tensor(path, np.load(path).astype(np.float16), {"Mode": mode.value})
+    table = index_tensors(output_dir, mode)
+    stored = np.concatenate([np.load(p) for p in paths]).astype(np.float32)
+    for cache in (False, True):
+        dataset = TensorDataset(table, mode, Task.RECONSTRUCTION, label_encoding=None, cache=cache)
+        for _ in range(2):  # the second pass reads the cache when there is one
+            batches = [x for x, _, _ in make_loader(dataset, batch_size=3, seed=0)]
+            assert all(x.dtype == torch.float32 for x in batches)
+            assert np.array_equal(torch.cat(batches).numpy(), stored)
+        assert dataset.read_sample(5).dtype == np.float32 and np.array_equal(dataset.read_sample(5), stored[5])
+        assert all(a.dtype == np.float16 for a in dataset._cached.values())  # cached at half the size
+    assert np.array_equal(dataset[2][0].numpy(), stored[2])
+
+
+@pytest.mark.parametrize("mode", [ExtractionMode.SLICE, ExtractionMode.IMAGE])
+def test_a_process_checks_and_opens_each_file_once(output_dir: Path, mode: ExtractionMode, monkeypatch) -> None:
+    """Parts are copied from kept memory maps, whole images read with pread from kept descriptors."""
+    paths = write_tensors(output_dir, mode, [("01", None), ("02", None), ("03", None)])
+    dataset = TensorDataset(index_tensors(output_dir, mode), mode, Task.RECONSTRUCTION, label_encoding=None)
+    checked: list[str] = []
+    opened: list[str] = []
+    original_load, original_open = data.load_tensor, os.open
+    monkeypatch.setattr(data, "load_tensor", lambda p, mmap=True: checked.append(Path(p).name) or original_load(p))
+
+    def counting_open(path, *args, **kwargs):
+        if str(path).endswith(".npy"):
+            opened.append(Path(path).name)
+        return original_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(data.os, "open", counting_open)
+    loader = make_loader(dataset, batch_size=4, seed=0, shuffle=True)
+    for epoch in range(3):
+        loader.sampler.set_epoch(epoch)
+        assert sum(len(x) for x, _, _ in loader) == len(dataset)
+    names = sorted(p.name for p in paths)
+    assert sorted(checked) == names
+    assert sorted(opened) == (names if mode is ExtractionMode.IMAGE else [])
+    assert len(dataset._maps) == (0 if mode is ExtractionMode.IMAGE else 3)
+    monkeypatch.setattr(data, "MAX_OPEN_TENSORS", 1)  # closed ones are reopened; the limit holds
+    fresh = TensorDataset(index_tensors(output_dir, mode), mode, Task.RECONSTRUCTION, label_encoding=None)
+    assert np.array_equal(np.stack(_all_samples(fresh)), np.stack(_all_samples(dataset)))
+    assert len(fresh._fds) + len(fresh._maps) == 1
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_held_batches_are_never_overwritten(output_dir: Path, workers: int) -> None:
+    """Batch buffers are reused only once nothing refers to them (more batches than buffers here)."""
+    mode = ExtractionMode.SLICE
+    write_tensors(output_dir, mode, [(f"{i:02d}", None) for i in range(6)])
+    table = labelled_table(output_dir, mode, {f"sub-{i:02d}": str(i) for i in range(6)})
+    dataset = TensorDataset(table, mode, Task.REGRESSION, label_encoding=None)
+    expected = np.stack(_all_samples(dataset))
+    loader = make_loader(dataset, batch_size=2, seed=1, shuffle=True, num_workers=workers)
+    assert len(loader) > 2 * data.RING_SLOTS
+    held = list(loader)
+    views = [x[0] for x, _, _ in held]  # a view alone also keeps its batch's buffer
+    del held
+    streamed = [(x.clone(), y.clone(), index.clone()) for x, y, index in loader]
+    order = loader.sampler.__iter__()
+    assert [i for i, _ in order] == torch.cat([index for _, _, index in streamed]).tolist()
+    for x, y, index in streamed:
+        assert np.array_equal(x.numpy(), expected[index.numpy()])
+        assert y.tolist() == [float(dataset.sample_table["label"][i]) for i in index.tolist()]
+    first_indices = [int(x) for x in torch.cat([index for _, _, index in streamed])[::2]]
+    assert all(np.array_equal(v.numpy(), expected[i]) for v, i in zip(views, first_indices, strict=True))
+    if workers == 0:
+        del views, streamed
+        assert dataset._ring is not None and not dataset._ring.flags.any()  # every buffer free again
+
+
+def test_sample_batches_work_with_the_default_collate(output_dir: Path) -> None:
+    mode = ExtractionMode.ROI
+    write_tensors(output_dir, mode, [("01", None), ("02", None)])
+    table = labelled_table(output_dir, mode, {"sub-01": "CN", "sub-02": "AD"})
+    dataset = TensorDataset(table, mode, Task.CLASSIFICATION, label_encoding={"AD": 0, "CN": 1})
+    plain = list(torch.utils.data.DataLoader(dataset, batch_size=3))  # as prediction builds it
+    fast = list(make_loader(dataset, batch_size=3, seed=0))
+    assert len(plain) == len(fast) == 2
+    for (x1, y1, i1), (x2, y2, i2) in zip(plain, fast, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2) and torch.equal(i1, i2) and y2.dtype == torch.int64
+
+
+def test_bad_files_fail_with_data_errors(output_dir: Path) -> None:
+    mode = ExtractionMode.PATCH
+    write_tensors(output_dir, mode, [("01", None), ("02", None)])
+    write_tensors(output_dir, mode, [("02", None)], shape=(4, 1, 2, 2, 2))
+    dataset = TensorDataset(index_tensors(output_dir, mode), mode, Task.RECONSTRUCTION, label_encoding=None)
+    with pytest.raises(DataError, match=r"sub-02.*shape \(1, 2, 2, 2\), not \(1, 3, 3, 3\)"):
+        dataset.__getitems__([0, 4])
+    image = ExtractionMode.IMAGE
+    paths = write_tensors(output_dir, image, [("01", None)])
+    images = TensorDataset(index_tensors(output_dir, image), image, Task.RECONSTRUCTION, label_encoding=None)
+    images.read_sample(0)  # checked and open; then the file loses its end
+    with paths[0].open("r+b") as handle:
+        handle.truncate(paths[0].stat().st_size - 10)
+    with pytest.raises(DataError, match="truncated"):
+        images.read_sample(0)
