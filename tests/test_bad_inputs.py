@@ -187,8 +187,10 @@ def test_defective_image(case: str, pattern: str, world: dict[str, Any], capsys)
 
 
 def edit_tsv(path: Path, change: Any) -> None:
+    """Rewrite a TSV with ``change(table)``: it edits the table in place or returns the new one."""
     table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    change(table)
+    changed = change(table)
+    table = table if changed is None else changed
     path.write_text(table.to_csv(sep="\t", index=False, lineterminator="\n"))
 
 
@@ -198,7 +200,7 @@ def test_participants_tsv_missing(world: dict[str, Any], capsys) -> None:
     with altered(tsv, *sessions):
         tsv.unlink()
         for path in sessions:  # the label would otherwise come from sessions.tsv
-            edit_tsv(path, lambda t: t.drop(columns=["diagnosis"], inplace=True))
+            edit_tsv(path, lambda t: t.drop(columns=["diagnosis"]))
         code, err = run(group_args(world["dataset"], world["out"], "--model-name", "m1"), capsys)
     assert code == 66
     assert re.search(r"No participants\.tsv in .*bids: the group level reads labels from it\. Add a participants", err)
@@ -224,7 +226,7 @@ def test_mixed_types_in_a_regression_label(world: dict[str, Any], capsys) -> Non
     with altered(tsv, *sessions):
         edit_tsv(tsv, older)
         for path in sessions:
-            edit_tsv(path, lambda t: t.drop(columns=["age"], inplace=True))
+            edit_tsv(path, lambda t: t.drop(columns=["age"]))
         code, err = run(group_args(world["dataset"], world["out"], "--model-name", "m3", "--label", "age",
                                    "--task", "regression"), capsys)  # fmt: skip
     assert code == 65
