@@ -2,10 +2,10 @@
 
 Builds ``--n-images`` t1-linear-sized images (169x208x179, min-max normalised), extracts them in image, patch
 (50³, stride 50: 36 patches) and slice (sagittal, 20 discarded at each end: 129 slices) modes and writes them
-with ``bids_app.extraction.write_tensor`` in the real output layout, so ``data.index_tensors`` finds them. For
+with ``bids_app.extraction.write_tensor`` in the real output layout, so ``tensor_index.index_tensors`` finds them. For
 each mode it then measures, in the same run:
 
-- the loader: ``data.TensorDataset`` + ``data.make_loader`` (the objects training builds), shuffled, no model;
+- the loader: ``data.TensorDataset`` + ``sampling.make_loader`` (the objects training builds), shuffled, no model;
   the consumer only counts the batches (it does not touch their pages);
 - the raw limit: one process copying the same samples, in the same order, from memory maps opened once
   (``np.load(mmap_mode="r")``, no checks) into a preallocated batch buffer, as fast as it can.
@@ -39,9 +39,11 @@ import numpy as np
 import torch
 
 from bids_app.config import ExtractionConfig, ExtractionMode, Normalization, SliceDirection, Task, TensorDtype
-from bids_app.data import TensorDataset, index_tensors, make_loader
+from bids_app.data import TensorDataset
 from bids_app.derivatives import tensor_path
 from bids_app.extraction import extract_tensor, mode_parameters, normalize_volume, write_tensor
+from bids_app.sampling import make_loader
+from bids_app.tensor_index import index_tensors
 
 SHAPE = (169, 208, 179)
 SPACE = "MNI152NLin2009aSym"

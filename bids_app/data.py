@@ -1,10 +1,9 @@
-"""Torch datasets over the tensors written by the participant level.
+"""The torch dataset over the tensors written by the participant level.
 
-``index_tensors`` lists the trusted tensors of one mode with a single directory walk; ``TensorDataset``
-turns a table of them into samples: the whole image in image mode, every part (patch, slice, region) as its
-own sample in the other modes. The loader over it (``make_loader``, ``SeededSampler``) lives in
-``bids_app.sampling``, the batch buffers (``SampleBatch``, ``collate_samples``) in ``bids_app.batches``; the
-names other modules import from here are re-exported.
+``TensorDataset`` turns rows of the tensor index (``bids_app.tensor_index``) into samples: the whole image in
+image mode, every part (patch, slice, region) as its own sample in the other modes. The loader over it
+(``make_loader``, ``SeededSampler``) lives in ``bids_app.sampling``, the batch buffers (``SampleBatch``,
+``collate_samples``) in ``bids_app.batches``.
 
 The fast path (figures in docs/performance.md): each process checks a tensor file once and keeps it open;
 a batch is read sample by sample (one copy from a kept memory map, or one ``pread`` of exactly its bytes)
@@ -17,9 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,139 +26,16 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from bids_app.batches import RING_SLOTS as RING_SLOTS
 from bids_app.batches import BatchRing, SampleBatch, make_batch_tensor
 from bids_app.config import ExtractionMode, Task
-from bids_app.errors import DataError, InputMissingError, IOFailure
-from bids_app.extraction.storage import load_tensor, read_sidecar
-from bids_app.sampling import SeededSampler as SeededSampler
-from bids_app.sampling import make_loader as make_loader
-from bids_app.sampling import mix_seed as mix_seed
-from bids_app.sampling import seed_worker as seed_worker
+from bids_app.errors import DataError, IOFailure
+from bids_app.extraction.storage import load_tensor
+from bids_app.tensor_index import UNLABELLED
 
 if TYPE_CHECKING:
     from bids_app.augment import Augmentation
 
-__all__ = [
-    "INDEX_COLUMNS",
-    "MAX_OPEN_TENSORS",
-    "NO_SESSION",
-    "RING_SLOTS",
-    "UNLABELLED",
-    "SeededSampler",
-    "TensorDataset",
-    "encode_labels",
-    "index_tensors",
-    "make_loader",
-    "mix_seed",
-    "rows_for",
-    "sample_shape",
-    "seed_worker",
-]
-
-log = logging.getLogger(__name__)
-
-INDEX_COLUMNS = (
-    "participant_id",
-    "session_id",
-    "tensor_path",
-    "n_parts",
-    "sample_shape",
-    "source_sha256",
-    "raw_source_sha256",
-)
-NO_SESSION = "n/a"
-UNLABELLED = "n/a"
 MAX_OPEN_TENSORS = 256  # files kept open per process, as memory maps or descriptors (least recently used closed)
-_NAME = re.compile(r"^sub-(?P<sub>[A-Za-z0-9]+)(?:_ses-(?P<ses>[A-Za-z0-9]+))?_")
-
-
-def index_tensors(output_dir: Path, mode: ExtractionMode, suffix: str = "T1w") -> pd.DataFrame:
-    """Table of the complete tensors of ``mode`` under ``output_dir`` (one directory walk).
-
-    Args:
-        output_dir: the participant-level output (BIDS derivative) folder.
-        mode: extraction mode to list.
-        suffix: image suffix, ``T1w`` or ``pet``.
-
-    Returns:
-        One row per image sorted by participant and session, columns ``INDEX_COLUMNS``: BIDS-prefixed ids
-        (``session_id`` is ``n/a`` without sessions), ``tensor_path`` (absolute), ``n_parts`` (1 in image
-        mode), ``sample_shape`` (tuple ``(1, ...)`` of one sample) and the sidecar's source checksums.
-        Tensors whose sidecar is missing, unreadable or not ``Complete`` are skipped with a warning.
-
-    Raises:
-        DataError: two tensors of this mode and suffix belong to one participant and session.
-    """
-    pattern = f"sub-*/**/deeplearning/sub-*_desc-{mode.value}_{suffix}.json"
-    rows = []
-    for json_path in sorted(Path(output_dir).glob(pattern)):
-        tensor_path = json_path.with_suffix(".npy")
-        match = _NAME.match(json_path.name)
-        if match is None:
-            continue
-        try:
-            sidecar = read_sidecar(json_path)
-        except (DataError, InputMissingError) as exc:
-            log.warning("Skipping tensor %s: %s", tensor_path, exc)
-            continue
-        if sidecar.get("Complete") is not True or not tensor_path.is_file():
-            log.warning("Skipping incomplete tensor %s (re-run the participant level for it).", tensor_path)
-            continue
-        shape = tuple(int(v) for v in sidecar.get("Shape", ()))
-        if sidecar.get("Mode", mode.value) != mode.value or len(shape) < 3:
-            log.warning("Skipping tensor %s: sidecar Mode %r, Shape %s.", tensor_path, sidecar.get("Mode"), shape)
-            continue
-        session = match.group("ses")
-        rows.append(
-            {
-                "participant_id": f"sub-{match.group('sub')}",
-                "session_id": f"ses-{session}" if session else NO_SESSION,
-                "tensor_path": str(tensor_path.absolute()),
-                "n_parts": 1 if mode is ExtractionMode.IMAGE else shape[0],
-                "sample_shape": shape if mode is ExtractionMode.IMAGE else shape[1:],
-                "source_sha256": sidecar.get("SourceSHA256", ""),
-                "raw_source_sha256": sidecar.get("RawSourceSHA256", ""),
-            }
-        )
-    table = pd.DataFrame(rows, columns=list(INDEX_COLUMNS))
-    duplicated = table.duplicated(["participant_id", "session_id"], keep=False)
-    if duplicated.any():
-        paths = ", ".join(table.loc[duplicated, "tensor_path"].head(4))
-        raise DataError(
-            f"Several {mode.value} tensors with suffix {suffix} for one participant and session: {paths}. "
-            "Restrict the images with --bids-filter-file (e.g. one run or one tracer) and re-run the participant "
-            "level."
-        )
-    return table.sort_values(["participant_id", "session_id"], ignore_index=True)
-
-
-def encode_labels(labels: Sequence[str], classes: Sequence[str] = ()) -> dict[str, int]:
-    """Deterministic class → index mapping: ``classes`` in the given order, else the sorted distinct labels.
-
-    Unlabelled values (``n/a``, empty) are not classes.
-    """
-    names = list(classes) if classes else sorted({str(v) for v in labels} - {UNLABELLED, ""})
-    return {name: index for index, name in enumerate(names)}
-
-
-def sample_shape(table: pd.DataFrame, mode: ExtractionMode) -> tuple[int, ...]:
-    """The common shape ``(1, ...)`` of one sample; DataError naming two files when they differ."""
-    if "sample_shape" in table.columns:
-        shapes = [tuple(int(v) for v in s) for s in table["sample_shape"]]
-    else:
-        shapes = []
-        for path in table["tensor_path"]:
-            shape = tuple(int(v) for v in read_sidecar(Path(path))["Shape"])
-            shapes.append(shape if mode is ExtractionMode.IMAGE else shape[1:])
-    distinct = sorted(set(shapes))
-    if len(distinct) != 1:
-        first = [table["tensor_path"].iloc[shapes.index(s)] for s in distinct[:2]]
-        raise DataError(
-            f"Samples differ in shape: {distinct[:2]} ({first[0]} vs {first[-1]}). Extract every image with the "
-            "same preprocessing and extraction options."
-        )
-    return distinct[0]
 
 
 class TensorDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
@@ -449,21 +323,3 @@ def _is_number(value: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def rows_for(ids: pd.DataFrame, table: pd.DataFrame, what: str) -> pd.DataFrame:
-    """Rows of ``table`` (labels + tensors) for the images a split table ``ids`` lists, in ``ids``' order.
-
-    Raises:
-        DataError: an image of ``ids`` has no tensor or no label in ``table``.
-    """
-    keys = ["participant_id", "session_id"]
-    rows = ids[keys].astype(str).merge(table, on=keys, how="left", indicator=True)
-    missing = rows[rows["_merge"] != "both"]
-    if not missing.empty:
-        first = missing.iloc[0]
-        raise DataError(
-            f"{len(missing)} image(s) of the {what} have no tensor or label (e.g. {first['participant_id']} "
-            f"{first['session_id']}). Re-run the participant level for them or re-run --stages split."
-        )
-    return rows.drop(columns="_merge")

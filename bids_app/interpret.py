@@ -11,16 +11,14 @@ Outputs, under ``split-<k>/best-<metric>/<group>/interpret/``::
     <method>/sub-<p>[_ses-<s>]_desc-<label>_saliency.nii.gz          one per image
     <method>/class-<name>_desc-<label>_mean_saliency.nii.gz          mean over the images explained for <name>
 
-``<label>`` is the method name without underscores (``gradcam``), a valid BIDS label. See
-docs/interpretation.md.
+``<label>`` is the method name without underscores (``gradcam``), a valid BIDS label. The grids, NIfTI
+writing and mean maps are in ``bids_app.saliency_maps``. See docs/interpretation.md.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,10 +28,11 @@ import pandas as pd
 
 from bids_app import read_version
 from bids_app.config import ExtractionMode, InterpretConfig, RunConfig, Task
-from bids_app.derivatives import atomic_path, atomic_write_json, atomic_write_text, file_sha256
-from bids_app.errors import ConfigError, DataError, InputMissingError
+from bids_app.derivatives import atomic_write_json, atomic_write_text, file_sha256
+from bids_app.errors import ConfigError, InputMissingError
 from bids_app.maps import MapsLayout, MapsRecord, find_model_path, load_model, validate_maps
 from bids_app.saliency import SaliencyMethod, stitch_parts
+from bids_app.saliency_maps import ClassMeans, ImageGrid, map_name, read_tensor_grid, remove_stale_maps, write_map
 
 if TYPE_CHECKING:
     import torch
@@ -46,24 +45,6 @@ TARGETS = ("predicted", "true")
 TARGETS_TSV = "targets.tsv"
 METADATA_JSON = "interpretation.json"
 MISSING = "n/a"
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class ImageGrid:
-    """The voxel grid of a preprocessed image, on which its saliency maps are written.
-
-    Attributes:
-        source_path: the preprocessed NIfTI.
-        affine: its ``(4, 4)`` voxel-to-world affine (mm).
-        shape: its ``(D, H, W)`` in voxels.
-        qform_code, sform_code: its NIfTI xform codes (kept, so a template space stays a template space).
-    """
-
-    source_path: Path
-    affine: np.ndarray
-    shape: tuple[int, int, int]
-    qform_code: int
-    sform_code: int
 
 
 # -- options --------------------------------------------------------------------------------------------
@@ -93,77 +74,6 @@ def check_interpret_config(cfg: InterpretConfig) -> tuple[tuple[SaliencyMethod, 
     return tuple(methods), cfg.target
 
 
-# -- geometry: where a tensor's parts come from -------------------------------------------------------
-
-
-def output_root(tensor_path: Path) -> Path:
-    """The participant-level output folder holding ``tensor_path`` (the parent of its ``sub-*`` folder)."""
-    for parent in Path(tensor_path).parents:
-        if parent.name.startswith("sub-"):
-            return parent.parent
-    raise DataError(f"Tensor {tensor_path} is not inside a sub-<label> folder of a participant-level output.")
-
-
-def read_grid(source_path: Path) -> ImageGrid:
-    """The grid of a preprocessed image (header only; the voxels are not read).
-
-    Raises:
-        InputMissingError: the image does not exist.
-        DataError: it is not a readable 3D NIfTI.
-    """
-    import nibabel as nib
-
-    if not source_path.is_file():
-        raise InputMissingError(
-            f"Preprocessed image {source_path} is missing: saliency maps are written on its grid. Re-run the "
-            "participant level for this image (or restore the file)."
-        )
-    try:
-        image = nib.load(source_path)
-        if not isinstance(image, nib.Nifti1Image):  # NIfTI-2 images are Nifti1Image subclasses
-            raise ValueError(f"not a NIfTI image but {type(image).__name__}")
-        _, qform_code = image.header.get_qform(coded=True)
-        _, sform_code = image.header.get_sform(coded=True)
-        shape = tuple(int(v) for v in image.shape)
-        affine = np.asarray(image.affine, dtype=np.float64)
-    except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, AttributeError) as exc:
-        raise DataError(f"Cannot read preprocessed image {source_path}: {exc}. Re-run the participant level.") from exc
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) != 3:
-        raise DataError(f"Preprocessed image {source_path} has shape {shape}; a 3D image is expected.")
-    return ImageGrid(source_path, affine, (shape[0], shape[1], shape[2]), int(qform_code), int(sform_code))
-
-
-# -- writing --------------------------------------------------------------------------------------------
-
-
-def write_map(path: Path, volume: np.ndarray, grid: ImageGrid) -> None:
-    """Write ``volume`` (``grid.shape``) as float32 NIfTI with ``grid``'s affine and xform codes, atomically."""
-    import nibabel as nib
-
-    if volume.shape != grid.shape:
-        raise ValueError(f"map of shape {volume.shape} for the grid {grid.shape} of {grid.source_path}")
-    image = nib.Nifti1Image(np.asarray(volume, dtype=np.float32), grid.affine)
-    image.header.set_qform(grid.affine, code=grid.qform_code)
-    image.header.set_sform(grid.affine, code=grid.sform_code or 2)
-    image.header.set_xyzt_units("mm")
-    with atomic_path(path) as tmp:
-        nib.save(image, tmp)
-
-
-def map_name(participant_id: str, session_id: str, method: SaliencyMethod) -> str:
-    """``sub-01_ses-M000_desc-gradcam_saliency.nii.gz`` (no ``ses-`` without sessions)."""
-    prefix = participant_id if session_id in ("", MISSING) else f"{participant_id}_{session_id}"
-    return f"{prefix}_desc-{method.label}_saliency.nii.gz"
-
-
-def class_labels(class_names: Sequence[str]) -> list[str]:
-    """BIDS labels of the class names (alphanumerics kept); the class index where that is empty or ambiguous."""
-    labels = [re.sub(r"[^A-Za-z0-9]", "", name) for name in class_names]
-    return [label if label and labels.count(label) == 1 else str(i) for i, label in enumerate(labels)]
-
-
 # -- the stage ------------------------------------------------------------------------------------------
 
 
@@ -176,8 +86,8 @@ def group_rows(cfg: RunConfig, maps_dir: Path, record: MapsRecord, table: pd.Dat
     Raises:
         ConfigError: an unknown group name.
     """
-    from bids_app.data import rows_for
     from bids_app.split_files import read_splits
+    from bids_app.tensor_index import rows_for
 
     name = cfg.interpret.group_name
     if name in ("test", "train", "validation"):
@@ -203,7 +113,7 @@ def run_interpret_stage(cfg: RunConfig, maps_dir: Path, table: pd.DataFrame) -> 
         cfg: the run configuration (``cfg.interpret``; ``cfg.train.splits``, ``device``; ``cfg.predict``'s
             batch size and external group; ``cfg.extraction.roi_masks`` for roi models).
         maps_dir: the MAPS folder.
-        table: labels joined with ``data.index_tensors`` of OUTPUT_DIR (as for training).
+        table: labels joined with ``tensor_index.index_tensors`` of OUTPUT_DIR (as for training).
 
     Raises:
         ConfigError: bad interpret options, a model that is not a classifier, a mode other than the model's.
@@ -283,14 +193,12 @@ class GroupExplainer:
                 f"'{self.cfg.interpret.group_name}' have none. Use --interpret-target predicted."
             )
         ends = np.cumsum(np.asarray(rows["n_parts"], dtype=np.int64))
-        sums: dict[tuple[SaliencyMethod, int], np.ndarray] = {}
-        reference: ImageGrid | None = None
+        means = ClassMeans()
         target_rows = []
-        counts: dict[int, int] = {}
         written: set[Path] = set()
         for i in tqdm(range(len(rows)), desc="interpret", unit="image", disable=None):
             row = rows.iloc[i]
-            grid, parameters = self._grid(Path(row["tensor_path"]))
+            grid, parameters = read_tensor_grid(Path(row["tensor_path"]), self.record.mode)
             samples = range(int(ends[i] - row["n_parts"]), int(ends[i]))
             x = np.stack([dataset.read_sample(j) for j in samples])
             true_index = -1 if labels is None else int(labels[samples.start])
@@ -303,26 +211,15 @@ class GroupExplainer:
                 path = out_dir / method.value / map_name(str(row["participant_id"]), str(row["session_id"]), method)
                 write_map(path, volume, grid)
                 written.add(path)
-                key = (method, explained)
-                sums[key] = sums.get(key, np.zeros(grid.shape, np.float64)) + volume
-            reference = self._same_grid(reference, grid)
+                means.add(method, explained, volume)
+            means.count(grid, explained)
             name = self.class_names
             target_rows.append({"participant_id": row["participant_id"], "session_id": row["session_id"],
                                 "true_label": name[true_index] if true_index >= 0 else MISSING,
                                 "predicted_label": name[predicted], "target_label": name[explained]})  # fmt: skip
-            counts[explained] = counts.get(explained, 0) + 1
-        self.class_counts = {self.class_names[k]: counts[k] for k in sorted(counts)}
-        labels_by_index = class_labels(self.class_names)
-        for (method, k), total in sorted(sums.items()):
-            path = out_dir / method.value / f"class-{labels_by_index[k]}_desc-{method.label}_mean_saliency.nii.gz"
-            if reference is not None:
-                write_map(path, (total / counts[k]).astype(np.float32), reference)
-                written.add(path)
-        for method in self.methods:
-            for stale in sorted((out_dir / method.value).glob("*saliency.nii.gz")):
-                if stale not in written:
-                    log.info("Removing %s, left by an earlier interpretation", stale)
-                    stale.unlink()
+        self.class_counts = {self.class_names[k]: n for k, n in sorted(means.counts.items())}
+        written |= means.write(out_dir, self.class_names)
+        remove_stale_maps(out_dir, self.methods, written)
         text = pd.DataFrame(target_rows).to_csv(sep="\t", index=False, lineterminator="\n")
         atomic_write_text(out_dir / TARGETS_TSV, text)
 
@@ -350,19 +247,6 @@ class GroupExplainer:
         return content
 
     # -- helpers --------------------------------------------------------------------------------------
-
-    def _grid(self, tensor_path: Path) -> tuple[ImageGrid, dict[str, Any]]:
-        from bids_app.extraction.storage import read_sidecar
-
-        sidecar = read_sidecar(tensor_path)
-        if sidecar.get("Mode") != self.record.mode.value or "Source" not in sidecar:
-            raise DataError(
-                f"Tensor sidecar of {tensor_path} has Mode {sidecar.get('Mode')!r} and Source "
-                f"{sidecar.get('Source')!r}; the model needs {self.record.mode.value} tensors with a Source. "
-                "Re-run the participant level for this image."
-            )
-        grid = read_grid(output_root(tensor_path) / str(sidecar["Source"]))
-        return grid, dict(sidecar.get("ModeParameters") or {})
 
     def _batches(self, x: np.ndarray) -> list[torch.Tensor]:
         import torch
@@ -409,13 +293,3 @@ class GroupExplainer:
             aligned = load_roi_masks([(n, Path(given[n])) for n in names], image)
             self._masks[key] = [aligned[n] for n in names]
         return self._masks[key]
-
-    @staticmethod
-    def _same_grid(reference: ImageGrid | None, grid: ImageGrid) -> ImageGrid:
-        if reference is not None and (reference.shape != grid.shape or not np.allclose(reference.affine, grid.affine)):
-            raise DataError(
-                f"{grid.source_path} and {reference.source_path} are on different grids ({grid.shape} vs "
-                f"{reference.shape}); mean maps need one template grid. Preprocess every image with the same "
-                "template and crop."
-            )
-        return reference or grid

@@ -63,7 +63,7 @@ def training_checksums(maps_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
 
     Args:
         maps_dir: the MAPS folder.
-        table: OUTPUT_DIR's images (``data.index_tensors`` columns); training images no longer there keep
+        table: OUTPUT_DIR's images (``tensor_index.index_tensors`` columns); training images no longer there keep
             ``n/a`` checksums (their participant ids are still checked).
     """
     train = read_train_table(maps_dir)
@@ -191,7 +191,7 @@ def check_identity_leaks(
     Args:
         maps_dir: the model folder.
         group_table: images to predict with ``participant_id``, ``session_id``, ``tensor_path``.
-        output_table: OUTPUT_DIR's images (``data.index_tensors`` columns): the training pool's files.
+        output_table: OUTPUT_DIR's images (``tensor_index.index_tensors`` columns): the training pool's files.
         group_name: name recorded with the pairs.
 
     Returns:

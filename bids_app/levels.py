@@ -194,8 +194,8 @@ def run_group(cfg: RunConfig) -> int:
 def _run_group(cfg: RunConfig) -> int:
     from bids_app import distributed, maps, predict, split_files, train
     from bids_app.config import DEFAULT_GROUP_STAGES, GroupStage
-    from bids_app.data import index_tensors, sample_shape
     from bids_app.models import check_compatibility
+    from bids_app.tensor_index import index_tensors, sample_shape
 
     stages = cfg.stages or DEFAULT_GROUP_STAGES
     maps_dir = cfg.output_dir / "models" / cfg.train.model_name

@@ -249,7 +249,7 @@ def predict_group(
         maps_dir: the model folder ``OUTPUT_DIR/models/<name>``.
         group_name: ``validation``, ``test`` or a user's group name (a folder name).
         table: one row per image: ``participant_id``, ``session_id``, ``source_sha256``,
-            ``raw_source_sha256`` (``data.index_tensors`` columns, optionally ``label``).
+            ``raw_source_sha256`` (``tensor_index.index_tensors`` columns, optionally ``label``).
         dataset: the samples of ``table`` (``data.TensorDataset``, built without augmentation).
         cfg: prediction options (``allow_leak``, ``voting_threshold``, ``n_bootstrap``, ``batch_size``).
         task: the MAPS task.
@@ -319,13 +319,13 @@ def external_table(predict_from: Path, record: MapsRecord) -> pd.DataFrame:
     """Images of another participant-level output, labelled when its raw dataset's tables have the label.
 
     Returns:
-        ``data.index_tensors`` rows plus ``label`` (``n/a`` for every image when no label can be read).
+        ``tensor_index.index_tensors`` rows plus ``label`` (``n/a`` for every image when no label can be read).
 
     Raises:
         InputMissingError: ``predict_from`` has no complete tensor of the MAPS' mode.
     """
-    from bids_app.data import index_tensors
     from bids_app.labels import load_labels
+    from bids_app.tensor_index import index_tensors
 
     tensors = index_tensors(predict_from, record.mode)
     if tensors.empty:
@@ -355,15 +355,16 @@ def run_predict_stage(cfg: RunConfig, maps_dir: Path, table: pd.DataFrame) -> No
     Args:
         cfg: the run configuration (``cfg.predict``, ``cfg.train.splits``, ``cfg.train.device``).
         maps_dir: the MAPS folder.
-        table: labels joined with ``data.index_tensors`` of OUTPUT_DIR (as for training).
+        table: labels joined with ``tensor_index.index_tensors`` of OUTPUT_DIR (as for training).
 
     Raises:
         ConfigError: ``predict_from`` without ``group_name``, or a reserved group name.
         InputMissingError: no trained split.
     """
-    from bids_app.data import TensorDataset, rows_for
+    from bids_app.data import TensorDataset
     from bids_app.epoch import resolve_device
     from bids_app.split_files import read_splits
+    from bids_app.tensor_index import rows_for
 
     layout = MapsLayout(maps_dir)
     record = read_maps_json(maps_dir)

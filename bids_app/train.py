@@ -79,8 +79,8 @@ def prepare_maps(cfg: RunConfig, maps_dir: Path, table: pd.DataFrame) -> MapsRec
         DataError: tensors of different shapes, or fewer than two classes in classification.
     """
     from bids_app import maps
-    from bids_app.data import encode_labels, sample_shape
     from bids_app.models import check_compatibility
+    from bids_app.tensor_index import encode_labels, sample_shape
 
     check_train_config(cfg)
     tc, task = cfg.train, cfg.labels.task
@@ -128,11 +128,11 @@ def run_train_stage(cfg: RunConfig, maps_dir: Path, splits: Splits, table: pd.Da
         cfg: the run configuration (``cfg.train`` above all).
         maps_dir: the MAPS folder ``OUTPUT_DIR/models/<name>``.
         splits: the subject-level splits (``split.read_splits``).
-        table: labels joined with ``data.index_tensors`` (``participant_id``, ``session_id``, ``label``,
+        table: labels joined with ``tensor_index.index_tensors`` (``participant_id``, ``session_id``, ``label``,
             ``tensor_path``, ``n_parts``, ...).
     """
     from bids_app import distributed
-    from bids_app.data import rows_for
+    from bids_app.tensor_index import rows_for
 
     distributed.on_main(prepare_maps, cfg, maps_dir, table)  # the other ranks read maps.json once it exists
     layout = MapsLayout(maps_dir)
@@ -195,9 +195,10 @@ def train_split(
     from bids_app import distributed, maps
     from bids_app.augment import build_augmentation
     from bids_app.checkpoint import TrainingState, fingerprint, load_checkpoint, restore_checkpoint, state_sha256
-    from bids_app.data import TensorDataset, make_loader, mix_seed
+    from bids_app.data import TensorDataset
     from bids_app.epoch import Loop, explain_training_error, make_optimizer, per_sample_loss, resolve_device
     from bids_app.provenance import seed_everything
+    from bids_app.sampling import make_loader, mix_seed
 
     tc, task = cfg.train, cfg.labels.task
     check_train_config(cfg)
@@ -327,8 +328,8 @@ def _fit(
     from tqdm import tqdm
 
     from bids_app import checkpoint, distributed, maps
-    from bids_app.data import mix_seed
     from bids_app.epoch import train_epoch, validate
+    from bids_app.sampling import mix_seed
 
     tc = cfg.train
     start = state.epoch + 1

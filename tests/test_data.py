@@ -13,13 +13,16 @@ import pandas as pd
 import pytest
 import torch
 
-from bids_app import data
+from bids_app import data, tensor_index
 from bids_app.augment import AUGMENTATIONS, build_augmentation
+from bids_app.batches import RING_SLOTS
 from bids_app.config import ExtractionMode, SliceDirection, Task
-from bids_app.data import TensorDataset, encode_labels, index_tensors, make_loader
+from bids_app.data import TensorDataset
 from bids_app.derivatives import sidecar_path, tensor_path
 from bids_app.errors import ConfigError, DataError
 from bids_app.extraction.storage import write_tensor
+from bids_app.sampling import make_loader, seed_worker
+from bids_app.tensor_index import encode_labels, index_tensors
 
 SPACE = "MNI152NLin2009aSym"
 # Stored tensor shape per mode: (n_parts, 1, ...) or (1, D, H, W) for images.
@@ -86,10 +89,10 @@ def test_index_lists_complete_tensors_with_one_glob(output_dir: Path, monkeypatc
         return original(self, pattern)
 
     monkeypatch.setattr(Path, "glob", counting_glob)
-    with caplog.at_level(logging.WARNING, logger="bids_app.data"):
+    with caplog.at_level(logging.WARNING, logger="bids_app.tensor_index"):
         table = index_tensors(output_dir, mode)
     assert len(calls) == 1
-    assert list(table.columns) == list(data.INDEX_COLUMNS)
+    assert list(table.columns) == list(tensor_index.INDEX_COLUMNS)
     assert list(zip(table.participant_id, table.session_id, strict=True)) == [
         ("sub-01", "n/a"),
         ("sub-02", "ses-M000"),
@@ -104,7 +107,7 @@ def test_index_lists_complete_tensors_with_one_glob(output_dir: Path, monkeypatc
 
 def test_index_of_empty_output_is_empty(output_dir: Path) -> None:
     table = index_tensors(output_dir, ExtractionMode.IMAGE)
-    assert table.empty and list(table.columns) == list(data.INDEX_COLUMNS)
+    assert table.empty and list(table.columns) == list(tensor_index.INDEX_COLUMNS)
 
 
 @pytest.mark.parametrize("mode", list(ExtractionMode))
@@ -211,7 +214,7 @@ def test_loader_settings(output_dir: Path) -> None:
         index_tensors(output_dir, ExtractionMode.IMAGE), ExtractionMode.IMAGE, Task.RECONSTRUCTION, label_encoding=None
     )
     loader = make_loader(dataset, batch_size=2, seed=0, num_workers=1)
-    assert loader.persistent_workers and not loader.pin_memory and loader.worker_init_fn is data.seed_worker
+    assert loader.persistent_workers and not loader.pin_memory and loader.worker_init_fn is seed_worker
     assert not make_loader(dataset, batch_size=2, seed=0).persistent_workers
     assert [index.tolist() for _, _, index in make_loader(dataset, batch_size=1, seed=0)] == [[0], [1]]
 
@@ -367,7 +370,7 @@ def test_held_batches_are_never_overwritten(output_dir: Path, workers: int) -> N
     dataset = TensorDataset(table, mode, Task.REGRESSION, label_encoding=None)
     expected = np.stack(_all_samples(dataset))
     loader = make_loader(dataset, batch_size=2, seed=1, shuffle=True, num_workers=workers)
-    assert len(loader) > 2 * data.RING_SLOTS
+    assert len(loader) > 2 * RING_SLOTS
     held = list(loader)
     views = [x[0] for x, _, _ in held]  # a view alone also keeps its batch's buffer
     del held

@@ -36,10 +36,12 @@ from torch import nn
 
 from bids_app import distributed
 from bids_app.config import ExtractionMode, Task
-from bids_app.data import SeededSampler, TensorDataset, index_tensors, make_loader
+from bids_app.data import TensorDataset
 from bids_app.distributed import DistributedEnv, detect_environment, first_host
 from bids_app.epoch import Loop, per_sample_loss, train_epoch, validate
 from bids_app.errors import ConfigError, UsageError
+from bids_app.sampling import SeededSampler, make_loader
+from bids_app.tensor_index import index_tensors
 from tests.test_data import write_tensors
 
 WORLD = 2

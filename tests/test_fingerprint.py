@@ -162,8 +162,8 @@ def test_allow_leak_predicts_and_records_the_identity_pairs(cohorts) -> None:
 def test_rescans_are_caught_after_t1_linear(tmp_path: Path) -> None:
     """Noise, bias and pose of a new acquisition, then t1-linear: the person is still recognised."""
     from bids_app.config import ExtractionMode
-    from bids_app.data import index_tensors
     from bids_app.synthetic import generate_dataset
+    from bids_app.tensor_index import index_tensors
 
     first = generate_dataset(tmp_path / "a", n_subjects=4, n_sessions=2, seed=31)
     second = generate_dataset(tmp_path / "b", n_subjects=4, n_sessions=1, seed=32, first_label=101,

@@ -24,7 +24,7 @@ from bids_app.config import (
     TrainConfig,
 )
 from bids_app.errors import ConfigError, DataError
-from bids_app.interpret import check_interpret_config, map_name, run_interpret_stage
+from bids_app.interpret import check_interpret_config, run_interpret_stage
 from bids_app.saliency import (
     SaliencyMethod,
     grad_cam,
@@ -33,6 +33,7 @@ from bids_app.saliency import (
     stitch_parts,
     vanilla_gradients,
 )
+from bids_app.saliency_maps import map_name
 from tests.conftest import run_cli
 
 CROP = (40, 48, 40)
@@ -323,11 +324,11 @@ def test_cli_interpret_writes_maps_in_template_space(trained, tmp_path: Path) ->
 
 def part_mode_maps(out: Path, dataset, source_maps: Path, mode: ExtractionMode, name: str) -> tuple[RunConfig, Path]:
     """A MAPS for ``mode`` with a small_cnn whose output bias always predicts AD (same split as ``source_maps``)."""
-    from bids_app.data import index_tensors, sample_shape
     from bids_app.derivatives import atomic_write_json
     from bids_app.levels import group_table
     from bids_app.maps import MapsLayout, read_maps_json, save_model, write_maps_json
     from bids_app.models import build_model
+    from bids_app.tensor_index import index_tensors, sample_shape
 
     cfg = RunConfig(dataset.bids_dir, out, AnalysisLevel.GROUP,
                     extraction=ExtractionConfig(roi_masks=(("hippocampus", dataset.roi_mask_path),)),
@@ -403,8 +404,8 @@ def test_target_true_explains_the_true_class_when_the_prediction_is_wrong(traine
 
 
 def table_for(cfg: RunConfig) -> pd.DataFrame:
-    from bids_app.data import index_tensors
     from bids_app.levels import group_table
+    from bids_app.tensor_index import index_tensors
 
     return group_table(cfg, index_tensors(cfg.output_dir, cfg.train.mode), cfg.labels)
 

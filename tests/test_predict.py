@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from bids_app.config import AnalysisLevel, ExtractionMode, PredictConfig, RunConfig, SplitConfig, Task, TrainConfig
-from bids_app.data import TensorDataset, index_tensors
+from bids_app.data import TensorDataset
 from bids_app.derivatives import tensor_path
 from bids_app.errors import ConfigError, DataError, InputMissingError, LeakError
 from bids_app.extraction.storage import write_tensor
@@ -25,6 +25,7 @@ from bids_app.models import build_model
 from bids_app.predict import format_tsv, format_value, predict_group, run_predict_stage
 from bids_app.split import make_splits
 from bids_app.split_files import write_splits
+from bids_app.tensor_index import index_tensors
 from bids_app.voting import compute_voting_weights, soft_vote, vote_validation
 
 CLASSES = ["CN", "AD"]

@@ -17,10 +17,12 @@ from torch import nn
 
 from bids_app import checkpoint, epoch, maps
 from bids_app.config import AnalysisLevel, ExtractionMode, LabelConfig, RunConfig, Task, TrainConfig
-from bids_app.data import TensorDataset, index_tensors, make_loader, mix_seed
+from bids_app.data import TensorDataset
 from bids_app.errors import ConfigError, DataError, TemporaryFailure
 from bids_app.maps import MapsLayout
+from bids_app.sampling import make_loader, mix_seed
 from bids_app.split import Fold, Splits
+from bids_app.tensor_index import index_tensors
 from bids_app.train import run_train_stage
 from tests.test_data import write_tensors
 
