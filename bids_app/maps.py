@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".tar", ".pkl", ".pickle", ".ckpt", ".bin")
-ROOT_NAMES = ("maps_dir", "output_dir", "bids_dir")
 MAX_SAFETENSORS_HEADER = 100_000_000  # bytes; the format's own limit
 
 

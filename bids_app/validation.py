@@ -11,7 +11,6 @@ import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from bids_app.errors import BidsValidationError, InputMissingError
 
@@ -120,11 +119,3 @@ def validate_input(bids_dir: Path, participants: Sequence[str], all_participants
     raise BidsValidationError(
         f"{bids_dir} failed BIDS validation ({summary}). Fix the dataset or pass --skip-bids-validation."
     )
-
-
-def summarize(result: ValidationResult) -> dict[str, Any]:
-    """Counts per code, for reports and tests."""
-    counts: dict[str, int] = {}
-    for issue in result.errors:
-        counts[issue.code] = counts.get(issue.code, 0) + 1
-    return {"returncode": result.returncode, "errors": counts}
