@@ -230,6 +230,12 @@ def _run_group(cfg: RunConfig) -> int:
             from bids_app.interpret import run_interpret_stage
 
             run_interpret_stage(cfg, maps_dir, table)
+        predicted = any(maps_dir.glob("split-*/best-*/test/test_image_level_prediction.tsv"))
+        if main and (GroupStage.PREDICT in stages or (GroupStage.INTERPRET in stages and predicted)):
+            from bids_app.report import write_group_report
+
+            report = write_group_report(cfg.output_dir, maps_dir)
+            log.info("Group report: %s", report)
     log.info("Group level done: model folder %s", maps_dir)
     return 0
 

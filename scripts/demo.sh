@@ -33,6 +33,7 @@ echo "  derivative dataset : $OUT"
 echo "  participant reports: $(ls "$OUT"/sub-*/sub-*_report.html | head -n 1) (one per participant)"
 echo "  status table       : $OUT/participant_status.tsv"
 echo "  model folder (MAPS): $maps"
+echo "  group report       : $maps/report.html"
 for f in "$maps"/split-0/best-*/test/test_image_level_metrics.tsv; do
   [ -f "$f" ] && { echo "  test metrics       : $f"; column -t "$f" | head -n 6; }
 done
