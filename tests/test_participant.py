@@ -252,3 +252,26 @@ def test_pet_linear_with_suvr(tmp_path: Path) -> None:
     tensors = sorted(out.glob("sub-001/ses-*/deeplearning/*_trc-FDG_*desc-image_pet.npy"))
     assert len(tensors) == 1
     assert validate(out).returncode == 0
+
+
+GOLDEN_TREE = Path(__file__).parent / "golden" / "participant_tree.txt"
+
+
+def output_tree(out: Path) -> list[str]:
+    """Every file of an output, relative, with the run id masked (it holds a time stamp and a random part)."""
+    names = []
+    for path in sorted(out.rglob("*")):
+        if path.is_file():
+            parts = path.relative_to(out).parts
+            if parts[0] == "logs":
+                parts = (parts[0], "<run-id>", *parts[2:])
+            names.append("/".join(parts))
+    return sorted(set(names))
+
+
+def test_output_tree_matches_the_golden_list(processed: Path) -> None:
+    """The layout is a contract: change tests/golden/participant_tree.txt on purpose, in review."""
+    tree = output_tree(processed)
+    if os.environ.get("BIDS_APP_UPDATE_GOLDEN"):
+        GOLDEN_TREE.write_text("\n".join(tree) + "\n")
+    assert tree == GOLDEN_TREE.read_text().splitlines()
