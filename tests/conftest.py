@@ -41,3 +41,21 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str
 def validate(root: Path) -> subprocess.CompletedProcess[str]:
     validator = shutil.which("bids-validator-deno") or str(Path(sys.executable).parent / "bids-validator-deno")
     return subprocess.run([validator, str(root)], capture_output=True, text=True, check=False, timeout=300)
+
+
+TINY_CROP = ("40", "48", "40")
+
+
+def make_cohort(root: Path, n_subjects: int, n_sessions: int, *participant_args: str):
+    """A tiny generated cohort (seed 11, atrophy 0.6) processed at participant level from its template-space
+    derivative (no registration), cropped to ``TINY_CROP``; ``participant_args`` add modes and options."""
+    from bids_app.synthetic import generate_dataset
+
+    dataset = generate_dataset(root / "bids", n_subjects=n_subjects, n_sessions=n_sessions, preset="tiny", seed=11,
+                               effect_size=0.6, preprocessed="derivative")  # fmt: skip
+    out = root / "out"
+    result = run_cli(str(dataset.bids_dir), str(out), "participant", "-d", str(dataset.derivative_dir),
+                     "--template", str(dataset.template_path), "--crop-shape", *TINY_CROP, "--nprocs", "2",
+                     *participant_args)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dataset, out

@@ -9,9 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import run_cli, validate
-
-CROP = ("40", "48", "40")
+from tests.conftest import make_cohort, run_cli, validate
 
 
 def read_tsv(path: Path) -> pd.DataFrame:
@@ -21,17 +19,7 @@ def read_tsv(path: Path) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory):
     """12 participants x 2 sessions at 4 mm, preprocessed input (no registration), image + slice tensors."""
-    from bids_app.synthetic import generate_dataset
-
-    root = tmp_path_factory.mktemp("cohort")
-    dataset = generate_dataset(root / "bids", n_subjects=12, n_sessions=2, preset="tiny", seed=11,
-                               effect_size=0.6, preprocessed="derivative")  # fmt: skip
-    out = root / "out"
-    result = run_cli(str(dataset.bids_dir), str(out), "participant", "-d", str(dataset.derivative_dir),
-                     "--template", str(dataset.template_path), "--crop-shape", *CROP,
-                     "--modes", "image", "slice", "--discarded-slices", "4", "--nprocs", "2")  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return dataset, out
+    return make_cohort(tmp_path_factory.mktemp("cohort"), 12, 2, "--modes", "image", "slice", "--discarded-slices", "4")
 
 
 def group_args(dataset, out: Path, name: str, *extra: str) -> list[str]:

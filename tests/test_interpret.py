@@ -34,7 +34,7 @@ from bids_app.saliency import (
     vanilla_gradients,
 )
 from bids_app.saliency_maps import map_name
-from tests.conftest import run_cli
+from tests.conftest import make_cohort, run_cli
 
 CROP = (40, 48, 40)
 PATCH, STRIDE, DISCARDED = 16, 12, 4
@@ -249,19 +249,11 @@ def test_interpret_options_are_checked() -> None:
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory):
     """8 participants at 4 mm (template space, non-identity affine): image, patch, slice and roi tensors."""
-    from bids_app.synthetic import generate_dataset
-
     root = tmp_path_factory.mktemp("interpret")
-    dataset = generate_dataset(root / "bids", n_subjects=8, n_sessions=1, preset="tiny", seed=11,
-                               effect_size=0.6, preprocessed="derivative")  # fmt: skip
-    out = root / "out"
-    result = run_cli(str(dataset.bids_dir), str(out), "participant", "-d", str(dataset.derivative_dir),
-                     "--template", str(dataset.template_path), "--crop-shape", *map(str, CROP),
-                     "--modes", "image", "patch", "slice", "roi", "--patch-size", str(PATCH), "--stride", str(STRIDE),
-                     "--discarded-slices", str(DISCARDED), "--roi-mask", f"hippocampus={dataset.roi_mask_path}",
-                     "--nprocs", "2", "--skip-bids-validation")  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return dataset, out
+    mask = root / "bids" / "code" / "template" / "roi-hippocampus_mask.nii.gz"  # written by the generator
+    return make_cohort(root, 8, 1, "--modes", "image", "patch", "slice", "roi", "--patch-size", str(PATCH),
+                       "--stride", str(STRIDE), "--discarded-slices", str(DISCARDED),
+                       "--roi-mask", f"hippocampus={mask}", "--skip-bids-validation")  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,8 @@ import pytest
 
 from bids_app.errors import InputMissingError
 from bids_app.report import REPORT_NAME, write_group_report
-from tests.conftest import run_cli
+from tests.conftest import make_cohort, run_cli
 
-CROP = ("40", "48", "40")
 IMG_SRC = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 HREF = re.compile(r'href="([^"]+)"')
 
@@ -36,17 +35,7 @@ def group_args(dataset, out: Path, name: str, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory):
     """10 participants x 2 sessions at 4 mm, image tensors and participant reports."""
-    from bids_app.synthetic import generate_dataset
-
-    root = tmp_path_factory.mktemp("report")
-    dataset = generate_dataset(root / "bids", n_subjects=10, n_sessions=2, preset="tiny", seed=11,
-                               effect_size=0.6, preprocessed="derivative")  # fmt: skip
-    out = root / "out"
-    result = run_cli(str(dataset.bids_dir), str(out), "participant", "-d", str(dataset.derivative_dir),
-                     "--template", str(dataset.template_path), "--crop-shape", *CROP, "--modes", "image",
-                     "--nprocs", "2")  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return dataset, out
+    return make_cohort(tmp_path_factory.mktemp("report"), 10, 2, "--modes", "image")
 
 
 @pytest.fixture(scope="module")

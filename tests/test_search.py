@@ -13,9 +13,8 @@ import pytest
 
 from bids_app.errors import ConfigError
 from bids_app.search import parse_space, sample_trials, summarize
-from tests.conftest import run_cli
+from tests.conftest import make_cohort, run_cli
 
-CROP = ("40", "48", "40")
 SPACE = """
 [train]
 learning_rate = {log_uniform = [1e-3, 3e-2]}
@@ -92,16 +91,8 @@ def test_bad_space_is_refused_naming_the_key(table: dict, message: str) -> None:
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory):
     """12 participants x 2 sessions at 4 mm, preprocessed input (no registration), image tensors."""
-    from bids_app.synthetic import generate_dataset
-
     root = tmp_path_factory.mktemp("search")
-    dataset = generate_dataset(root / "bids", n_subjects=12, n_sessions=2, preset="tiny", seed=11,
-                               effect_size=0.6, preprocessed="derivative")  # fmt: skip
-    out = root / "out"
-    result = run_cli(str(dataset.bids_dir), str(out), "participant", "-d", str(dataset.derivative_dir),
-                     "--template", str(dataset.template_path), "--crop-shape", *CROP,
-                     "--modes", "image", "--nprocs", "2")  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    dataset, out = make_cohort(root, 12, 2, "--modes", "image")
     (root / "space.toml").write_text(SPACE)
     (root / "base.toml").write_text(BASE)
     return dataset, out, root
