@@ -30,6 +30,7 @@ from bids_app import read_version
 from bids_app.config import ExtractionMode, InterpretConfig, RunConfig, Task
 from bids_app.derivatives import atomic_write_json, atomic_write_text, file_sha256
 from bids_app.errors import ConfigError, InputMissingError
+from bids_app.labels import NA as MISSING
 from bids_app.maps import MapsLayout, MapsRecord, find_model_path, load_model, validate_maps
 from bids_app.saliency import SaliencyMethod, stitch_parts
 from bids_app.saliency_maps import ClassMeans, ImageGrid, map_name, read_tensor_grid, remove_stale_maps, write_map
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 TARGETS = ("predicted", "true")
 TARGETS_TSV = "targets.tsv"
 METADATA_JSON = "interpretation.json"
-MISSING = "n/a"
 
 
 # -- options --------------------------------------------------------------------------------------------

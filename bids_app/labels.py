@@ -32,8 +32,9 @@ from bids_app.errors import DataError, InputMissingError
 
 log = logging.getLogger(__name__)
 
-NO_SESSION = "n/a"
-MISSING_VALUES = frozenset({"", "n/a"})
+NA = "n/a"  # BIDS's spelling of a missing value, in every TSV bids_app reads or writes
+NO_SESSION = NA  # session_id of a dataset without sessions
+MISSING_VALUES = frozenset({"", NA})
 TABLE_COLUMNS = ("participant_id", "session_id", "label", "age", "sex", "is_baseline")
 _SEX_SPELLINGS = {"m": "M", "male": "M", "f": "F", "female": "F", "o": "O", "other": "O"}
 _SOURCES = ("sessions", "participants", "phenotype")

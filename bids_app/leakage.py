@@ -21,6 +21,7 @@ import pandas as pd
 
 from bids_app.derivatives import atomic_path, atomic_write_json
 from bids_app.errors import DataError, InputMissingError, LeakError
+from bids_app.labels import NA as MISSING
 from bids_app.maps import MapsLayout
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,6 @@ SHA_COLUMNS = ("source_sha256", "raw_source_sha256")
 LEAK_WARNING_FILE = "leak_warning.json"
 IDENTITY_FILE = "identity_fingerprints.json"  # in the MAPS' groups/: calibration, pool images, checks made
 IDENTITY_ARRAY = "identity_fingerprints.npy"  # the pool's low-resolution volumes (n, x, y, z), float32
-MISSING = "n/a"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,6 +35,7 @@ import pandas as pd
 from bids_app.config import PredictConfig, RunConfig, Task
 from bids_app.derivatives import atomic_write_text
 from bids_app.errors import ConfigError, DataError, InputMissingError
+from bids_app.labels import NA as MISSING
 from bids_app.leakage import LeakFinding, check_identity_leaks, check_leaks, enforce_no_leak, training_checksums
 from bids_app.maps import MapsLayout, MapsRecord, load_model, read_maps_json
 from bids_app.metrics import RECONSTRUCTION_METRICS, reconstruction_metrics_per_image
@@ -59,7 +60,6 @@ log = logging.getLogger(__name__)
 
 VALIDATION_GROUP = "validation"
 TRAINING_GROUPS = frozenset({"train", VALIDATION_GROUP})  # parts of the training set: no leak check
-MISSING = "n/a"
 
 
 # -- inference ------------------------------------------------------------------------------------------

@@ -20,12 +20,12 @@ import numpy as np
 import pandas as pd
 
 from bids_app.derivatives import atomic_write_text, read_complete_sidecar
+from bids_app.labels import NO_SESSION
 from bids_app.preprocess.qc import QC_KEYS, qc_passes, qc_rule
 
 log = logging.getLogger(__name__)
 
 QC_SUMMARY_FILE = "qc_summary.tsv"
-NO_SESSION = "n/a"
 SUMMARY_COLUMNS = ("participant_id", "session_id", "suffix", "tracer", "qc_file", *QC_KEYS, "qc_metric",
                    "qc_threshold", "qc_pass")  # fmt: skip
 _QC_NAME = re.compile(

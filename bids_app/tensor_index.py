@@ -18,6 +18,7 @@ import pandas as pd
 from bids_app.config import ExtractionMode
 from bids_app.errors import DataError, InputMissingError
 from bids_app.extraction.storage import read_sidecar
+from bids_app.labels import NO_SESSION
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,6 @@ INDEX_COLUMNS = (
     "source_sha256",
     "raw_source_sha256",
 )
-NO_SESSION = "n/a"
 UNLABELLED = "n/a"
 _NAME = re.compile(r"^sub-(?P<sub>[A-Za-z0-9]+)(?:_ses-(?P<ses>[A-Za-z0-9]+))?_")
 
