@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 
 from bids_app.derivatives import atomic_path, atomic_write_json
-from bids_app.errors import DataError, InputMissingError, LeakError
+from bids_app.errors import DataError, LeakError
 from bids_app.labels import NA as MISSING
-from bids_app.maps import MapsLayout
+from bids_app.maps import MapsLayout, read_training_pool
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,7 @@ class LeakFinding:
 
 def read_train_table(maps_dir: Path) -> pd.DataFrame:
     """``groups/train+validation.tsv`` of a MAPS, read as strings."""
-    path = MapsLayout(maps_dir).train_validation_tsv
-    if not path.is_file():
-        raise InputMissingError(f"{path} does not exist; the MAPS is incomplete. Re-run the split stage.")
-    return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    return read_training_pool(maps_dir, "Re-run the split stage.")
 
 
 def training_checksums(maps_dir: Path, table: pd.DataFrame) -> pd.DataFrame:

@@ -386,20 +386,19 @@ def validate_maps(maps_dir: Path) -> MapsRecord:
     return record
 
 
-def source_training_pool(source_maps_dir: Path) -> pd.DataFrame:
-    """The source MAPS' ``groups/train+validation.tsv`` (for a transfer-learning target's own pool).
-
-    Returns:
-        Its rows as strings (``participant_id``, ``session_id``, ``label``, ...).
+def read_training_pool(maps_dir: Path, fix: str) -> pd.DataFrame:
+    """A MAPS' ``groups/train+validation.tsv`` (every image its model saw), read as strings.
 
     Raises:
-        InputMissingError: the source has no such file.
+        InputMissingError: the file does not exist; the message ends with ``fix``.
     """
-    path = MapsLayout(Path(source_maps_dir)).train_validation_tsv
+    path = MapsLayout(Path(maps_dir)).train_validation_tsv
     try:
         return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
     except FileNotFoundError:
-        raise InputMissingError(
-            f"Transfer source {source_maps_dir} has no {path.name} in groups/. Point train.transfer_from to a "
-            "MAPS written by bids_app's training."
-        ) from None
+        raise InputMissingError(f"{path} does not exist; the MAPS is incomplete. {fix}") from None
+
+
+def source_training_pool(source_maps_dir: Path) -> pd.DataFrame:
+    """The transfer source's training pool (it joins the target's own ``train+validation.tsv``)."""
+    return read_training_pool(source_maps_dir, "Point train.transfer_from to a MAPS written by bids_app's training.")
