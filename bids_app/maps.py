@@ -1,8 +1,7 @@
 """The on-disk model folder (MAPS): its layout, ``maps.json``, model files and their validation.
 
-See ``docs/maps.md`` for the tree. Model weights are stored with safetensors only: a pickle (``.pt``,
-``.pth``, ``.pth.tar``, or a pickle renamed ``model.safetensors``) is refused, because unpickling runs
-arbitrary code. Paths inside ``maps.json`` are written relative to declared roots (``${maps_dir}``,
+See ``docs/maps.md`` for the tree. Model weights are safetensors files read and written by ``weights``
+(pickles are refused). Paths inside ``maps.json`` are written relative to declared roots (``${maps_dir}``,
 ``${output_dir}``, ``${bids_dir}``) and the roots relative to the MAPS when it lies inside them, so a MAPS
 moved together with its output folder still reads back.
 """
@@ -12,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,15 +20,13 @@ import pandas as pd
 from bids_app import read_version
 from bids_app.config import ExtractionMode, RunConfig, Task
 from bids_app.config_file import config_to_nested, resolve_config
-from bids_app.derivatives import atomic_path, atomic_write_json
+from bids_app.derivatives import atomic_write_json
 from bids_app.errors import BidsAppError, DataError, InputMissingError
+from bids_app.weights import PICKLE_SUFFIXES, check_safetensors, load_state
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
-
-PICKLE_SUFFIXES = (".pt", ".pth", ".tar", ".pkl", ".pickle", ".ckpt", ".bin")
-MAX_SAFETENSORS_HEADER = 100_000_000  # bytes; the format's own limit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,38 +240,6 @@ def write_environment_json(maps_dir: Path, seed: int) -> None:
     atomic_write_json(MapsLayout(maps_dir).environment_json, environment_record(seed))
 
 
-def save_model(path: Path, model: nn.Module) -> None:
-    """Write ``model``'s state dict to ``path`` with safetensors, atomically (tied tensors saved once)."""
-    from safetensors.torch import save_model as save_safetensors
-
-    # One metadata key only: safetensors writes the metadata from a hash map, so with two keys their order,
-    # hence the file's bytes, changed from one process to the next. The version is in maps.json.
-    with atomic_path(path) as tmp:
-        save_safetensors(model, str(tmp), metadata={"format": "pt"})
-
-
-def _check_safetensors(path: Path) -> None:
-    """Refuse anything that is not a safetensors file (pickles and zip archives above all)."""
-    refuse = (
-        "Pickle model files are refused because loading them runs arbitrary code. Re-train with this bids_app "
-        "version, or convert the weights to safetensors yourself if you trust their origin."
-    )
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise DataError(f"Model file {path} is a pickle/torch checkpoint. {refuse}")
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(9)
-    except FileNotFoundError:
-        raise InputMissingError(f"Model file {path} does not exist. Train this split first.") from None
-    # A safetensors file opens with its JSON header's length (u64, little endian) then "{"; the length's first
-    # byte may be 0x80 (a header of 1920 bytes), so the header is checked before any pickle/zip magic.
-    if len(head) == 9 and 2 <= struct.unpack("<Q", head[:8])[0] <= MAX_SAFETENSORS_HEADER and head[8:9] == b"{":
-        return
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        raise DataError(f"Model file {path} is a pickle/zip archive, not safetensors. {refuse}")
-    raise DataError(f"Model file {path} is not a safetensors file. {refuse}")
-
-
 def find_model_path(maps_dir: Path, split: int, metric: str) -> Path:
     """``split-<k>/best-<metric>/model.safetensors``, checked to be safetensors.
 
@@ -289,26 +253,14 @@ def find_model_path(maps_dir: Path, split: int, metric: str) -> Path:
         best_dir = layout.best_dir(split, metric)
         pickles = sorted(p for p in best_dir.glob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
         if pickles:
-            _check_safetensors(pickles[0])
+            check_safetensors(pickles[0])
         available = sorted(p.parent.name for p in layout.split_dir(split).glob("best-*/model.safetensors"))
         raise InputMissingError(
             f"No model {path}. Available for split {split}: {available or 'none'}. Train split {split} with "
             f"selection metric '{metric}' (--stages train), or choose another metric."
         )
-    _check_safetensors(path)
+    check_safetensors(path)
     return path
-
-
-def load_state(path: Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors state dict on CPU (refusing pickles, see ``find_model_path``)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    _check_safetensors(Path(path))
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError) as exc:
-        raise DataError(f"Model file {path} is corrupt ({exc}). Re-train this split.") from exc
 
 
 def build_maps_model(record: MapsRecord) -> nn.Module:

@@ -152,7 +152,7 @@ def run_train_stage(cfg: RunConfig, maps_dir: Path, splits: Splits, table: pd.Da
 
 
 def _build_model(record: MapsRecord, cfg: RunConfig, split: int, device: torch.device) -> nn.Module:
-    from bids_app import maps
+    from bids_app import maps, weights
     from bids_app.models import freeze_all_but_last, transfer_weights
 
     model = maps.build_maps_model(record)
@@ -163,7 +163,7 @@ def _build_model(record: MapsRecord, cfg: RunConfig, split: int, device: torch.d
         metric = source.config.train.selection_metrics[0]
         source_split = split if source_layout.model_path(split, metric).is_file() else 0
         path = maps.find_model_path(source_dir, source_split, metric)
-        copied = transfer_weights(model, maps.load_state(path), source.architecture)
+        copied = transfer_weights(model, weights.load_state(path), source.architecture)
         log.info("Split %d: %d tensors transferred from %s", split, len(copied), path)
         if cfg.train.n_unfrozen_layers is not None:
             freeze_all_but_last(model, cfg.train.n_unfrozen_layers)
@@ -327,7 +327,7 @@ def _fit(
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    from bids_app import checkpoint, distributed, maps
+    from bids_app import checkpoint, distributed, weights
     from bids_app.epoch import train_epoch, validate
     from bids_app.sampling import mix_seed
 
@@ -370,7 +370,7 @@ def _fit(
                 value = scores[metric]
                 if state.improves(metric, value):
                     if main:
-                        maps.save_model(layout.model_path(split, metric), net)
+                        weights.save_model(layout.model_path(split, metric), net)
                         atomic_write_json(
                             layout.selection_json(split, metric),
                             {"metric": metric, "value": value, "epoch": epoch, "split": split},

@@ -318,9 +318,10 @@ def part_mode_maps(out: Path, dataset, source_maps: Path, mode: ExtractionMode, 
     """A MAPS for ``mode`` with a small_cnn whose output bias always predicts AD (same split as ``source_maps``)."""
     from bids_app.derivatives import atomic_write_json
     from bids_app.levels import group_table
-    from bids_app.maps import MapsLayout, read_maps_json, save_model, write_maps_json
+    from bids_app.maps import MapsLayout, read_maps_json, write_maps_json
     from bids_app.models import build_model
     from bids_app.tensor_index import index_tensors, sample_shape
+    from bids_app.weights import save_model
 
     cfg = RunConfig(dataset.bids_dir, out, AnalysisLevel.GROUP,
                     extraction=ExtractionConfig(roi_masks=(("hippocampus", dataset.roi_mask_path),)),

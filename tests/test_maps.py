@@ -15,6 +15,7 @@ from bids_app import maps, read_version
 from bids_app.config import AnalysisLevel, ExtractionConfig, ExtractionMode, RunConfig, Task, TrainConfig
 from bids_app.errors import DataError, InputMissingError
 from bids_app.maps import MapsLayout
+from bids_app.weights import save_model
 
 INPUT_SHAPE = (1, 6, 6, 6)
 ENCODING = {"AD": 0, "CN": 1}
@@ -44,7 +45,7 @@ def write_maps(root: Path, **train: object) -> tuple[RunConfig, Path]:
 def trained_model(maps_dir: Path, split: int = 0, metric: str = "loss") -> torch.nn.Module:
     torch.manual_seed(0)
     model = maps.build_maps_model(maps.read_maps_json(maps_dir))
-    maps.save_model(MapsLayout(maps_dir).model_path(split, metric), model)
+    save_model(MapsLayout(maps_dir).model_path(split, metric), model)
     maps.MapsLayout(maps_dir).summary_json(split).parent.mkdir(parents=True, exist_ok=True)
     maps.MapsLayout(maps_dir).summary_json(split).write_text("{}")
     return model
