@@ -1,12 +1,12 @@
-"""Seeded subject-level splits: held-out test, k-fold or train/validation, balance tests, leak checks.
+"""Seeded subject-level splits: held-out test, k-fold or train/validation, leak checks.
 
 Every decision is made per participant: all sessions of a participant land on the same side. The draw is
 reproducible (sorted input, ``numpy.random.default_rng(seed)``), stratified on the label (quantile bins for
 regression) and, for classification, balanced: within each class, the age (Welch t-test) and the sex
 (chi-square on the 2 x n_sexes *counts* table) of the two sides of every split must have p-values above
 ``balance_p_threshold``. A draw failing a test is redrawn, at most ``max_attempts`` times per stage; then
-the best-balanced draw (highest minimum p-value) is kept with a warning. Split files: ``split_files``
-(its functions are re-exported here). See docs/splits.md.
+the best-balanced draw (highest minimum p-value) is kept with a warning. The tests and the redraw loop:
+``balance``. Split files: ``split_files``. See docs/splits.md.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
+from bids_app.balance import balanced_draw, class_p_values
 from bids_app.config import SplitConfig, Task
 from bids_app.errors import ConfigError, DataError, LeakError
 from bids_app.labels import MISSING_VALUES, NO_SESSION, TABLE_COLUMNS, mark_baseline, natural_key, sort_table
@@ -67,34 +67,6 @@ def check_splits(splits: Splits, where: str) -> None:
     for fold in splits.folds:
         check_disjoint(splits.test, pd.concat([fold.train, fold.validation]), f"{where}: test vs split-{fold.index}")
         check_disjoint(fold.train, fold.validation, f"{where}: split-{fold.index} train vs validation")
-
-
-def age_p_value(age_a: np.ndarray, age_b: np.ndarray) -> float:
-    """Welch two-sample t-test p-value of two age samples (years, NaN ignored); 1.0 when untestable."""
-    a, b = age_a[~np.isnan(age_a)], age_b[~np.isnan(age_b)]
-    if a.size < 2 or b.size < 2:
-        return 1.0
-    if np.ptp(a) == 0 and np.ptp(b) == 0:  # t undefined; equal constants are balanced
-        return 1.0 if a[0] == b[0] else 0.0
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-
-
-def _counts_p_value(counts: np.ndarray) -> float:
-    """Chi-square p-value of a (2, n_categories) table of counts; 1.0 when one side or category is empty."""
-    counts = counts[:, counts.sum(axis=0) > 0]
-    if counts.shape[1] < 2 or (counts.sum(axis=1) == 0).any():
-        return 1.0
-    return float(stats.chi2_contingency(counts).pvalue)
-
-
-def sex_p_value(sex_a: Sequence[str], sex_b: Sequence[str]) -> float:
-    """Chi-square p-value of the side x sex table of participant *counts* (``n/a`` ignored).
-
-    Proportions would shrink the table to a total of 2 and hide real imbalances: counts are required.
-    """
-    categories = sorted({s for s in [*sex_a, *sex_b] if s not in MISSING_VALUES})
-    counts = np.array([[list(side).count(c) for c in categories] for side in (sex_a, sex_b)]).reshape(2, -1)
-    return _counts_p_value(counts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,49 +152,16 @@ def _draw(strata: np.ndarray, targets: np.ndarray, forced: np.ndarray, rng: np.r
 def _p_values(
     subjects: _Subjects, index: np.ndarray, assign: np.ndarray, sides: list[tuple[str, int]]
 ) -> Iterator[tuple[str, float]]:
-    """Age and sex p-values, per class, between bin ``b`` and the other bins, for each (name, b) side."""
-    age, sex, classes = subjects.age[index], subjects.sex[index], subjects.classes[index]
-    for name, side in sides:
-        inside = assign == side
-        for code, cls in enumerate(subjects.class_names):
-            a, b = inside & (classes == code), ~inside & (classes == code)
-            yield f"{name}/age[{cls}]", age_p_value(age[a], age[b])
-            counts = [np.bincount(sex[m][sex[m] >= 0], minlength=subjects.n_sexes) for m in (a, b)]
-            yield f"{name}/sex[{cls}]", _counts_p_value(np.array(counts).reshape(2, -1))
-
-
-def _balanced_draw(
-    draw: Callable[[], np.ndarray],
-    p_values: Callable[[np.ndarray], Iterator[tuple[str, float]]],
-    cfg: SplitConfig,
-    stage: str,
-) -> tuple[np.ndarray, dict[str, float], int]:
-    """Draw until every p-value exceeds the threshold, at most ``max_attempts`` times; else the best draw."""
-    best: tuple[np.ndarray, dict[str, float]] | None = None
-    best_min = -1.0
-    for attempt in range(1, cfg.max_attempts + 1):
-        assign, found, worst = draw(), {}, math.inf
-        for key, p in p_values(assign):
-            found[key], worst = p, min(worst, p)
-            if worst <= best_min:  # cannot beat the best draw, hence below the threshold too
-                break
-        else:
-            best, best_min = (assign, found), worst
-            if worst > cfg.balance_p_threshold:
-                log.info("%s split balanced after %d attempt(s) (lowest p = %.3g)", stage, attempt, worst)
-                return assign, found, attempt
-    assert best is not None
-    shown = ", ".join(f"{k}={v:.3g}" for k, v in best[1].items())
-    log.warning(
-        "No %s split had every balance p-value above %g in %d attempts; keeping the best-balanced draw "
-        "(lowest p = %.3g): %s",
-        stage,
-        cfg.balance_p_threshold,
-        cfg.max_attempts,
-        best_min,
-        shown,
+    """Balance p-values of a draw of the participants ``index`` (see ``balance.class_p_values``)."""
+    return class_p_values(
+        subjects.age[index],
+        subjects.sex[index],
+        subjects.n_sexes,
+        subjects.classes[index],
+        subjects.class_names,
+        assign,
+        sides,
     )
-    return best[0], best[1], cfg.max_attempts
 
 
 def _resolve_size(size: float, n: int, name: str) -> int:
@@ -329,7 +268,7 @@ def make_splits(
     counts = np.bincount(strata)
     targets = _holdout_targets(counts, n_test, rng)
     _check_rest(subjects, counts - targets[:, TEST], n_test, cfg, task)  # strata are the classes, if any
-    test_bin, p_test, tries_test = _balanced_draw(
+    test_bin, p_test, tries_test = balanced_draw(
         lambda: _draw(strata, targets, forced_test, rng),
         lambda assign: _p_values(subjects, everyone, assign, [("test", TEST)]) if balance and n_test else iter(()),
         cfg,
@@ -354,7 +293,7 @@ def make_splits(
         strata = _strata(subjects, rest, task, n_validation)
         targets = _holdout_targets(np.bincount(strata), n_validation, rng)
         sides = [("split-0", VALIDATION)]
-    fold_bin, p_folds, tries_folds = _balanced_draw(
+    fold_bin, p_folds, tries_folds = balanced_draw(
         lambda: _draw(strata, targets, forced_fold[rest], rng),
         lambda assign: _p_values(subjects, rest, assign, sides) if balance else iter(()),
         cfg,

@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from bids_app.balance import age_p_value, sex_p_value
 from bids_app.config import SplitConfig
 from bids_app.derivatives import atomic_write_json, atomic_write_text
 from bids_app.errors import DataError, InputMissingError
@@ -31,7 +32,7 @@ from bids_app.labels import (
     read_tsv,
     sort_table,
 )
-from bids_app.split import Fold, Splits, age_p_value, check_disjoint, check_splits, prepare_table, sex_p_value
+from bids_app.split import Fold, Splits, check_disjoint, check_splits, prepare_table
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ an AD participant show more of it). Same arguments give byte-identical files (gz
 streams).
 
 Who is in the cohort (diagnoses, ages, the kinds ``atrophy``/``trivial``/``random`` and re-scans of another
-generated dataset) is :mod:`bids_app.synthetic_cohorts`; the images are :mod:`bids_app.synthetic_anatomy`.
+generated dataset) is :mod:`bids_app.synthetic_cohorts`; the images are :mod:`bids_app.synthetic_anatomy` (subject
+anatomy in template space) and :mod:`bids_app.synthetic_acquisition` (native pose, noise, NIfTI bytes).
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def _write_tsv(path: Path, header: list[str], rows: list[list[str]]) -> None:
 
 
 def _write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, xform_code: int) -> None:
-    from bids_app.synthetic_anatomy import nifti_bytes
+    from bids_app.synthetic_acquisition import nifti_bytes
 
     data_bytes = nifti_bytes(data, affine, xform_code)
     with atomic_path(path) as tmp:  # no fsync: a generator needs atomic renames, not durability
@@ -236,6 +237,7 @@ def _write_preprocessed(settings: _Settings, label: str, session: str, image: np
 
 def _write_participant(settings: _Settings, index: int, p: Participant, who: Identity) -> None:
     """Render one participant's anatomy once, then acquire and write each of its sessions."""
+    from bids_app import synthetic_acquisition as acquisition
     from bids_app import synthetic_anatomy as anatomy
 
     seed, kind = settings.seed, settings.kind
@@ -249,18 +251,18 @@ def _write_participant(settings: _Settings, index: int, p: Participant, who: Ide
         prefix = f"sub-{p.label}_ses-{session}"
         session_dir = settings.out_dir / f"sub-{p.label}" / f"ses-{session}"
         template_image = cohorts.apply_kind(kind, p.affected, images.at(p.years_later + k), space, [seed, 7, index, k])
-        data, affine = anatomy.acquire_t1w(np.random.default_rng([seed, stream, index, k]), space, template_image)
+        data, affine = acquisition.acquire_t1w(np.random.default_rng([seed, stream, index, k]), space, template_image)
         _write_nifti(session_dir / "anat" / f"{prefix}_T1w.nii.gz", data, affine, SCANNER_XFORM)
-        atomic_write_json(session_dir / "anat" / f"{prefix}_T1w.json", anatomy.T1W_SIDECAR)
+        atomic_write_json(session_dir / "anat" / f"{prefix}_T1w.json", acquisition.T1W_SIDECAR)
         if settings.preprocessed is not None:
             _write_preprocessed(settings, p.label, session, template_image, space.affine)
         if pet_images is not None:
             rng_pet = np.random.default_rng([seed, stream + 1, index, k])
             pet_image = cohorts.apply_kind(kind, p.affected, pet_images.at(p.years_later + k), pet_space,
                                            [seed, 8, index, k])  # fmt: skip
-            data, affine = anatomy.acquire_pet(rng_pet, pet_space, pet_image)
+            data, affine = acquisition.acquire_pet(rng_pet, pet_space, pet_image)
             _write_nifti(session_dir / "pet" / f"{prefix}_trc-FDG_pet.nii.gz", data, affine, SCANNER_XFORM)
-            atomic_write_json(session_dir / "pet" / f"{prefix}_trc-FDG_pet.json", anatomy.PET_SIDECAR)
+            atomic_write_json(session_dir / "pet" / f"{prefix}_trc-FDG_pet.json", acquisition.PET_SIDECAR)
     logger.debug("Wrote participant %s (%s, %d sessions)", p.label, p.diagnosis, settings.n_sessions)
 
 

@@ -16,10 +16,11 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from bids_app.balance import age_p_value, sex_p_value
 from bids_app.config import SplitConfig, Task
 from bids_app.errors import ConfigError, DataError, InputMissingError, LeakError
 from bids_app.labels import format_label_table
-from bids_app.split import Splits, age_p_value, check_disjoint, make_nested_splits, make_splits, sex_p_value
+from bids_app.split import Splits, check_disjoint, make_nested_splits, make_splits
 from bids_app.split_files import load_split_file, read_splits, write_splits
 
 
@@ -198,7 +199,7 @@ def test_recorded_p_values_are_count_based_and_above_threshold() -> None:
 def test_attempts_are_bounded_and_best_draw_kept(caplog: pytest.LogCaptureFixture) -> None:
     table = make_table(n_subjects=30, seed=1)
     cfg = SplitConfig(n_splits=2, balance_p_threshold=0.999999, max_attempts=7)
-    with caplog.at_level(logging.WARNING, logger="bids_app.split"):
+    with caplog.at_level(logging.WARNING, logger="bids_app.balance"):
         splits = make_splits(table, cfg, Task.CLASSIFICATION, 0)
     assert splits.attempts == 14  # 7 per stage, then the best draw
     assert sum("best-balanced" in r.getMessage() for r in caplog.records) == 2
