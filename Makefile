@@ -40,10 +40,10 @@ bench: env
 # Re-pin: resolve the ranges of pyproject.toml in a clean venv and freeze them.
 lock:
 	rm -rf .lockenv && $(PYTHON) -m venv .lockenv
-	.lockenv/bin/pip install --quiet "torch==2.13.0" .
+	.lockenv/bin/pip install --quiet "torch==2.13.0" ".[tracking]"
 	(echo "# Exact pins of the runtime environment (the image installs these). Regenerate: make lock"; \
 	 .lockenv/bin/pip freeze --all --exclude pip --exclude bids_app | sed 's/+cpu//') > requirements.lock
-	.lockenv/bin/pip install --quiet ".[dev]"
+	.lockenv/bin/pip install --quiet ".[tracking,dev]"
 	(echo "# Exact pins of the development environment: runtime + test/lint tools. Regenerate: make lock"; \
 	 echo "-r requirements.lock"; \
 	 .lockenv/bin/pip freeze --all --exclude pip --exclude bids_app | sed 's/+cpu//' | grep -vxFf requirements.lock) > requirements-dev.lock

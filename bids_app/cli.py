@@ -197,7 +197,11 @@ def parse_config(argv: Sequence[str]) -> RunConfig:
     if "bids_filter_file" in vars(args):
         nested["bids_filters"] = _read_filter_file(args.bids_filter_file)
     cfg = resolve_config(nested)
-    for path, what in ((cfg.work_dir, "--work-dir"), (cfg.bids_database_dir, "--bids-database-dir")):
+    for path, what in (
+        (cfg.work_dir, "--work-dir"),
+        (cfg.bids_database_dir, "--bids-database-dir"),
+        (cfg.tracking.store_dir, "--track-dir"),
+    ):
         if path is not None:
             _check_writable_path(bids_dir, path.resolve(), what)
     return cfg

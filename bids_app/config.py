@@ -60,6 +60,13 @@ class Task(enum.StrEnum):
     RECONSTRUCTION = "reconstruction"
 
 
+class TrackingBackend(enum.StrEnum):
+    """Where group-level runs are mirrored, besides the MAPS (which stays the record)."""
+
+    NONE = "none"
+    MLFLOW = "mlflow"
+
+
 class GroupStage(enum.StrEnum):
     SPLIT = "split"
     TRAIN = "train"
@@ -181,6 +188,15 @@ class InterpretConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrackingConfig:
+    """Optional experiment tracking of the group level (off by default; never uses the network)."""
+
+    backend: TrackingBackend = TrackingBackend.NONE
+    store_dir: Path | None = None  # MLflow file store; None: OUTPUT_DIR/mlruns
+    experiment: str = "bids_app"
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything one invocation needs. Paths are absolute once resolved by the CLI."""
 
@@ -206,7 +222,8 @@ class RunConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     predict: PredictConfig = dataclasses.field(default_factory=PredictConfig)
     interpret: InterpretConfig = dataclasses.field(default_factory=InterpretConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 
 
 # Sections of RunConfig that are TOML tables of their own (the other fields live in [run]).
-SECTIONS = ("preprocess", "extraction", "labels", "split", "train", "predict", "interpret")
+SECTIONS = ("preprocess", "extraction", "labels", "split", "train", "predict", "interpret", "tracking")

@@ -42,6 +42,7 @@ SHARED_TEMPORARY_AGE_S = 600.0  # a temporary in OUTPUT_DIR's shared folders old
 BIDSIGNORE_ENTRIES = (
     "status",
     "models",
+    "mlruns",
     "work",
     "sub-*/deeplearning",
     "sub-*/ses-*/deeplearning",

@@ -192,7 +192,7 @@ def run_group(cfg: RunConfig) -> int:
 
 
 def _run_group(cfg: RunConfig) -> int:
-    from bids_app import distributed, maps, predict, split_files, train
+    from bids_app import distributed, maps, predict, split_files, tracking, train
     from bids_app.config import DEFAULT_GROUP_STAGES, GroupStage
     from bids_app.models import check_compatibility
     from bids_app.tensor_index import index_tensors, sample_shape
@@ -212,30 +212,37 @@ def _run_group(cfg: RunConfig) -> int:
         shape = sample_shape(table, cfg.train.mode)
         check_compatibility(cfg.train.architecture, cfg.labels.task, cfg.train.mode, shape)
     split_done = distributed.broadcast_flag((maps_dir / "groups" / "splits.json").is_file())
-    if GroupStage.SPLIT in stages and not (cfg.train.resume and split_done):
+    new_split = GroupStage.SPLIT in stages and not (cfg.train.resume and split_done)
+    if new_split:
+        distributed.on_main(refuse_existing_maps, cfg, maps_dir)
+    log_file = _log_file()
+    run_dir = Path(log_file).parent if log_file else None
+    tracker = distributed.on_main(tracking.open_tracker, cfg, maps_dir, run_dir, new_maps=new_split)
+    with (tracker or tracking.Tracker()).session() as tracker:
+        if new_split:
+            with distributed.main_only() as main:
+                if main:
+                    from bids_app.quality import write_qc_summary
+
+                    write_qc_summary(cfg.output_dir)
+                    run_split_stage(cfg, table, tensors, maps_dir / "groups")
+        if GroupStage.TRAIN in stages:
+            train.run_train_stage(cfg, maps_dir, split_files.read_splits(maps_dir / "groups"), table, tracker)
         with distributed.main_only() as main:
-            if main:
-                from bids_app.quality import write_qc_summary
+            if main and GroupStage.PREDICT in stages:
+                maps.validate_maps(maps_dir)
+                predict.run_predict_stage(cfg, maps_dir, table, tracker)
+            if main and GroupStage.INTERPRET in stages:
+                from bids_app.interpret import run_interpret_stage
 
-                refuse_existing_maps(cfg, maps_dir)
-                write_qc_summary(cfg.output_dir)
-                run_split_stage(cfg, table, tensors, maps_dir / "groups")
-    if GroupStage.TRAIN in stages:
-        train.run_train_stage(cfg, maps_dir, split_files.read_splits(maps_dir / "groups"), table)
-    with distributed.main_only() as main:
-        if main and GroupStage.PREDICT in stages:
-            maps.validate_maps(maps_dir)
-            predict.run_predict_stage(cfg, maps_dir, table)
-        if main and GroupStage.INTERPRET in stages:
-            from bids_app.interpret import run_interpret_stage
+                run_interpret_stage(cfg, maps_dir, table)
+            predicted = any(maps_dir.glob("split-*/best-*/test/test_image_level_prediction.tsv"))
+            if main and (GroupStage.PREDICT in stages or (GroupStage.INTERPRET in stages and predicted)):
+                from bids_app.report import write_group_report
 
-            run_interpret_stage(cfg, maps_dir, table)
-        predicted = any(maps_dir.glob("split-*/best-*/test/test_image_level_prediction.tsv"))
-        if main and (GroupStage.PREDICT in stages or (GroupStage.INTERPRET in stages and predicted)):
-            from bids_app.report import write_group_report
-
-            report = write_group_report(cfg.output_dir, maps_dir)
-            log.info("Group report: %s", report)
+                report = write_group_report(cfg.output_dir, maps_dir)
+                tracker.log_report(report)
+                log.info("Group report: %s", report)
     log.info("Group level done: model folder %s", maps_dir)
     return 0
 
@@ -244,10 +251,11 @@ def run_split_stage(cfg: RunConfig, table: Any, tensors: Any, groups_dir: Path) 
     """Subject-level splits for this model, guarded against transfer-learning leaks."""
     import dataclasses
 
-    from bids_app import maps, split, split_files
+    from bids_app import split, split_files
+    from bids_app.transfer_source import source_training_pool
 
     source = cfg.train.transfer_from
-    source_pool = maps.source_training_pool(source) if source else None
+    source_pool = source_training_pool(source) if source else None
     if cfg.split.split_file is not None:
         splits = split_files.load_split_file(cfg.split.split_file, table)
     elif cfg.split.parent_label:

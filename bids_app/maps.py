@@ -349,8 +349,3 @@ def read_training_pool(maps_dir: Path, fix: str) -> pd.DataFrame:
         return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
     except FileNotFoundError:
         raise InputMissingError(f"{path} does not exist; the MAPS is incomplete. {fix}") from None
-
-
-def source_training_pool(source_maps_dir: Path) -> pd.DataFrame:
-    """The transfer source's training pool (it joins the target's own ``train+validation.tsv``)."""
-    return read_training_pool(source_maps_dir, "Point train.transfer_from to a MAPS written by bids_app's training.")

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bids_app.config import ExtractionMode, GroupStage, SliceDirection, Task
+from bids_app.config import ExtractionMode, GroupStage, SliceDirection, Task, TrackingBackend
 
 
 class BoolFlag(argparse.Action):
@@ -223,5 +223,14 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
     ),
     (F, "interpret_group", "interpret.group_name", (), {"metavar": "NAME", "help": "group to explain (test)"}),
     (F, "interpret_n_steps", "interpret.n_steps", (), {"type": int, "help": "integrated-gradients steps (32)"}),
+    (
+        F,
+        "track",
+        "tracking.backend",
+        (),
+        {"choices": [b.value for b in TrackingBackend], "help": "mirror the group level in a local MLflow store"},
+    ),
+    (F, "track_dir", "tracking.store_dir", (), {"type": Path, "metavar": "DIR", "help": "default OUTPUT_DIR/mlruns"}),
+    (F, "track_experiment", "tracking.experiment", (), {"metavar": "NAME", "help": "MLflow experiment (bids_app)"}),
 )
 CONFIG_KEYS = {dest: key for _, dest, key, _, _ in OPTIONS}

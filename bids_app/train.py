@@ -24,14 +24,12 @@ import numpy as np
 import pandas as pd
 
 from bids_app.config import ExtractionMode, RunConfig, Task
-from bids_app.derivatives import atomic_write_json, atomic_write_text
+from bids_app.derivatives import atomic_write_json
 from bids_app.errors import ConfigError, DataError
 from bids_app.maps import MapsLayout, MapsRecord
+from bids_app.tracking import Tracker
 
 if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
     from bids_app.checkpoint import TrainingState
     from bids_app.epoch import Loop
     from bids_app.split import Splits
@@ -78,7 +76,7 @@ def prepare_maps(cfg: RunConfig, maps_dir: Path, table: pd.DataFrame) -> MapsRec
         ConfigError: an option is invalid, or a resume uses another model or class set than the MAPS.
         DataError: tensors of different shapes, or fewer than two classes in classification.
     """
-    from bids_app import maps
+    from bids_app import maps, transfer_source
     from bids_app.models import check_compatibility
     from bids_app.tensor_index import encode_labels, sample_shape
 
@@ -98,13 +96,7 @@ def prepare_maps(cfg: RunConfig, maps_dir: Path, table: pd.DataFrame) -> MapsRec
         "selection_level": "image" if tc.mode is ExtractionMode.IMAGE else tc.mode.value,
     }
     if tc.transfer_from is not None:
-        source = maps.validate_maps(tc.transfer_from)
-        extra["transfer_source"] = {
-            "maps_dir": str(Path(tc.transfer_from).absolute()),
-            "architecture": source.architecture,
-            "bids_app_version": source.version,
-            "n_unfrozen_layers": tc.n_unfrozen_layers,
-        }
+        extra["transfer_source"] = transfer_source.describe_source(tc.transfer_from, tc.n_unfrozen_layers)
     layout = MapsLayout(maps_dir)
     if tc.resume and layout.maps_json.is_file():
         record = maps.read_maps_json(maps_dir)
@@ -121,7 +113,9 @@ def prepare_maps(cfg: RunConfig, maps_dir: Path, table: pd.DataFrame) -> MapsRec
     return maps.read_maps_json(maps_dir)
 
 
-def run_train_stage(cfg: RunConfig, maps_dir: Path, splits: Splits, table: pd.DataFrame) -> None:
+def run_train_stage(
+    cfg: RunConfig, maps_dir: Path, splits: Splits, table: pd.DataFrame, tracker: Tracker | None = None
+) -> None:
     """Train every selected split of ``splits`` into ``maps_dir`` (finished splits are skipped on resume).
 
     Args:
@@ -130,6 +124,7 @@ def run_train_stage(cfg: RunConfig, maps_dir: Path, splits: Splits, table: pd.Da
         splits: the subject-level splits (``split.read_splits``).
         table: labels joined with ``tensor_index.index_tensors`` (``participant_id``, ``session_id``, ``label``,
             ``tensor_path``, ``n_parts``, ...).
+        tracker: where epochs and summaries are mirrored (``tracking.open_tracker``); default none.
     """
     from bids_app import distributed
     from bids_app.tensor_index import rows_for
@@ -148,30 +143,17 @@ def run_train_stage(cfg: RunConfig, maps_dir: Path, splits: Splits, table: pd.Da
             continue
         fold = folds[split]
         train_rows = rows_for(fold.train, table, "training set")
-        train_split(maps_dir, split, train_rows, rows_for(fold.validation, table, "validation set"), cfg)
-
-
-def _build_model(record: MapsRecord, cfg: RunConfig, split: int, device: torch.device) -> nn.Module:
-    from bids_app import maps, weights
-    from bids_app.models import freeze_all_but_last, transfer_weights
-
-    model = maps.build_maps_model(record)
-    source_dir = cfg.train.transfer_from
-    if source_dir is not None:
-        source = maps.validate_maps(source_dir)
-        source_layout = MapsLayout(Path(source_dir))
-        metric = source.config.train.selection_metrics[0]
-        source_split = split if source_layout.model_path(split, metric).is_file() else 0
-        path = maps.find_model_path(source_dir, source_split, metric)
-        copied = transfer_weights(model, weights.load_state(path), source.architecture)
-        log.info("Split %d: %d tensors transferred from %s", split, len(copied), path)
-        if cfg.train.n_unfrozen_layers is not None:
-            freeze_all_but_last(model, cfg.train.n_unfrozen_layers)
-    return model.to(device)
+        validation_rows = rows_for(fold.validation, table, "validation set")
+        train_split(maps_dir, split, train_rows, validation_rows, cfg, tracker)
 
 
 def train_split(
-    maps_dir: Path, split: int, train_table: pd.DataFrame, val_table: pd.DataFrame, cfg: RunConfig
+    maps_dir: Path,
+    split: int,
+    train_table: pd.DataFrame,
+    val_table: pd.DataFrame,
+    cfg: RunConfig,
+    tracker: Tracker | None = None,
 ) -> dict[str, Any]:
     """Train split ``k`` and keep one best model per selection metric.
 
@@ -181,6 +163,7 @@ def train_split(
         train_table, val_table: one row per image: ``participant_id``, ``session_id``, ``label``,
             ``tensor_path``, ``n_parts``.
         cfg: the run configuration.
+        tracker: where epochs and the summary are mirrored; default none.
 
     Returns:
         The summary also written to ``split-<k>/training_logs/summary.json``: epochs run, early stop,
@@ -192,7 +175,7 @@ def train_split(
     """
     import torch
 
-    from bids_app import distributed, maps
+    from bids_app import distributed, maps, transfer_source
     from bids_app.augment import build_augmentation
     from bids_app.checkpoint import TrainingState, fingerprint, load_checkpoint, restore_checkpoint, state_sha256
     from bids_app.data import TensorDataset
@@ -201,6 +184,7 @@ def train_split(
     from bids_app.sampling import make_loader, mix_seed
 
     tc, task = cfg.train, cfg.labels.task
+    tracker = tracker or Tracker()
     check_train_config(cfg)
     record = maps.read_maps_json(maps_dir)
     layout = MapsLayout(maps_dir)
@@ -229,7 +213,10 @@ def train_split(
     previous_determinism = torch.are_deterministic_algorithms_enabled()
     try:  # torch.cuda.OutOfMemoryError is a RuntimeError
         seed_everything(mix_seed(cfg.seed, split, 0), deterministic=tc.deterministic)
-        model = distributed.prepare_model(_build_model(record, cfg, split, device), device)
+        model = maps.build_maps_model(record)
+        if tc.transfer_from is not None:
+            transfer_source.load_source_weights(model, tc.transfer_from, split, tc.n_unfrozen_layers)
+        model = distributed.prepare_model(model.to(device), device)
         sampler_seed = mix_seed(cfg.seed, split, 1)
         rank, world_size = distributed.rank(), distributed.world_size()
         batch_size = distributed.per_rank_batch_size(tc.batch_size)
@@ -279,7 +266,8 @@ def train_split(
                 loader_generator=train_loader.generator,
             )
             log.info("Split %d resumed after epoch %d from %s", split, state.epoch, checkpoint_path)
-        _fit(layout, split, cfg, loop, train_loader, val_loader, state, stamp)
+        tracker.start_split(split, {"n_train_images": train_ds.n_images, "n_validation_images": val_ds.n_images})
+        _fit(layout, split, cfg, loop, (train_loader, val_loader), state, stamp, tracker)
     except (RuntimeError, MemoryError) as exc:
         explained = explain_training_error(exc, split, device, tc.batch_size)
         if explained is None:
@@ -304,13 +292,9 @@ def train_split(
     if distributed.is_main():
         atomic_write_json(layout.summary_json(split), summary)
         shutil.rmtree(layout.tmp_dir(split), ignore_errors=True)
+        tracker.end_split(split, summary)
     log.info("Split %d trained: best %s", split, {m: v for m, (v, _) in state.best.items()})
     return summary
-
-
-def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
-    """Rewrite ``training.tsv`` (one row per completed epoch) atomically."""
-    atomic_write_text(path, pd.DataFrame(history).to_csv(sep="\t", index=False, na_rep="n/a", lineterminator="\n"))
 
 
 def _fit(
@@ -318,25 +302,24 @@ def _fit(
     split: int,
     cfg: RunConfig,
     loop: Loop,
-    train_loader: Any,
-    val_loader: Any,
+    loaders: tuple[Any, Any],
     state: TrainingState,
     stamp: str,
+    tracker: Tracker,
 ) -> None:
     """Epochs ``state.epoch + 1 .. epochs - 1``: train, validate, log, keep best models, early-stop, checkpoint."""
-    from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
     from bids_app import checkpoint, distributed, weights
     from bids_app.epoch import train_epoch, validate
     from bids_app.sampling import mix_seed
+    from bids_app.training_log import EpochLog
 
     tc = cfg.train
+    train_loader, val_loader = loaders
     start = state.epoch + 1
     main, net = distributed.is_main(), distributed.unwrap(loop.model)
-    writer = (
-        SummaryWriter(str(layout.tensorboard_dir(split)), purge_step=start if start > 0 else None) if main else None
-    )
+    epoch_log = EpochLog(layout, split, start, tracker, main=main)
     epochs = tqdm(range(start, tc.epochs), desc=f"split {split}", initial=start, total=tc.epochs, disable=None)
     try:
         for epoch in epochs:
@@ -358,14 +341,7 @@ def _fit(
                 **{f"validation_{name}": value for name, value in scores.items()},
             }
             state.history.append(row)
-            if writer is not None:  # rank 0 writes; every rank keeps the same state
-                _write_history(layout.training_tsv(split), state.history)
-                for name, value in row.items():
-                    if name != "epoch":
-                        writer.add_scalar(
-                            name.replace("_", "/", 1) if name.startswith("validation_") else name, value, epoch
-                        )
-                writer.flush()
+            epoch_log.add(state.history)  # rank 0 records; every rank keeps the same state
             for metric in tc.selection_metrics:
                 value = scores[metric]
                 if state.improves(metric, value):
@@ -402,5 +378,4 @@ def _fit(
                 )
     finally:
         epochs.close()
-        if writer is not None:
-            writer.close()
+        epoch_log.close()

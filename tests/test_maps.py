@@ -15,6 +15,7 @@ from bids_app import maps, read_version
 from bids_app.config import AnalysisLevel, ExtractionConfig, ExtractionMode, RunConfig, Task, TrainConfig
 from bids_app.errors import DataError, InputMissingError
 from bids_app.maps import MapsLayout
+from bids_app.transfer_source import source_training_pool
 from bids_app.weights import save_model
 
 INPUT_SHAPE = (1, 6, 6, 6)
@@ -167,7 +168,7 @@ def test_source_training_pool(tmp_path: Path) -> None:
     )
     MapsLayout(maps_dir).groups_dir.mkdir()
     rows.to_csv(MapsLayout(maps_dir).train_validation_tsv, sep="\t", index=False)
-    pool = maps.source_training_pool(maps_dir)
+    pool = source_training_pool(maps_dir)
     assert pool.equals(rows)
     with pytest.raises(InputMissingError, match=r"train\+validation\.tsv"):
-        maps.source_training_pool(tmp_path / "nowhere")
+        source_training_pool(tmp_path / "nowhere")

@@ -22,7 +22,8 @@ from bids_app.extraction.storage import write_tensor
 from bids_app.leakage import LeakFinding, check_leaks
 from bids_app.maps import MapsLayout, write_maps_json
 from bids_app.models import build_model
-from bids_app.predict import format_tsv, format_value, predict_group, run_predict_stage
+from bids_app.predict import predict_group, run_predict_stage
+from bids_app.prediction_files import format_tsv, format_value
 from bids_app.split import make_splits
 from bids_app.split_files import write_splits
 from bids_app.tensor_index import index_tensors

@@ -24,6 +24,7 @@ from bids_app.sampling import make_loader, mix_seed
 from bids_app.split import Fold, Splits
 from bids_app.tensor_index import index_tensors
 from bids_app.train import run_train_stage
+from bids_app.transfer_source import source_training_pool
 from tests.test_data import write_tensors
 
 N_IMAGES = 12
@@ -394,4 +395,4 @@ def test_transfer_learning_copies_and_freezes_the_encoder(tmp_path: Path) -> Non
     record = maps.read_maps_json(target_dir)
     assert record.extra["transfer_source"]["architecture"] == "small_autoencoder"
     assert record.config.train.transfer_from == source_dir
-    assert maps.source_training_pool(source_dir).equals(pool.reset_index(drop=True).astype(str))
+    assert source_training_pool(source_dir).equals(pool.reset_index(drop=True).astype(str))
