@@ -21,9 +21,13 @@ from bids_app.errors import ConfigError, DataError, FilterError, InputMissingErr
 log = logging.getLogger(__name__)
 
 NIFTI_EXTENSIONS = [".nii", ".nii.gz"]
-# Clinica CAPS t1-linear output, read as already preprocessed input.
-CAPS_T1W_GLOB = "subjects/sub-*/ses-*/t1_linear/*_T1w.nii.gz"
-CAPS_RE = re.compile(r"sub-(?P<sub>[A-Za-z0-9]+)_ses-(?P<ses>[A-Za-z0-9]+)_.*_T1w\.nii\.gz$")
+SUFFIXES = {"t1w": "T1w", "pet": "pet"}
+# Clinica CAPS t1-linear and pet-linear outputs, read as already preprocessed input.
+CAPS_GLOBS = {
+    "t1w": "subjects/sub-*/ses-*/t1_linear/*_T1w.nii.gz",
+    "pet": "subjects/sub-*/ses-*/pet_linear/*_pet.nii.gz",
+}
+CAPS_ENTITY_NAMES = {"sub": "subject", "ses": "session", "trc": "tracer", "acq": "acquisition", "rec": "reconstruction"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,49 +187,124 @@ def raise_nothing_selected(cfg: RunConfig, participants: Sequence[str], kind: st
     )
 
 
-def query_preprocessed_images(cfg: RunConfig, participants: Sequence[str]) -> list[ImageRecord]:
-    """Already preprocessed T1w from ``--derivatives`` folders (BIDS derivative or Clinica CAPS)."""
-    records: list[ImageRecord] = []
-    wanted = set(participants)
-    for root in cfg.preprocess.derivatives_dirs:
+def query_preprocessed_images(cfg: RunConfig, participants: Sequence[str], kind: str = "t1w") -> list[ImageRecord]:
+    """Already preprocessed images of ``kind`` ('t1w' or 'pet') from ``--derivatives`` folders.
+
+    Each folder is a Clinica CAPS (``subjects/``: ``t1_linear/*_T1w.nii.gz``, ``pet_linear/*_pet.nii.gz``) or
+    a BIDS derivative (``*_desc-preproc_T1w``; PET ``*_trc-<tracer>_space-<space>_*_pet``, any ``desc``).
+    Only images in template space count (``space`` MNI152* or ``cfg.preprocess.template_space``, unless the
+    ``--bids-filter-file`` names a space), PET only for the tracers of ``--pet-tracer``. Several candidates for
+    one participant/session (and tracer) give one record, with a warning (:func:`_pick_preprocessed`).
+
+    Raises:
+        InputMissingError, FilterError: a folder is missing; no T1w at all (no PET is only a warning).
+    """
+    candidates: list[tuple[int, ImageRecord]] = []  # (position of the folder in --derivatives, record)
+    for rank, root in enumerate(cfg.preprocess.derivatives_dirs):
         if not root.is_dir():
             raise InputMissingError(f"Derivatives folder {root} does not exist. Check --derivatives.")
         if (root / "subjects").is_dir():
-            found = _query_caps(root, wanted)
+            found = _query_caps(cfg, root, set(participants), kind)
         else:
-            found = _query_derivative(cfg, root, participants)
-        records.extend(r for r in found if not cfg.session_labels or r.session_label in cfg.session_labels)
-    if not records:
-        raise_nothing_selected(cfg, participants, "t1w")
-    return sorted(records, key=lambda r: (r.participant_label, r.session_label or ""))
+            found = _query_derivative(cfg, root, participants, kind)
+        candidates.extend(
+            (rank, r)
+            for r in found
+            if (not cfg.session_labels or r.session_label in cfg.session_labels)
+            and (kind == "t1w" or r.entities.get("tracer") in cfg.preprocess.pet_tracers)
+        )
+    if not candidates and kind == "t1w":
+        raise_nothing_selected(cfg, participants, kind)
+    if not candidates:
+        log.warning(
+            "No preprocessed PET with tracer(s) %s for participant(s) %s in %s (expected a CAPS "
+            "subjects/sub-*/ses-*/pet_linear/*_trc-<tracer>_space-MNI152*_pet.nii.gz or a BIDS derivative "
+            "*_trc-<tracer>_space-%s_*_pet.nii.gz). Raw PET is not used with --derivatives (pet-linear needs the "
+            "raw T1w): run without -d to process raw T1w and PET.",
+            ", ".join(cfg.preprocess.pet_tracers),
+            ", ".join(participants),
+            ", ".join(map(str, cfg.preprocess.derivatives_dirs)),
+            cfg.preprocess.template_space,
+        )
+    return _pick_preprocessed(candidates)
 
 
-def _query_caps(root: Path, wanted: set[str]) -> list[ImageRecord]:
+def _in_template_space(entities: dict[str, Any], cfg: RunConfig, user: dict[str, Any]) -> bool:
+    space = str(entities.get("space", ""))
+    return space.startswith("MNI152") or space == cfg.preprocess.template_space or "space" in user
+
+
+def _pick_preprocessed(candidates: list[tuple[int, ImageRecord]]) -> list[ImageRecord]:
+    """One record per participant/session/suffix/tracer: the first ``--derivatives`` folder wins, then a
+    cropped (CAPS ``desc-Crop``) or ``desc-preproc`` image, then the highest run (re-scans replace failed ones),
+    then the file name. ``candidates`` pairs each record with its folder's position in ``--derivatives``."""
+
+    def preference(candidate: tuple[int, ImageRecord]) -> tuple[int, bool, int, str]:
+        rank, record = candidate
+        run = str(record.entities.get("run", "0"))
+        return (rank, record.entities.get("desc") not in ("Crop", "preproc"),
+                -int(run) if run.isdigit() else 0, record.path.name)  # fmt: skip
+
+    groups: dict[tuple[str, str, str, str], list[tuple[int, ImageRecord]]] = {}
+    for rank, r in candidates:
+        key = (r.participant_label, r.session_label or "", r.suffix, str(r.entities.get("tracer", "")))
+        groups.setdefault(key, []).append((rank, r))
+    chosen = []
+    for key in sorted(groups):
+        ranked = [record for _, record in sorted(groups[key], key=preference)]
+        if len(ranked) > 1:
+            log.warning(
+                "sub-%s%s has %d preprocessed %s candidates; using %s. Others: %s. Keep one per session, or "
+                "choose with --bids-filter-file (BIDS derivative) or the order of --derivatives.",
+                key[0],
+                f" ses-{key[1]}" if key[1] else "",
+                len(ranked),
+                key[2],
+                ranked[0].path,
+                ", ".join(str(r.path) for r in ranked[1:]),
+            )
+        chosen.append(ranked[0])
+    return chosen
+
+
+def caps_entities(path: Path) -> dict[str, str]:
+    """The entities of a CAPS file name, spelled as pybids does (``sub`` → ``subject``, ``trc`` → ``tracer``...)."""
+    name = path.name.removesuffix(".gz").removesuffix(".nii")
+    pairs = (part.split("-", 1) for part in name.split("_")[:-1] if "-" in part)
+    return {CAPS_ENTITY_NAMES.get(key, key): value for key, value in pairs}
+
+
+def _query_caps(cfg: RunConfig, root: Path, wanted: set[str], kind: str) -> list[ImageRecord]:
+    suffix = SUFFIXES[kind]
     records = []
-    for path in sorted(root.glob(CAPS_T1W_GLOB)):
-        match = CAPS_RE.search(path.name)
-        if match and match["sub"] in wanted:
-            records.append(ImageRecord(match["sub"], match["ses"], path, "T1w", {"space": "caps"}, preprocessed=True))
+    for path in sorted(root.glob(CAPS_GLOBS[kind])):
+        entities = caps_entities(path)
+        subject, session = entities.get("subject"), entities.get("session")
+        if subject in wanted and session and _in_template_space(entities, cfg, {}):
+            records.append(ImageRecord(subject, session, path, suffix, entities, preprocessed=True))
     return records
 
 
-def _query_derivative(cfg: RunConfig, root: Path, participants: Sequence[str]) -> list[ImageRecord]:
+def _query_derivative(cfg: RunConfig, root: Path, participants: Sequence[str], kind: str) -> list[ImageRecord]:
     layout = build_layout(root, participants, None, derivative=True)
-    user = _pybids_filters(cfg.bids_filters.get("t1w", {}))
-    query = {"suffix": "T1w", "desc": "preproc", "extension": NIFTI_EXTENSIONS, **user}
+    user = _pybids_filters(cfg.bids_filters.get(kind, {}))
+    base: dict[str, Any] = {"suffix": "T1w", "desc": "preproc"} if kind == "t1w" else {"suffix": "pet"}
+    try:
+        files = layout.get(subject=list(participants), extension=NIFTI_EXTENSIONS, **{**base, **user})
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"Invalid BIDS filter for '{kind}' {user}: {exc}. Use pybids entity names.") from None
     records = []
-    for f in layout.get(subject=list(participants), **query):
+    for f in files:
         entities = f.get_entities()
-        if not str(entities.get("space", "")).startswith("MNI152") and "space" not in user:
-            continue
-        records.append(
-            ImageRecord(
-                entities["subject"],
-                entities.get("session"),
-                Path(f.path),
-                "T1w",
-                dict(entities),
-                preprocessed=True,
+        if _in_template_space(entities, cfg, user):
+            records.append(
+                ImageRecord(
+                    entities["subject"],
+                    entities.get("session"),
+                    Path(f.path),
+                    SUFFIXES[kind],
+                    dict(entities),
+                    preprocessed=True,
+                )
             )
-        )
     return records

@@ -66,7 +66,10 @@ def run_participant(cfg: RunConfig) -> int:
         records = query_preprocessed_images(cfg, participants)
     else:
         records = query_raw_images(cfg, participants, "t1w")
-    if cfg.preprocess.pet_tracers:
+    if cfg.preprocess.pet_tracers and cfg.preprocess.derivatives_dirs:
+        # template-space PET only: pet-linear on raw PET needs the raw T1w's transform, which -d skips
+        records += query_preprocessed_images(cfg, participants, "pet")
+    elif cfg.preprocess.pet_tracers:
         records += [
             r
             for r in query_raw_images(cfg, participants, "pet")

@@ -38,6 +38,14 @@ from bids_app.status import Outcome, StatusRow
 log = logging.getLogger(__name__)
 
 STANDARD_SPACES = {DEFAULT_SPACE, "MNI152NLin2009cSym", "MNI152NLin2009cAsym", "MNI152NLin6Asym", "MNI152Lin"}
+# The preprocessed image sidecar's Description, by (is PET, was already preprocessed).
+DESCRIPTIONS = {
+    (False, False): "t1-linear: N4 bias correction, affine registration to the template, crop",
+    (False, True): "already preprocessed input, cropped to the template box",
+    (True, False): "pet-linear: rigid registration to the session's T1w composed with its affine to the template, "
+    "crop, SUVR normalisation",
+    (True, True): "already preprocessed input, cropped to the template box, SUVR normalisation",
+}
 
 
 def check_extraction(cfg: RunConfig) -> None:
@@ -129,9 +137,7 @@ class ParticipantJob:
         extra = self._extra_entities(record)
         path = preproc_path(out, self.label, record.session_label, self.space, record.suffix, extra)
         raw_sha = file_sha256(record.path)
-        settings = dataclasses.asdict(cfg.preprocess)
-        settings.pop("derivatives_dirs")
-        pre_hash = config_hash({"preprocess": settings, "input_sha256": raw_sha, "preprocessed": record.preprocessed})
+        pre_hash = self._preprocess_hash(record, raw_sha)
         existing = read_complete_sidecar(path)
         provenance = {"RawSource": str(record.path), "RawSourceSHA256": raw_sha, "PreprocHash": pre_hash}
         if existing and existing.get("ConfigHash") == pre_hash and not cfg.overwrite:
@@ -141,13 +147,13 @@ class ParticipantJob:
             self.report_entries.append((record, image, existing.get("QC", {})))
             return image, {**provenance, "Source": path, "SourceSHA256": existing["SHA256"]}, True
 
-        if record.preprocessed:
+        if record.suffix == "pet":
+            image, qc = self._run_pet(record)
+        elif record.preprocessed:
             from bids_app.preprocess.t1_linear import load_preprocessed
 
             image = load_preprocessed(record.path, self.template, cfg.preprocess)
             qc = compute_qc(image, self.template_crop)
-        elif record.suffix == "pet":
-            image, qc = self._run_pet(record)
         else:
             from bids_app.preprocess.t1_linear import run_t1_linear
 
@@ -172,13 +178,20 @@ class ParticipantJob:
         self.report_entries.append((record, image, qc))
         return image, {**provenance, "Source": path, "SourceSHA256": sha}, False
 
+    def _preprocess_hash(self, record: ImageRecord, raw_sha: str) -> str:
+        """What the preprocessed image depends on: the input's bytes and the settings that act on its kind."""
+        settings = dataclasses.asdict(self.cfg.preprocess)
+        for unrelated in ("derivatives_dirs", "pet_tracers"):  # where inputs come from, not how they are processed
+            settings.pop(unrelated)
+        if record.suffix != "pet":
+            settings.pop("suvr_reference_mask")
+        return config_hash({"preprocess": settings, "input_sha256": raw_sha, "preprocessed": record.preprocessed})
+
     def _preproc_sidecar(self, record: ImageRecord, pre_hash: str, sha: str, qc: dict[str, Any]) -> dict[str, Any]:
         cfg = self.cfg
         sidecar: dict[str, Any] = {
             "SkullStripped": False,  # t1-linear does not remove the skull
-            "Description": "t1-linear: N4 bias correction, affine registration to the template, crop"
-            if not record.preprocessed
-            else "already preprocessed input, cropped to the template box",
+            "Description": DESCRIPTIONS[record.suffix == "pet", record.preprocessed],
         }
         source = bids_uri(cfg.bids_dir, record.path)
         if source:
@@ -207,9 +220,13 @@ class ParticipantJob:
             self.t1_transforms[record.session_label] = (record.path, xfm)
 
     def _run_pet(self, record: ImageRecord) -> tuple[Any, dict[str, float]]:
+        """pet-linear on a raw PET, or the crop and SUVR normalisation of one already in template space."""
         from bids_app.errors import InputMissingError
-        from bids_app.preprocess.pet_linear import run_pet_linear
+        from bids_app.preprocess.pet_linear import load_preprocessed_pet, run_pet_linear
 
+        if record.preprocessed:
+            loaded = load_preprocessed_pet(record.path, self.template, self.cfg.preprocess)
+            return loaded.image, loaded.qc
         if record.session_label not in self.t1_transforms:
             raise InputMissingError(
                 f"PET {record.path} needs the T1w of sub-{self.label} session {record.session_label} "

@@ -81,7 +81,8 @@ def normalize_suvr(
     else:
         mask_img = load_checked_nifti(cfg.suvr_reference_mask, kind="SUVR reference mask")
         what = f"SUVR reference mask {cfg.suvr_reference_mask}"
-        reference = np.asarray(to_crop_grid(mask_img, template_img, cfg, what).dataobj) > 0.5
+        fix = "Resample the mask to the template grid (nearest neighbour)"
+        reference = np.asarray(to_crop_grid(mask_img, template_img, cfg, what, fix).dataobj) > 0.5
         region = f"reference mask {cfg.suvr_reference_mask}"
     data = np.asarray(pet_crop.dataobj, dtype=np.float32)
     if not reference.any():
@@ -167,7 +168,8 @@ def load_preprocessed_pet(path: Path, template_img: nib.Nifti1Image, cfg: Prepro
     """
     start = time.perf_counter()
     pet = load_checked_nifti(path, kind="preprocessed pet")
-    pet_crop = to_crop_grid(pet, template_img, cfg, f"Preprocessed PET {path}")
+    fix = "Process the raw PET and T1w without -d instead (pet-linear registers them)"
+    pet_crop = to_crop_grid(pet, template_img, cfg, f"Preprocessed PET {path}", fix)
     suvr, reference_mean = normalize_suvr(pet_crop, template_img, cfg, Path(path))
     qc = compute_qc(suvr, crop_image(template_img, crop_box(template_img, cfg.crop_shape)))
     qc["suvr_reference_mean"] = reference_mean

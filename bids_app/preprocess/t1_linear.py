@@ -302,12 +302,17 @@ def _same_grid(img: nib.Nifti1Image, shape: tuple[int, ...], affine: np.ndarray)
 
 
 def to_crop_grid(
-    img: nib.Nifti1Image, template_img: nib.Nifti1Image, cfg: PreprocessConfig, what: str
+    img: nib.Nifti1Image,
+    template_img: nib.Nifti1Image,
+    cfg: PreprocessConfig,
+    what: str,
+    fix: str = "Pass the raw T1w instead (t1-linear registers it)",
 ) -> nib.Nifti1Image:
     """An image in template space brought to the cropped template grid, without resampling.
 
     Accepts the full template grid (the crop is applied) or the cropped grid itself (affine within
-    ``AFFINE_TOLERANCE_MM``). ``what`` names the image in the error message.
+    ``AFFINE_TOLERANCE_MM``). ``what`` names the image in the error message, ``fix`` the remedy offered
+    besides choosing the right template.
 
     Raises:
         DataError: any other grid.
@@ -323,8 +328,8 @@ def to_crop_grid(
         f"{what} is not on the template grid: {describe_grid(img.shape[:3], img.affine)}; expected the template "
         f"{cfg.template_space} grid, shape {tuple(template_img.shape[:3])} (or its crop {tuple(template_crop.shape)}), "
         f"voxel size {sizes} mm, with the template's affine:\n{np.array2string(template_img.affine[:3], precision=3)}\n"
-        "Pass the raw T1w instead (t1-linear registers it), or set preprocess.template_path to the template "
-        "the image was registered to (e.g. Clinica CAPS images use MNI152NLin2009cSym)."
+        f"{fix}, or set preprocess.template_path to the template the image was registered to (e.g. Clinica CAPS "
+        "images use MNI152NLin2009cSym)."
     )
 
 
