@@ -21,7 +21,7 @@ bids_app "$BIDS" "$OUT" participant --nprocs "$NPROCS" --omp-nthreads 1 --modes 
 echo "== 3/4 group level: subject-level split, then a 3D CNN on the medial-temporal ROI, test predictions"
 bids_app "$BIDS" "$OUT" group --label diagnosis --task classification --mode roi \
   --architecture conv4_fc3 --epochs 40 --batch-size 4 --learning-rate 0.003 --n-splits 1 --test-size 0.25 \
-  --model-name demo_cnn --seed 42
+  --model-name demo_cnn --seed 42 --track mlflow
 
 echo "== 4/4 validating the derivative dataset"
 bids-validator-deno "$OUT" --ignoreWarnings >/dev/null && echo "bids-validator-deno: $OUT is valid"
@@ -38,3 +38,4 @@ for f in "$maps"/split-0/best-*/test/test_image_level_metrics.tsv; do
   [ -f "$f" ] && { echo "  test metrics       : $f"; column -t "$f" | head -n 6; }
 done
 echo "  run logs           : $OUT/logs/"
+echo "  MLflow store       : $OUT/mlruns (browse with the full mlflow package: docs/tracking.md)"
