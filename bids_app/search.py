@@ -293,7 +293,7 @@ def summarize(output_dir: Path, name: str, metric: str | None = None) -> pd.Data
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bids_app.cli import BidsAppParser
+    from bids_app.arguments import BidsAppParser
 
     parser = BidsAppParser(
         prog="python -m bids_app.search",
@@ -316,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the search (all trials, or ``--trial K``), then write the summary; returns the exit code."""
     from bids_app import levels
-    from bids_app.cli import configure_logging, parse_config
+    from bids_app.arguments import parse_config
+    from bids_app.cli import configure_logging  # this main is a console entry point, like cli.main
     from bids_app.metrics import higher_is_better
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bids_app import read_version
-from bids_app.cli import parse_config, parse_labels
+from bids_app.arguments import parse_config, parse_labels
 from bids_app.config import ExtractionMode, RunConfig
 from bids_app.config_file import dump_config, load_config_file, resolve_config
 from bids_app.errors import AnalysisLevelError, ConfigError, UsageError
