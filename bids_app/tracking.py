@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -224,7 +224,7 @@ class MlflowTracker(Tracker):
         self._write_link(link_path, run.info.run_id)
         return str(run.info.run_id)
 
-    def _guarded(self, what: str, action: Any, *args: Any) -> None:
+    def _guarded(self, what: str, action: Callable[..., object], *args: Any) -> None:
         if not self.active:
             return
         try:
