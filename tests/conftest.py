@@ -6,8 +6,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from bids_app.synthetic import GeneratedDataset
 
 
 @pytest.fixture(scope="session")
@@ -46,13 +50,30 @@ def validate(root: Path) -> subprocess.CompletedProcess[str]:
 TINY_CROP = ("40", "48", "40")
 
 
-def make_cohort(root: Path, n_subjects: int, n_sessions: int, *participant_args: str):
-    """A tiny generated cohort (seed 11, atrophy 0.6) processed at participant level from its template-space
-    derivative (no registration), cropped to ``TINY_CROP``; ``participant_args`` add modes and options."""
+def make_dataset(
+    root: Path, n_subjects: int, n_sessions: int, *, seed: int = 11, effect_size: float = 0.6, **generate_options: Any
+) -> GeneratedDataset:
+    """A tiny generated BIDS dataset in ``root / "bids"`` with its template-space derivative; ``seed``,
+    ``effect_size`` and ``generate_options`` go to :func:`bids_app.synthetic.generate_dataset`."""
     from bids_app.synthetic import generate_dataset
 
-    dataset = generate_dataset(root / "bids", n_subjects=n_subjects, n_sessions=n_sessions, preset="tiny", seed=11,
-                               effect_size=0.6, preprocessed="derivative")  # fmt: skip
+    return generate_dataset(root / "bids", n_subjects=n_subjects, n_sessions=n_sessions, preset="tiny", seed=seed,
+                            effect_size=effect_size, preprocessed="derivative", **generate_options)  # fmt: skip
+
+
+def make_cohort(
+    root: Path,
+    n_subjects: int,
+    n_sessions: int,
+    *participant_args: str,
+    seed: int = 11,
+    effect_size: float = 0.6,
+    **generate_options: Any,
+) -> tuple[GeneratedDataset, Path]:
+    """A tiny generated cohort (:func:`make_dataset`, by default seed 11, atrophy 0.6) processed at participant
+    level into ``root / "out"`` from its template-space derivative (no registration), cropped to ``TINY_CROP``;
+    ``participant_args`` add modes and options."""
+    dataset = make_dataset(root, n_subjects, n_sessions, seed=seed, effect_size=effect_size, **generate_options)
     out = root / "out"
     result = run_cli(str(dataset.bids_dir), str(out), "participant", "-d", str(dataset.derivative_dir),
                      "--template", str(dataset.template_path), "--crop-shape", *TINY_CROP, "--nprocs", "2",

@@ -23,8 +23,8 @@ import pytest
 
 from bids_app.cli import main
 from bids_app.derivatives import file_sha256
+from tests.conftest import TINY_CROP, make_cohort
 
-CROP = ("40", "48", "40")
 # Records of the latest run rather than outputs: its log folder, the status tables that list its failures, and
 # a participant's HTML report (with its figures), which shows the images that run processed.
 RECORDS_OF_THE_RUN = re.compile(r"^(logs/|status/|participant_status\.tsv$|sub-\w+/(figures/|sub-\w+_report\.html$))")
@@ -41,20 +41,15 @@ def tree_hashes(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """6 participants x 2 sessions processed (image tensors) and one trained model, before any bad run."""
-    from bids_app.synthetic import generate_dataset
-
     root = tmp_path_factory.mktemp("bad_inputs")
-    dataset = generate_dataset(root / "bids", n_subjects=6, n_sessions=2, preset="tiny", seed=4,
-                               preprocessed="derivative")  # fmt: skip
-    out = root / "out"
-    assert main(participant_args(dataset, out)) == 0
+    dataset, out = make_cohort(root, 6, 2, "--modes", "image", "--skip-bids-validation", seed=4, effect_size=0.5)
     assert main(group_args(dataset, out, "--model-name", "model")) == 0
     return {"dataset": dataset, "out": out, "hashes": tree_hashes(out)}
 
 
 def participant_args(dataset: Any, out: Path, *extra: str) -> list[str]:
     return [str(dataset.bids_dir), str(out), "participant", "-d", str(dataset.derivative_dir),
-            "--template", str(dataset.template_path), "--crop-shape", *CROP, "--modes", "image",
+            "--template", str(dataset.template_path), "--crop-shape", *TINY_CROP, "--modes", "image",
             "--skip-bids-validation", *extra]  # fmt: skip
 
 

@@ -30,9 +30,8 @@ import pytest
 from bids_app.cli import main
 from bids_app.derivatives import BIDSIGNORE_ENTRIES, SHARED_TEMPORARY_AGE_S, file_sha256, sidecar_path
 from bids_app.extraction.storage import load_tensor
-from tests.conftest import validate
+from tests.conftest import TINY_CROP, make_cohort, make_dataset, validate
 
-CROP = ("40", "48", "40")
 KILLED = -9  # Popen's returncode for a process ended by SIGKILL
 
 FAULT_HOOK = """
@@ -124,7 +123,7 @@ def assert_nothing_looks_complete_but_is_not(out: Path) -> None:
 
 def participant_args(dataset: Any, out: Path, *extra: str) -> list[str]:
     return [str(dataset.bids_dir), str(out), "participant", "-d", str(dataset.derivative_dir),
-            "--template", str(dataset.template_path), "--crop-shape", *CROP, "--modes", "image", "patch",
+            "--template", str(dataset.template_path), "--crop-shape", *TINY_CROP, "--modes", "image", "patch",
             "--patch-size", "16", "--stride", "16", "--skip-bids-validation", *extra]  # fmt: skip
 
 
@@ -169,16 +168,13 @@ def test_participant_killed_at_each_write_window_then_rerun_matches_uninterrupte
 
 @pytest.mark.slow  # ~45 s of CPU; run by `make test` (CI), skipped by `make test-fast`
 def test_twenty_concurrent_participant_processes_share_one_output(hook_dir: Path, tmp_path: Path) -> None:
-    from bids_app.synthetic import generate_dataset
-
-    dataset = generate_dataset(tmp_path / "bids", n_subjects=20, n_sessions=1, preset="tiny", seed=8,
-                               preprocessed="derivative")  # fmt: skip
+    dataset = make_dataset(tmp_path, 20, 1, seed=8, effect_size=0.5)
     out = tmp_path / "out"
     env = {**os.environ, "BIDS_APP_TEST_FAULT": ""}
     procs = [
         subprocess.Popen([sys.executable, "-m", "bids_app", str(dataset.bids_dir), str(out), "participant",
                           "-d", str(dataset.derivative_dir), "--template", str(dataset.template_path),
-                          "--crop-shape", *CROP, "--modes", "image", "--skip-bids-validation",
+                          "--crop-shape", *TINY_CROP, "--modes", "image", "--skip-bids-validation",
                           "--participant-label", label],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         for label in dataset.participants
@@ -196,7 +192,7 @@ def test_twenty_concurrent_participant_processes_share_one_output(hook_dir: Path
     tensors = sorted(out.glob("sub-*/ses-*/deeplearning/*desc-image_T1w.npy"))
     assert len(tensors) == 20
     for tensor in tensors:
-        assert load_tensor(tensor).shape == (1, *map(int, CROP))
+        assert load_tensor(tensor).shape == (1, *map(int, TINY_CROP))
     exits = [json.loads(p.read_text())["exit_code"] for p in out.glob("logs/*/exit.json")]
     assert exits == [0] * 20
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
@@ -241,18 +237,9 @@ def test_one_unwritable_output_file_exits_74_not_65(
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
-    """8 participants, one session, image tensors (participant level run in-process, no registration)."""
-    from bids_app.synthetic import generate_dataset
-
+    """8 participants, one session, image tensors (no registration)."""
     root = tmp_path_factory.mktemp("fault_cohort")
-    dataset = generate_dataset(root / "bids", n_subjects=8, n_sessions=1, preset="tiny", seed=2,
-                               preprocessed="derivative")  # fmt: skip
-    out = root / "out"
-    code = main([str(dataset.bids_dir), str(out), "participant", "-d", str(dataset.derivative_dir),
-                 "--template", str(dataset.template_path), "--crop-shape", *CROP, "--modes", "image",
-                 "--skip-bids-validation"])  # fmt: skip
-    assert code == 0
-    return dataset, out
+    return make_cohort(root, 8, 1, "--modes", "image", "--skip-bids-validation", seed=2, effect_size=0.5)
 
 
 def group_args(dataset: Any, out: Path, *extra: str) -> list[str]:

@@ -11,7 +11,7 @@ import pytest
 
 from bids_app import fingerprint
 from bids_app.errors import DataError
-from tests.conftest import run_cli
+from tests.conftest import make_cohort, run_cli
 
 CROP = ("40", "48", "40")
 
@@ -88,23 +88,14 @@ def test_fingerprints_refuse_another_grid() -> None:
 @pytest.fixture(scope="module")
 def cohorts(tmp_path_factory: pytest.TempPathFactory):
     """A trained cohort (8 x 2 sessions) and a second cohort whose first 3 participants are its re-scans."""
-    from bids_app.synthetic import generate_dataset
-
     root = tmp_path_factory.mktemp("identity")
-    first = generate_dataset(root / "a", n_subjects=8, n_sessions=2, seed=21, preprocessed="derivative")
-    second = generate_dataset(root / "b", n_subjects=5, n_sessions=1, seed=22, preprocessed="derivative",
-                              first_label=101, rescans_of=first, n_rescans=3)  # fmt: skip
-    outputs = []
-    for dataset, name in ((first, "out_a"), (second, "out_b")):
-        out = root / name
-        result = run_cli(str(dataset.bids_dir), str(out), "participant", "-d", str(dataset.derivative_dir),
-                         "--template", str(dataset.template_path), "--crop-shape", *CROP, "--modes", "image",
-                         "--skip-bids-validation")  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-        outputs.append(out)
-    train = run_cli(*group_args(first, outputs[0]))
+    options = ("--modes", "image", "--skip-bids-validation")
+    first, out_a = make_cohort(root / "a", 8, 2, *options, seed=21, effect_size=0.5)
+    second, out_b = make_cohort(root / "b", 5, 1, *options, seed=22, effect_size=0.5, first_label=101,
+                                rescans_of=first, n_rescans=3)  # fmt: skip
+    train = run_cli(*group_args(first, out_a))
     assert train.returncode == 0, train.stderr[-3000:]
-    return first, second, outputs[0], outputs[1]
+    return first, second, out_a, out_b
 
 
 def group_args(dataset, out: Path, *extra: str) -> list[str]:
