@@ -23,8 +23,8 @@ import torch
 
 from bids_app.cli import main
 from bids_app.derivatives import file_sha256
+from tests.conftest import TINY_CROP, make_dataset
 
-CROP = ("40", "48", "40")
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 PATH_EVENTS = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.truncate", "os.symlink",
                "os.link", "os.utime", "shutil.rmtree", "shutil.move", "shutil.copyfile"}  # fmt: skip
@@ -105,13 +105,10 @@ def snapshot(root: Path) -> dict[str, tuple[str, str | None, int]]:
 @pytest.fixture(scope="module")
 def watched_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Participant (raw with registration, then preprocessed input) and group runs, watched, in-process."""
-    from bids_app.synthetic import generate_dataset
-
     root = tmp_path_factory.mktemp("security")
-    dataset = generate_dataset(root / "bids", n_subjects=8, n_sessions=1, preset="tiny", seed=9,
-                               preprocessed="derivative")  # fmt: skip
+    dataset = make_dataset(root, 8, 1, seed=9, effect_size=0.5)
     out = root / "out"
-    common = ["--template", str(dataset.template_path), "--crop-shape", *CROP, "--modes", "image"]
+    common = ["--template", str(dataset.template_path), "--crop-shape", *TINY_CROP, "--modes", "image"]
     before = snapshot(dataset.bids_dir)
     WATCH.root, WATCH.armed = str(dataset.bids_dir.resolve()), True
     try:
@@ -120,7 +117,7 @@ def watched_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             main([str(dataset.bids_dir), str(out), "participant", "-d", str(dataset.derivative_dir), *common]),
             main([str(dataset.bids_dir), str(out), "group", "--label", "diagnosis", "--architecture", "small_cnn",
                   "--mode", "image", "--epochs", "1", "--batch-size", "2", "--n-splits", "2", "--test-size", "0.25",
-                  "--seed", "3", "--device", "cpu"]),
+                  "--seed", "3", "--device", "cpu", "--track", "mlflow"]),  # tracking must not reach out either
         ]  # fmt: skip
     finally:
         WATCH.armed = False
@@ -152,6 +149,8 @@ def test_bids_dir_is_never_written(watched_runs: dict[str, Any]) -> None:
 
 def test_no_network_use_during_any_run(watched_runs: dict[str, Any], tmp_path: Path) -> None:
     assert watched_runs["network"] == []
+    store = watched_runs["out"] / "mlruns"
+    assert len(list(store.glob("*/*/meta.yaml"))) == 3, "the watched group run was tracked (MAPS run + 2 splits)"
     WATCH.root, WATCH.armed = str(tmp_path), True  # control: the hook does see network use
     try:
         socket.getaddrinfo("localhost", 80)

@@ -257,3 +257,35 @@ def test_search_trials_are_runs_of_one_experiment(cohort: tuple[Any, Path], tmp_
         params = runs[trial["model_name"]].data.params
         assert float(params["train.learning_rate"]) == pytest.approx(trial["params"]["train.learning_rate"])
         assert params["train.model_name"] == trial["model_name"]
+
+
+# MLflow turns its telemetry off by itself under pytest or CI; the run below has neither, so only bids_app's own
+# settings keep MLflow from calling home.
+TESTING_MARKERS = ("PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS", "GITLAB_CI", "JENKINS_URL", "BUILDKITE", "TF_BUILD",
+                   "TRAVIS", "CIRCLECI", "DO_NOT_TRACK", *MLFLOW_ENVIRONMENT)  # fmt: skip
+WATCHED_RUN = """
+import json, sys
+NETWORK = {"socket.connect", "socket.getaddrinfo", "socket.gethostbyname", "http.client.connect", "urllib.Request"}
+events = []
+sys.addaudithook(lambda event, args: events.append([event, repr(args[:2])]) if event in NETWORK else None)
+from bids_app.cli import main
+code = main(sys.argv[1:])
+from mlflow.telemetry import utils
+print(json.dumps({"code": code, "events": events, "testing": utils._IS_IN_CI_ENV_OR_TESTING,
+                  "telemetry_disabled": utils.is_telemetry_disabled()}))
+"""
+
+
+def test_tracked_run_outside_tests_makes_no_network_call(cohort: tuple[Any, Path], tmp_path: Path) -> None:
+    dataset, out = cohort
+    env = {key: value for key, value in os.environ.items() if key not in TESTING_MARKERS}
+    args = group_args(dataset, out, "offline", "--epochs", "1", "--track", "mlflow", "--track-dir", str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", WATCHED_RUN, *args], capture_output=True, text=True, env=env,
+                            timeout=600, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["code"] == 0
+    assert record["testing"] is False, "MLflow must not see a test or CI environment here"
+    assert record["telemetry_disabled"] is True
+    assert record["events"] == []
+    assert len(runs_by_name(tmp_path)) == 3
