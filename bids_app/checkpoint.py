@@ -216,7 +216,7 @@ def fingerprint(cfg: RunConfig, split: int, train_table: pd.DataFrame, val_table
         ]
         for name, t in (("train", train_table), ("validation", val_table))
     }
-    content = {"seed": cfg.seed, "split": split, "train": train_options, "labels": nested["labels"], **images}
+    content = {"seed": cfg.seed, "split": split, "train_options": train_options, "labels": nested["labels"], **images}
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 

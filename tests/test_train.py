@@ -396,3 +396,17 @@ def test_transfer_learning_copies_and_freezes_the_encoder(tmp_path: Path) -> Non
     assert record.extra["transfer_source"]["architecture"] == "small_autoencoder"
     assert record.config.train.transfer_from == source_dir
     assert source_training_pool(source_dir).equals(pool.reset_index(drop=True).astype(str))
+
+
+def test_checkpoint_fingerprint_covers_the_training_options(tmp_path: Path) -> None:
+    """A resume with another learning rate or architecture is refused: the options are part of the fingerprint
+    (they were once shadowed by the images' ``train`` key, so no option counted)."""
+    rows = pd.DataFrame({"participant_id": ["sub-1"], "session_id": ["ses-1"], "label": ["AD"],
+                         "tensor_path": ["sub-1_ses-1_image.npy"]})  # fmt: skip
+    cfg = RunConfig(tmp_path, tmp_path / "out", AnalysisLevel.GROUP)
+    stamp = checkpoint.fingerprint(cfg, 0, rows, rows)
+    for change in ({"learning_rate": 0.5}, {"architecture": "resnet3d"}, {"dropout": 0.1}):
+        other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **change))
+        assert checkpoint.fingerprint(other, 0, rows, rows) != stamp, change
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=99))
+    assert checkpoint.fingerprint(longer, 0, rows, rows) == stamp
