@@ -1,11 +1,13 @@
 """Benchmark one CPU training step of ``conv5_fc3`` on t1-linear images (169x208x179), four variants.
 
-A step is what ``epoch.train_epoch`` does per batch: forward, per-sample cross-entropy, backward, Adam step.
-Variants: float32 or bf16 autocast (``TrainConfig.amp`` on CPU), contiguous or ``torch.channels_last_3d``
-memory format (model and inputs). Each variant gets a fresh model (same seed), ``--warmup`` untimed steps,
-then ``--steps`` timed steps; it prints images/s (median step) and the loss after the timed steps, so a
-variant that trains differently shows. Data are random tensors already in memory: this measures the model,
-not the loader (see ``bench_dataloader.py``).
+A step is one batch of ``epoch.train_epoch``, the function training runs: the batch put on the device in the
+loop's memory format, forward under the loop's autocast, per-sample cross-entropy, backward, Adam step. The
+loop is built from a ``TrainConfig`` as ``train.train_split`` builds it, so the variants are the training
+options themselves: ``train.amp`` (bf16 autocast on CPU) and ``train.channels_last`` (model and batches in
+``torch.channels_last_3d``). Each variant gets a fresh model (same seed), one untimed epoch of ``--warmup``
+batches, then a timed epoch of ``--steps`` batches; it prints images/s (median step) and the mean loss of the
+timed epoch, so a variant that trains differently shows. Data are one random batch already in memory, handed
+out ``--steps`` times: this measures the model, not the loader (see ``bench_dataloader.py``).
 
 Run: ``python benchmarks/bench_train_step.py [--batch-size 2] [--warmup 2] [--steps 5] [--threads N]``.
 """
@@ -13,45 +15,77 @@ Run: ``python benchmarks/bench_train_step.py [--batch-size 2] [--warmup 2] [--st
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import time
+from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 
-from bids_app.config import Task
+from bids_app.config import Task, TrainConfig
+from bids_app.epoch import (
+    Loop,
+    autocast_dtype,
+    batch_memory_format,
+    make_optimizer,
+    per_sample_loss,
+    set_memory_format,
+    train_epoch,
+)
 from bids_app.models import build_model
 
 SHAPE = (1, 169, 208, 179)
+DEVICE = torch.device("cpu")
 
 
-def step_times(batch_size: int, channels_last: bool, bf16: bool, warmup: int, steps: int) -> tuple[list[float], float]:
-    """Seconds of each timed step and the last loss."""
+class TimedBatches:
+    """``n_batches`` times the batch ``(x, y)``, iterated like a DataLoader; notes when each step starts and ends.
+
+    ``train_epoch`` asks for the next batch once it has finished with the previous one (optimizer step
+    included), so the time between two hand-outs is one step.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, n_batches: int) -> None:
+        self.x, self.y, self.n_batches = x, y, n_batches
+        self.dataset = range(n_batches * len(x))  # train_epoch divides by the number of samples
+        self.times: list[float] = []
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        index = torch.arange(len(self.x))
+        for _ in range(self.n_batches):
+            self.times.append(time.perf_counter())
+            yield self.x, self.y, index
+        self.times.append(time.perf_counter())
+
+    def step_seconds(self) -> list[float]:
+        return [end - start for start, end in zip(self.times, self.times[1:], strict=False)]
+
+
+def step_times(tc: TrainConfig, batch_size: int, warmup: int, steps: int) -> tuple[list[float], float]:
+    """Seconds of each timed step and the timed epoch's mean per-sample loss, for the options of ``tc``."""
     torch.manual_seed(0)
-    model = build_model("conv5_fc3", task=Task.CLASSIFICATION, input_shape=SHAPE, n_outputs=2)
+    model = build_model(tc.architecture, task=Task.CLASSIFICATION, input_shape=SHAPE, n_outputs=2, dropout=tc.dropout)
+    memory_format = batch_memory_format(len(SHAPE) + 1, tc.channels_last)
+    set_memory_format(model.to(DEVICE), memory_format)
+    loop = Loop(
+        model=model,
+        optimizer=make_optimizer(tc.optimizer, list(model.parameters()), tc.learning_rate, tc.weight_decay),
+        scheduler=None,
+        scaler=torch.amp.GradScaler(DEVICE.type, enabled=False),  # no loss scaling on CPU (bf16)
+        loss_fn=per_sample_loss(Task.CLASSIFICATION, tc.loss),
+        device=DEVICE,
+        amp_dtype=autocast_dtype(DEVICE, tc.amp),
+        memory_format=memory_format,
+    )
     x = torch.rand(batch_size, *SHAPE)
     y = torch.arange(batch_size) % 2
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    model.train()
-    times = []
-    loss = torch.tensor(float("nan"))
-    for step in range(warmup + steps):
-        start = time.perf_counter()
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        with autocast:
-            out = model(x)
-        loss = F.cross_entropy(out.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-    return times, float(loss.detach())
+    train_epoch(loop, TimedBatches(x, y, warmup))  # type: ignore[arg-type]
+    timed = TimedBatches(x, y, steps)
+    loss = train_epoch(loop, timed)  # type: ignore[arg-type]
+    return timed.step_seconds(), loss
 
 
 def main() -> None:
@@ -64,13 +98,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, load average {os.getloadavg()[0]:.2f} (1 min)")
     print(f"conv5_fc3, batch {args.batch_size} x {SHAPE}, {args.warmup} warm-up + {args.steps} timed steps")
-    print(f"{'variant':<32} {'s/step':>8} {'images/s':>9} {'loss':>8}")
-    for bf16 in (False, True):
+    print(f"{'variant':<40} {'s/step':>8} {'images/s':>9} {'loss':>8}")
+    for amp in (False, True):
         for channels_last in (False, True):
-            name = f"{'bf16 autocast' if bf16 else 'float32'}, {'channels_last_3d' if channels_last else 'contiguous'}"
-            times, loss = step_times(args.batch_size, channels_last, bf16, args.warmup, args.steps)
+            tc = TrainConfig(architecture="conv5_fc3", amp=amp, channels_last=channels_last, device="cpu")
+            name = f"amp={amp} ({'bf16' if amp else 'float32'}), channels_last={channels_last}"
+            times, loss = step_times(tc, args.batch_size, args.warmup, args.steps)
             median = statistics.median(times)
-            print(f"{name:<32} {median:>8.2f} {args.batch_size / median:>9.2f} {loss:>8.4f}")
+            print(f"{name:<40} {median:>8.2f} {args.batch_size / median:>9.2f} {loss:>8.4f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,10 @@ from bids_app.derivatives import atomic_path
 from bids_app.errors import ConfigError, DataError
 
 FORMAT_VERSION = 1
-# Options that may change between an interrupted run and its resume.
-RESUMABLE_KEYS = ("resume", "epochs", "splits", "num_workers", "device", "cache_samples")
+# Options that may change between an interrupted run and its resume. ``device`` and ``channels_last`` change
+# where and in which memory layout the same values are computed (results agree within float tolerance, not bit
+# for bit); a checkpoint's tensors load into either layout.
+RESUMABLE_KEYS = ("resume", "epochs", "splits", "num_workers", "device", "cache_samples", "channels_last")
 
 
 @dataclasses.dataclass

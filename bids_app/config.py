@@ -153,6 +153,7 @@ class TrainConfig:
     augmentations: tuple[str, ...] = ()
     class_weighted_sampling: bool = False
     amp: bool = False
+    channels_last: bool = False  # model and batches in channels-last memory format (speed only)
     device: str = "auto"
     num_workers: int = 0
     cache_samples: bool = False  # keep every sample in memory after its first read (per worker process)

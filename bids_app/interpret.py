@@ -110,8 +110,8 @@ def run_interpret_stage(cfg: RunConfig, maps_dir: Path, table: pd.DataFrame) -> 
     """Write saliency maps for every trained split (module docstring).
 
     Args:
-        cfg: the run configuration (``cfg.interpret``; ``cfg.train.splits``, ``device``; ``cfg.predict``'s
-            batch size and external group; ``cfg.extraction.roi_masks`` for roi models).
+        cfg: the run configuration (``cfg.interpret``; ``cfg.train``'s ``splits``, ``device``, ``channels_last``;
+            ``cfg.predict``'s batch size and external group; ``cfg.extraction.roi_masks`` for roi models).
         maps_dir: the MAPS folder.
         table: labels joined with ``tensor_index.index_tensors`` of OUTPUT_DIR (as for training).
 
@@ -163,9 +163,12 @@ class GroupExplainer:
     def __init__(
         self, cfg: RunConfig, record: MapsRecord, model: torch.nn.Module, methods: Sequence[SaliencyMethod], target: str
     ) -> None:
+        from bids_app.epoch import batch_memory_format, set_memory_format
         from bids_app.saliency import saliency_function
 
         self.cfg, self.record, self.model, self.target = cfg, record, model, target
+        self.memory_format = batch_memory_format(len(record.input_shape) + 1, cfg.train.channels_last)
+        set_memory_format(model, self.memory_format)  # --channels-last: the model and every batch (_batches)
         self.methods = tuple(methods)
         self.functions = {m: saliency_function(m, model, n_steps=cfg.interpret.n_steps) for m in self.methods}
         encoding = record.label_encoding or {}
@@ -253,7 +256,8 @@ class GroupExplainer:
 
         device = next(self.model.parameters()).device
         size = max(1, self.cfg.predict.batch_size)
-        return [torch.from_numpy(x[i : i + size]).to(device) for i in range(0, len(x), size)]
+        batches = (torch.from_numpy(x[i : i + size]) for i in range(0, len(x), size))
+        return [batch.to(device, memory_format=self.memory_format) for batch in batches]
 
     def _predict(self, x: np.ndarray) -> int:
         """The image's predicted class: arg max of its parts' mean softmax (one part in image mode)."""

@@ -179,6 +179,13 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
     ),
     (F, "device", "train.device", (), {"choices": ["auto", "cpu", "cuda"]}),
     (F, "amp", "train.amp", (), {"action": "store_true", "help": "automatic mixed precision"}),
+    (
+        F,
+        "channels_last",
+        "train.channels_last",
+        (),
+        {"action": "store_true", "help": "channels-last memory format for model and batches (speed only)"},
+    ),
     (F, "deterministic", "train.deterministic", (), {"action": "store_true", "help": "deterministic algorithms"}),
     (F, "resume", "train.resume", (), {"action": "store_true", "help": "continue an interrupted training"}),
     (F, "transfer_from", "train.transfer_from", (), {"type": Path, "metavar": "MAPS"}),

@@ -65,7 +65,9 @@ TRAINING_GROUPS = frozenset({"train", VALIDATION_GROUP})  # parts of the trainin
 # -- inference ------------------------------------------------------------------------------------------
 
 
-def run_inference(model: torch.nn.Module, dataset: TensorDataset, task: Task, batch_size: int) -> pd.DataFrame:
+def run_inference(
+    model: torch.nn.Module, dataset: TensorDataset, task: Task, batch_size: int, *, channels_last: bool = False
+) -> pd.DataFrame:
     """Predict every sample of ``dataset`` in order and return the part-level table.
 
     Args:
@@ -76,6 +78,8 @@ def run_inference(model: torch.nn.Module, dataset: TensorDataset, task: Task, ba
             an unlabelled image.
         task: how outputs are read.
         batch_size: samples per forward pass.
+        channels_last: run in channels-last memory format (``epoch.batch_memory_format``): the model is
+            converted in place and every batch on its device; the predictions agree within float tolerance.
 
     Returns:
         Part-level table (``voting`` module docstring); in reconstruction the columns ``mae``, ``rmse``,
@@ -83,8 +87,14 @@ def run_inference(model: torch.nn.Module, dataset: TensorDataset, task: Task, ba
     """
     import torch
 
+    from bids_app.epoch import batch_memory_format, set_memory_format
+
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
+    memory_format = torch.preserve_format
+    if channels_last and len(dataset):
+        memory_format = batch_memory_format(len(dataset.sample_shape_of(0)) + 1, channels_last)
+        set_memory_format(model, memory_format)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
     indices: list[np.ndarray] = []
     labels: list[np.ndarray] = []
@@ -94,7 +104,7 @@ def run_inference(model: torch.nn.Module, dataset: TensorDataset, task: Task, ba
     try:
         with torch.inference_mode():
             for x, y, index in loader:
-                result = model(x.to(device=device, dtype=torch.float32)).float().cpu()
+                result = model(x.to(device=device, dtype=torch.float32, memory_format=memory_format)).float().cpu()
                 if task is Task.CLASSIFICATION:
                     outputs.append(torch.softmax(result, dim=1).numpy().astype(np.float64))
                     labels.append(np.where(y.numpy() < 0, np.nan, y.numpy().astype(np.float64)))
@@ -153,6 +163,7 @@ def predict_group(
     class_names: Sequence[str] | None = None,
     train_table: pd.DataFrame | None = None,
     identity_findings: Sequence[LeakFinding] = (),
+    channels_last: bool = False,
 ) -> None:
     """Predict one group with the best model of a split and write its TSVs (module docstring).
 
@@ -175,6 +186,7 @@ def predict_group(
         train_table: training/validation images with checksums (``leakage.training_checksums``); default
             ``groups/train+validation.tsv``.
         identity_findings: this group's ``leakage.check_identity_leaks`` pairs, refused or recorded with the rest.
+        channels_last: run the model in channels-last memory format (``run_inference``).
 
     Raises:
         LeakError: the group shares participants or scans with training/validation and ``allow_leak`` is off.
@@ -190,7 +202,7 @@ def predict_group(
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = load_model(maps_dir, split, selection_metric, device)
-    parts = run_inference(model, dataset, task, cfg.batch_size)
+    parts = run_inference(model, dataset, task, cfg.batch_size, channels_last=channels_last)
     expected = set(zip(table["participant_id"].astype(str), table["session_id"].astype(str), strict=True))
     missing = sorted(expected - set(zip(parts["participant_id"], parts["session_id"], strict=True)))
     if missing:
@@ -268,7 +280,7 @@ def run_predict_stage(cfg: RunConfig, maps_dir: Path, table: pd.DataFrame, track
     whose anatomical fingerprints are first compared with the training pool's (``leakage.check_identity_leaks``).
 
     Args:
-        cfg: the run configuration (``cfg.predict``, ``cfg.train.splits``, ``cfg.train.device``).
+        cfg: the run configuration (``cfg.predict``; ``cfg.train``'s ``splits``, ``device``, ``channels_last``).
         maps_dir: the MAPS folder.
         table: labels joined with ``tensor_index.index_tensors`` of OUTPUT_DIR (as for training).
         tracker: where each group's metrics are mirrored (``tracking.open_tracker``); default none.
@@ -314,6 +326,7 @@ def run_predict_stage(cfg: RunConfig, maps_dir: Path, table: pd.DataFrame, track
                     maps_dir, name, rows, dataset, cfg.predict, record.task, split, metric,
                     model=model, class_names=class_names, train_table=train_table,
                     identity_findings=identity if name == other_name else (),
+                    channels_last=cfg.train.channels_last,
                 )  # fmt: skip
                 tracker.log_group(split, metric, name)
     tracker.log_prediction_means()

@@ -179,7 +179,16 @@ def train_split(
     from bids_app.augment import build_augmentation
     from bids_app.checkpoint import TrainingState, fingerprint, load_checkpoint, restore_checkpoint, state_sha256
     from bids_app.data import TensorDataset
-    from bids_app.epoch import Loop, explain_training_error, make_optimizer, per_sample_loss, resolve_device
+    from bids_app.epoch import (
+        Loop,
+        autocast_dtype,
+        batch_memory_format,
+        explain_training_error,
+        make_optimizer,
+        per_sample_loss,
+        resolve_device,
+        set_memory_format,
+    )
     from bids_app.provenance import seed_everything
     from bids_app.sampling import make_loader, mix_seed
 
@@ -216,7 +225,8 @@ def train_split(
         model = maps.build_maps_model(record)
         if tc.transfer_from is not None:
             transfer_source.load_source_weights(model, tc.transfer_from, split, tc.n_unfrozen_layers)
-        model = distributed.prepare_model(model.to(device), device)
+        memory_format = batch_memory_format(len(record.input_shape) + 1, tc.channels_last)
+        model = distributed.prepare_model(set_memory_format(model.to(device), memory_format), device)
         sampler_seed = mix_seed(cfg.seed, split, 1)
         rank, world_size = distributed.rank(), distributed.world_size()
         batch_size = distributed.per_rank_batch_size(tc.batch_size)
@@ -249,8 +259,9 @@ def train_split(
             scaler=torch.amp.GradScaler(device.type, enabled=tc.amp and device.type == "cuda"),
             loss_fn=per_sample_loss(task, tc.loss),
             device=device,
-            amp_dtype=(torch.bfloat16 if device.type == "cpu" else torch.float16) if tc.amp else None,
+            amp_dtype=autocast_dtype(device, tc.amp),
             accumulation_steps=tc.accumulation_steps,
+            memory_format=memory_format,
         )
         if tc.lr_plateau_patience > 0:
             loop.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(loop.optimizer, patience=tc.lr_plateau_patience)
