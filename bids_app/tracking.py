@@ -98,11 +98,13 @@ def open_tracker(cfg: RunConfig, maps_dir: Path, run_dir: Path | None, *, new_ma
         new_maps: the split stage just (re)wrote the MAPS: start a new MAPS run even if one is linked.
 
     Raises:
-        ConfigError: MLflow is not installed.
+        ConfigError: MLflow is not installed, or the experiment name is empty.
         OutputError: the store cannot be created or written.
     """
     if cfg.tracking.backend is TrackingBackend.NONE:
         return Tracker()
+    if not cfg.tracking.experiment.strip():
+        raise ConfigError("tracking.experiment is empty; give --track-experiment a name (default: bids_app).")
     return MlflowTracker(cfg, maps_dir, run_dir, new_maps=new_maps)
 
 

@@ -227,6 +227,14 @@ def test_missing_mlflow_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.Mon
         open_tracker(cfg, tmp_path / "out" / "models" / "m", None, new_maps=True)
 
 
+def test_empty_experiment_name_is_a_usage_error(tmp_path: Path) -> None:
+    tracking = TrackingConfig(TrackingBackend.MLFLOW, experiment=" ")
+    cfg = RunConfig(tmp_path, tmp_path / "out", AnalysisLevel.GROUP, tracking=tracking)
+    with pytest.raises(ConfigError, match="--track-experiment"):
+        open_tracker(cfg, tmp_path / "out" / "models" / "m", None, new_maps=True)
+    assert not (tmp_path / "out").exists()
+
+
 def test_every_config_key_is_a_parameter(tmp_path: Path) -> None:
     cfg = RunConfig(tmp_path, tmp_path / "out", AnalysisLevel.GROUP)
     params = flatten_config(cfg)
