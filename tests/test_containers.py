@@ -325,3 +325,17 @@ def test_image_name_agrees_everywhere() -> None:
     assert _descriptor()["container-image"]["image"] == f"{name}:{VERSION}"
     assert re.search(rf"^From:\s*{re.escape(name)}:", sections["header"], re.MULTILINE)
     assert f'BIDS_APP_CONTAINER="singularity:{name}:{VERSION}"' in sections["environment"]
+
+
+def test_python_checks_in_the_recipes_pass_here() -> None:
+    """The `python -c` checks of the Dockerfile and Singularity.def run against this tree's package (a moved
+    function breaks the image build otherwise, which only container-check would see)."""
+    snippets = [
+        snippet
+        for recipe in ("Dockerfile", "Singularity.def")
+        for snippet in re.findall(r'python -c "([^"]+)"', (REPO / recipe).read_text())
+    ]
+    assert len(snippets) >= 4
+    for snippet in snippets:
+        result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (snippet, result.stderr[-2000:])
