@@ -68,6 +68,10 @@ class MapsLayout:
         """Predictions and metrics of that model on one group (``train``, ``validation``, ``test``...)."""
         return self.best_dir(split, metric) / group
 
+    def metrics_tsv(self, split: int, metric: str, group: str) -> Path:
+        """Image-level metrics of that model on one group, with their bootstrap intervals (labelled groups)."""
+        return self.group_dir(split, metric, group) / f"{group}_image_level_metrics.tsv"
+
     def training_logs_dir(self, split: int) -> Path:
         return self.split_dir(split) / "training_logs"
 

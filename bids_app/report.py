@@ -236,7 +236,7 @@ def _metric_table(metrics: pd.DataFrame) -> pd.DataFrame:
 def _test_results(layout: MapsLayout, record: MapsRecord, split: int, metric: str) -> str:
     folder = layout.group_dir(split, metric, TEST_GROUP)
     prediction_path = folder / f"{TEST_GROUP}_image_level_prediction.tsv"
-    metrics_path = folder / f"{TEST_GROUP}_image_level_metrics.tsv"
+    metrics_path = layout.metrics_tsv(split, metric, TEST_GROUP)
     prediction = _read_tsv(prediction_path, "test predictions")
     metrics = _read_tsv(metrics_path, "test metrics")
     _required_columns(metrics, ("metric", "value", "ci_low", "ci_high"), metrics_path)

@@ -30,6 +30,7 @@ from bids_app.config import SECTIONS, RunConfig, Task
 from bids_app.config_file import config_to_nested, merge_nested, resolve_config
 from bids_app.derivatives import atomic_write_json, atomic_write_text
 from bids_app.errors import BidsAppError, ConfigError, InputMissingError, UsageError
+from bids_app.maps import MapsLayout
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ def write_search_record(output_dir: Path, name: str, space_table: Mapping[str, A
 
 def _validation_metric(maps_dir: Path, split: int, selection: str, metric: str) -> float | None:
     """The validation value of ``metric`` for one split's ``best-<selection>`` model; None when absent."""
-    path = maps_dir / f"split-{split}" / f"best-{selection}" / "validation" / "validation_image_level_metrics.tsv"
+    path = MapsLayout(maps_dir).metrics_tsv(split, selection, "validation")
     if not path.is_file():
         return None
     table = pd.read_csv(path, sep="\t", dtype={"metric": str}, na_values=["n/a"])

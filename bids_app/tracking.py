@@ -297,8 +297,7 @@ class MlflowTracker(Tracker):
         self._guarded(f"ending split {split}", record)
 
     def log_group(self, split: int, selection_metric: str, group_name: str) -> None:
-        group_dir = self.layout.group_dir(split, selection_metric, group_name)
-        path = group_dir / f"{group_name}_image_level_metrics.tsv"
+        path = self.layout.metrics_tsv(split, selection_metric, group_name)
 
         def record() -> None:
             if not path.is_file():  # an unlabelled group has predictions but no metrics
