@@ -11,11 +11,32 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from bids_app.arguments import parse_config
 from bids_app.errors import BidsAppError
 
 log = logging.getLogger("bids_app")
+
+
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not to the stream of its creation.
+
+    A handler bound to the ``sys.stderr`` of its creation keeps writing to it after it was replaced and
+    closed (by a test runner capturing output, a notebook, a caller redirecting stderr), and logging then
+    prints a "--- Logging error ---" traceback for every record instead of the record.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # StreamHandler.__init__ and setStream assign it; stderr wins
+        pass
 
 
 def configure_logging(verbose: int) -> None:
@@ -26,7 +47,7 @@ def configure_logging(verbose: int) -> None:
     level = logging.WARNING if verbose < 0 else (logging.INFO if verbose == 0 else logging.DEBUG)
     if os.environ.get("RANK", "0") != "0":
         level = max(level, logging.WARNING)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger("bids_app")
     root.handlers[:] = [handler]

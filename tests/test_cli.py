@@ -202,3 +202,19 @@ def test_scratch_folders_inside_bids_dir_are_refused(tmp_path: Path, flag: str) 
     result = run_cli(str(bids), str(tmp_path / "o"), "participant", flag, str(bids / "scratch"))
     assert result.returncode == 64
     assert flag in result.stderr and "never writes" in result.stderr
+
+
+def test_console_logging_follows_stderr_after_it_was_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller that swaps and closes sys.stderr (a test runner, a notebook) still gets the records."""
+    import io
+    import logging
+
+    from bids_app.cli import configure_logging
+
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    configure_logging(0)
+    first.close()
+    monkeypatch.setattr(sys, "stderr", second)
+    logging.getLogger("bids_app.test").info("after the swap %d", 1)
+    assert "INFO bids_app.test: after the swap 1" in second.getvalue()
