@@ -1,13 +1,14 @@
-"""Benchmark one CPU training step of ``conv5_fc3`` on t1-linear images (169x208x179), four variants.
+"""Benchmark one CPU training step of ``conv5_fc3`` on t1-linear images (169x208x179), two memory layouts.
 
 A step is one batch of ``epoch.train_epoch``, the function training runs: the batch put on the device in the
-loop's memory format, forward under the loop's autocast, per-sample cross-entropy, backward, Adam step. The
-loop is built from a ``TrainConfig`` as ``train.train_split`` builds it, so the variants are the training
-options themselves: ``train.amp`` (bf16 autocast on CPU) and ``train.channels_last`` (model and batches in
-``torch.channels_last_3d``). Each variant gets a fresh model (same seed), one untimed epoch of ``--warmup``
-batches, then a timed epoch of ``--steps`` batches; it prints images/s (median step) and the mean loss of the
-timed epoch, so a variant that trains differently shows. Data are one random batch already in memory, handed
-out ``--steps`` times: this measures the model, not the loader (see ``bench_dataloader.py``).
+loop's memory format, forward, per-sample cross-entropy, backward, Adam step. The loop is built from a
+``TrainConfig`` as ``train.train_split`` builds it, so the variants are the training option itself:
+``train.channels_last`` off and on (model and batches in ``torch.channels_last_3d``). There is no bfloat16
+variant: ``train.amp`` is refused on a CPU (``check_cpu_bf16_conv.py`` shows why). Each variant gets a fresh
+model (same seed), one untimed epoch of ``--warmup`` batches, then a timed epoch of ``--steps`` batches; it
+prints images/s (median step) and the mean loss of the timed epoch, so a variant that trains differently shows.
+Data are one random batch already in memory, handed out ``--steps`` times: this measures the model, not the
+loader (see ``bench_dataloader.py``).
 
 Run: ``python benchmarks/bench_train_step.py [--batch-size 2] [--warmup 2] [--steps 5] [--threads N]``.
 """
@@ -74,7 +75,7 @@ def step_times(tc: TrainConfig, batch_size: int, warmup: int, steps: int) -> tup
         model=model,
         optimizer=make_optimizer(tc.optimizer, list(model.parameters()), tc.learning_rate, tc.weight_decay),
         scheduler=None,
-        scaler=torch.amp.GradScaler(DEVICE.type, enabled=False),  # no loss scaling on CPU (bf16)
+        scaler=torch.amp.GradScaler(DEVICE.type, enabled=False),  # loss scaling is for float16 on CUDA
         loss_fn=per_sample_loss(Task.CLASSIFICATION, tc.loss),
         device=DEVICE,
         amp_dtype=autocast_dtype(DEVICE, tc.amp),
@@ -99,13 +100,12 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, load average {os.getloadavg()[0]:.2f} (1 min)")
     print(f"conv5_fc3, batch {args.batch_size} x {SHAPE}, {args.warmup} warm-up + {args.steps} timed steps")
     print(f"{'variant':<40} {'s/step':>8} {'images/s':>9} {'loss':>8}")
-    for amp in (False, True):
-        for channels_last in (False, True):
-            tc = TrainConfig(architecture="conv5_fc3", amp=amp, channels_last=channels_last, device="cpu")
-            name = f"amp={amp} ({'bf16' if amp else 'float32'}), channels_last={channels_last}"
-            times, loss = step_times(tc, args.batch_size, args.warmup, args.steps)
-            median = statistics.median(times)
-            print(f"{name:<40} {median:>8.2f} {args.batch_size / median:>9.2f} {loss:>8.4f}", flush=True)
+    for channels_last in (False, True):
+        tc = TrainConfig(architecture="conv5_fc3", channels_last=channels_last, device="cpu")
+        times, loss = step_times(tc, args.batch_size, args.warmup, args.steps)
+        median = statistics.median(times)
+        name = f"float32, channels_last={channels_last}"
+        print(f"{name:<40} {median:>8.2f} {args.batch_size / median:>9.2f} {loss:>8.4f}", flush=True)
 
 
 if __name__ == "__main__":

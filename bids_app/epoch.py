@@ -95,10 +95,24 @@ def per_sample_loss(task: Task, name: str | None) -> LossFn:
 
 
 def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """What ``train.amp`` autocasts to on ``device``: bfloat16 on CPU, float16 on CUDA; None without AMP."""
+    """What ``train.amp`` autocasts to on ``device``: float16 on CUDA (with loss scaling); None without AMP.
+
+    Raises:
+        ConfigError: AMP on a CPU. CPU autocast means bfloat16, and the oneDNN kernels of the pinned torch
+            (2.13.0, CPU build) compute bfloat16 convolution weight gradients wrongly for padded convolutions
+            on small feature maps (a 3D map 2 voxels deep, for instance): off by up to 1e37, differing from
+            run to run, sometimes a heap corruption. ``benchmarks/check_cpu_bf16_conv.py`` measures it.
+    """
     if not amp:
         return None
-    return torch.bfloat16 if device.type == "cpu" else torch.float16
+    if device.type != "cuda":
+        raise ConfigError(
+            f"--amp (train.amp) is refused on device {device.type}: CPU mixed precision is bfloat16, and torch "
+            f"{torch.__version__.split('+')[0]}'s bfloat16 convolution gradients are wrong on small feature maps "
+            "(see docs/performance.md). Drop --amp (--channels-last is the CPU speed-up) or train on a GPU "
+            "(--device cuda)."
+        )
+    return torch.float16
 
 
 def batch_memory_format(batch_ndim: int, channels_last: bool) -> torch.memory_format:
@@ -131,7 +145,7 @@ class Loop:
     """The torch objects one split's training works with.
 
     Attributes:
-        amp_dtype: autocast dtype (bfloat16 on CPU, float16 on CUDA) or None without AMP.
+        amp_dtype: autocast dtype (float16 on CUDA) or None without AMP.
         accumulation_steps: batches whose gradients are summed before one optimizer step.
         memory_format: the layout of input batches on the device, that of the model's weights
             (``batch_memory_format``); ``torch.preserve_format`` leaves batches as the loader gives them.

@@ -178,7 +178,17 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
         {"nargs": "+", "metavar": "METRIC", "help": "one best model kept per metric"},
     ),
     (F, "device", "train.device", (), {"choices": ["auto", "cpu", "cuda"]}),
-    (F, "amp", "train.amp", (), {"action": "store_true", "help": "automatic mixed precision"}),
+    (
+        F,
+        "amp",
+        "train.amp",
+        (),
+        {
+            "action": "store_true",
+            "help": "automatic mixed precision: float16 with loss scaling on a CUDA GPU; refused "
+            "on a CPU, where torch's bfloat16 convolution gradients are wrong (docs/performance.md)",
+        },
+    ),
     (
         F,
         "channels_last",

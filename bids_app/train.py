@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 def check_train_config(cfg: RunConfig) -> None:
     """Reject invalid training options before anything is written (ConfigError naming the option)."""
     from bids_app.augment import build_augmentation
-    from bids_app.epoch import LOSSES, OPTIMIZERS
+    from bids_app.epoch import LOSSES, OPTIMIZERS, autocast_dtype, resolve_device
     from bids_app.metrics import metric_names
 
     tc, task = cfg.train, cfg.labels.task
@@ -66,6 +66,7 @@ def check_train_config(cfg: RunConfig) -> None:
             raise ConfigError(f"train.{name} is {value}; use an integer >= {low}.")
     if tc.device not in ("auto", "cpu", "cuda") and not tc.device.startswith("cuda:"):
         raise ConfigError(f"Unknown device '{tc.device}'. Use auto, cpu, cuda or cuda:<index>.")
+    autocast_dtype(resolve_device(tc.device), tc.amp)  # CUDA asked for but absent, or AMP on a CPU
     build_augmentation(tc.augmentations, tc.mode, cfg.extraction.slice_direction)
 
 

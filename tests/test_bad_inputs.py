@@ -316,6 +316,15 @@ def test_maps_that_does_not_exist(world: dict[str, Any], capsys) -> None:
     assert_outputs_untouched(world)
 
 
+def test_amp_on_a_cpu(world: dict[str, Any], capsys) -> None:
+    code, err = run(group_args(world["dataset"], world["out"], "--model-name", "m8", "--amp"), capsys)
+    assert code == 64
+    assert "--amp (train.amp) is refused on device cpu: CPU mixed precision is bfloat16" in errors_of(err)
+    assert "Drop --amp (--channels-last is the CPU speed-up) or train on a GPU (--device cuda)" in err
+    assert not (world["out"] / "models" / "m8").exists()
+    assert_outputs_untouched(world)
+
+
 # -- command line -----------------------------------------------------------------------------------------
 
 

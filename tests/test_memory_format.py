@@ -294,10 +294,10 @@ def test_the_checkpoint_fingerprint_ignores_resumable_options_only(tmp_path: Pat
     assert stamps["learning_rate"] not in (stamps["default"], stamps["amp"])
 
 
-def test_resume_with_adam_state_and_amp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Adam's moments restored into a channels-last model (bf16 autocast on CPU): the run goes on."""
+def test_resume_with_adam_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adam's moments restored into a channels-last model: the run goes on."""
     table, splits = make_data(tmp_path, ExtractionMode.SLICE, Task.CLASSIFICATION)
-    options = {"mode": ExtractionMode.SLICE, "amp": True, "epochs": 3, "channels_last": True}
+    options = {"mode": ExtractionMode.SLICE, "epochs": 3, "channels_last": True}
     whole = train(make_config(tmp_path, model_name="whole", **options), table, splits)
     cfg = make_config(tmp_path, model_name="resumed", **options)
     interrupt_after(monkeypatch, 2)
