@@ -123,13 +123,11 @@ def _log_file() -> str | None:
 
 def _init_worker(verbose: int, log_file: str | None) -> None:
     """Spawned workers get the same console and per-run file logging as the parent."""
-    from bids_app.cli import configure_logging
+    from bids_app.log_setup import attach_log_file, configure_logging
 
     configure_logging(verbose)
     if log_file:
-        handler = logging.FileHandler(log_file, encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"))
-        logging.getLogger("bids_app").addHandler(handler)
+        attach_log_file(log_file, worker=True)
 
 
 def process_participant(cfg: RunConfig, label: str, records: list[ImageRecord]) -> list[StatusRow]:

@@ -21,6 +21,7 @@ from bids_app import read_version
 from bids_app.config import AnalysisLevel, RunConfig
 from bids_app.config_file import dump_config
 from bids_app.derivatives import CONTAINER_ENV, atomic_write_json, atomic_write_text
+from bids_app.log_setup import attach_log_file
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +66,7 @@ def start_run(cfg: RunConfig, argv: Sequence[str]) -> RunContext:
     log_dir = cfg.output_dir / "logs" / run_id
     log_dir.mkdir(parents=True, exist_ok=True)
     log_file = log_dir / "bids_app.log"
-    handler = logging.FileHandler(log_file, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(logging.DEBUG)
-    logging.getLogger("bids_app").addHandler(handler)
+    attach_log_file(log_file)
     atomic_write_text(log_dir / "command.txt", shlex.join(["bids_app", *argv]) + "\n")
     atomic_write_text(log_dir / "config.toml", dump_config(cfg))
     probe = cfg.analysis_level is AnalysisLevel.GROUP

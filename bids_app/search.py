@@ -318,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the search (all trials, or ``--trial K``), then write the summary; returns the exit code."""
     from bids_app import levels
     from bids_app.arguments import parse_config
-    from bids_app.cli import configure_logging  # this main is a console entry point, like cli.main
+    from bids_app.log_setup import configure_logging
     from bids_app.metrics import higher_is_better
 
     argv = list(sys.argv[1:] if argv is None else argv)

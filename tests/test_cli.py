@@ -209,7 +209,7 @@ def test_console_logging_follows_stderr_after_it_was_replaced(monkeypatch: pytes
     import io
     import logging
 
-    from bids_app.cli import configure_logging
+    from bids_app.log_setup import configure_logging
 
     first, second = io.StringIO(), io.StringIO()
     monkeypatch.setattr(sys, "stderr", first)
