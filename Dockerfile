@@ -112,7 +112,7 @@ ENV PATH=/opt/venv/bin:${PATH} \
 
 # Self-test of the final image: the app starts, --help stays light, the validator binary runs.
 RUN bids_app --version \
-    && python -c "import sys, bids_app.cli, bids_app.arguments as a; a.build_parser(); sys.exit('--help imports torch' if 'torch' in sys.modules else 0)" \
+    && python -c "import sys, bids_app.cli.main, bids_app.cli.arguments as a; a.build_parser(); sys.exit('--help imports torch' if 'torch' in sys.modules else 0)" \
     && bids-validator-deno --version \
     && rm -rf /tmp/* /tmp/.[!.]*
 

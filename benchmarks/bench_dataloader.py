@@ -39,11 +39,11 @@ import numpy as np
 import torch
 
 from bids_app.config import ExtractionConfig, ExtractionMode, Normalization, SliceDirection, Task, TensorDtype
-from bids_app.data import TensorDataset
+from bids_app.data.dataset import TensorDataset
+from bids_app.data.sampling import make_loader
+from bids_app.data.tables import index_tensors
 from bids_app.derivatives import tensor_path
 from bids_app.extraction import extract_tensor, mode_parameters, normalize_volume, write_tensor
-from bids_app.sampling import make_loader
-from bids_app.tensor_index import index_tensors
 
 SHAPE = (169, 208, 179)
 SPACE = "MNI152NLin2009aSym"

@@ -81,7 +81,7 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def _participant(folder: Path) -> Path:
-    from bids_app.synthetic import generate_dataset
+    from bids_app.synthetic.dataset import generate_dataset
 
     dataset = generate_dataset(folder / "bids", n_subjects=2, preset="realistic", seed=0)
     return sorted(dataset.bids_dir.glob("sub-*/ses-*/anat/*_T1w.nii.gz"))[0]

@@ -24,16 +24,9 @@ from collections.abc import Iterator
 import torch
 
 from bids_app.config import Task, TrainConfig
-from bids_app.epoch import (
-    Loop,
-    autocast_dtype,
-    batch_memory_format,
-    make_optimizer,
-    per_sample_loss,
-    set_memory_format,
-    train_epoch,
-)
 from bids_app.models import build_model
+from bids_app.training.loop import Loop, make_optimizer, per_sample_loss, train_epoch
+from bids_app.runtime import autocast_dtype, batch_memory_format, set_memory_format
 
 SHAPE = (1, 169, 208, 179)
 DEVICE = torch.device("cpu")

@@ -11,7 +11,7 @@ the defect can also corrupt the heap ("double free or corruption"): such a kind 
 
 Run: ``python benchmarks/check_cpu_bf16_conv.py [--tolerance 0.05] [--channels 8 16]``.
 Re-run it after changing torch: when every line says 0 wrong and none crashed, the refusal in
-``bids_app.epoch.autocast_dtype`` can be reconsidered.
+``bids_app.runtime.autocast_dtype`` can be reconsidered.
 """
 
 from __future__ import annotations

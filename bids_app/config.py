@@ -152,12 +152,6 @@ class TrainConfig:
     selection_metrics: tuple[str, ...] = ("loss",)
     augmentations: tuple[str, ...] = ()
     class_weighted_sampling: bool = False
-    amp: bool = False
-    channels_last: bool = False  # model and batches in channels-last memory format (speed only)
-    device: str = "auto"
-    num_workers: int = 0
-    cache_samples: bool = False  # keep every sample in memory after its first read (per worker process)
-    deterministic: bool = False
     splits: tuple[int, ...] = ()  # empty: every split
     resume: bool = False
     transfer_from: Path | None = None
@@ -173,8 +167,37 @@ class PredictConfig:
     allow_leak: bool = False
     voting_threshold: float = 0.0  # parts whose validation weight is below this are dropped
     n_bootstrap: int = 1000
-    batch_size: int = 8
     inverse_mae_voting: bool = False  # regression: weight parts by 1 / validation MAE (default: plain mean)
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """How the group level uses the machine, apart from what the model learns (``bids_app.runtime``).
+
+    None of these changes a trained model's weights, except ``amp`` (float16 arithmetic on CUDA) and
+    ``deterministic`` (other kernels on CUDA); the checkpoint's configuration hash covers those two.
+    """
+
+    device: str = "auto"  # auto, cpu, cuda or cuda:<index>
+    amp: bool = False  # float16 autocast with loss scaling, CUDA only
+    channels_last: bool = False  # model and batches in channels-last memory format (speed only)
+    num_workers: int = 0  # DataLoader worker processes
+    cache_samples: bool = False  # keep every sample in memory after its first read (per worker process)
+    deterministic: bool = False  # torch deterministic algorithms
+    inference_batch_size: int = 8  # samples per forward pass when predicting and interpreting
+
+
+# Keys that lived in [train] or [predict] before [runtime] existed (bids_app 0.1.0): old config files and
+# model folders are read with them moved here.
+LEGACY_RUNTIME_KEYS = {
+    ("train", "device"): "device",
+    ("train", "amp"): "amp",
+    ("train", "channels_last"): "channels_last",
+    ("train", "num_workers"): "num_workers",
+    ("train", "cache_samples"): "cache_samples",
+    ("train", "deterministic"): "deterministic",
+    ("predict", "batch_size"): "inference_batch_size",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,9 +245,10 @@ class RunConfig:
     split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     predict: PredictConfig = dataclasses.field(default_factory=PredictConfig)
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
     interpret: InterpretConfig = dataclasses.field(default_factory=InterpretConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 
 
 # Sections of RunConfig that are TOML tables of their own (the other fields live in [run]).
-SECTIONS = ("preprocess", "extraction", "labels", "split", "train", "predict", "interpret", "tracking")
+SECTIONS = ("preprocess", "extraction", "labels", "split", "train", "predict", "runtime", "interpret", "tracking")

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bids_app.config import SECTIONS, RunConfig
+from bids_app.config import LEGACY_RUNTIME_KEYS, SECTIONS, RunConfig
 from bids_app.errors import ConfigError
 
 NONE_SPELLING = "none"
@@ -131,8 +131,32 @@ def _decode_filters(filters: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return decoded
 
 
+def _moved_to_runtime(nested: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """``nested`` with the runtime keys of bids_app 0.1.0 (``[train] device`` ...) moved to ``[runtime]``.
+
+    A key given in both places is ambiguous and refused.
+    """
+    moved: dict[str, Any] = {name: dict(values) if isinstance(values, Mapping) else values
+                             for name, values in nested.items()}  # fmt: skip
+    for (section, key), runtime_key in LEGACY_RUNTIME_KEYS.items():
+        values = moved.get(section)
+        if not isinstance(values, dict) or key not in values:
+            continue
+        runtime = moved.setdefault("runtime", {})
+        if not isinstance(runtime, dict):
+            break  # build_section names the malformed table
+        if runtime_key in runtime:
+            raise ConfigError(
+                f"Config key '{section}.{key}' and 'runtime.{runtime_key}' are both set. Keep only "
+                f"'runtime.{runtime_key}' ([{section}] {key} is the old spelling)."
+            )
+        runtime[runtime_key] = values.pop(key)
+    return moved
+
+
 def resolve_config(nested: Mapping[str, Mapping[str, Any]]) -> RunConfig:
     """Build a RunConfig from ``{"run": {...}, "<section>": {...}, "bids_filters": {...}}``."""
+    nested = _moved_to_runtime(nested)
     run_values = dict(nested.get("run", {}))
     if "bids_filters" in nested:
         run_values["bids_filters"] = _decode_filters(nested["bids_filters"])

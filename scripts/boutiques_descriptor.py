@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from bids_app.arguments import build_parser
+from bids_app.cli.arguments import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSION = (ROOT / "version").read_text().strip()

@@ -1,4 +1,4 @@
-"""Shared fixtures: datasets come from the one synthetic generator (bids_app.synthetic)."""
+"""Shared fixtures: datasets come from the one synthetic generator (bids_app.synthetic.dataset)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from bids_app.synthetic import GeneratedDataset
+    from bids_app.synthetic.dataset import GeneratedDataset
 
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory):
     """Four participants x 2 sessions at ~4 mm, with a derivative and a CAPS copy; read-only for tests."""
-    from bids_app.synthetic import generate_dataset
+    from bids_app.synthetic.dataset import generate_dataset
 
     root = tmp_path_factory.mktemp("tiny") / "bids"
     return generate_dataset(root, n_subjects=4, n_sessions=2, preset="tiny", seed=3, preprocessed="derivative")
@@ -54,8 +54,8 @@ def make_dataset(
     root: Path, n_subjects: int, n_sessions: int, *, seed: int = 11, effect_size: float = 0.6, **generate_options: Any
 ) -> GeneratedDataset:
     """A tiny generated BIDS dataset in ``root / "bids"`` with its template-space derivative; ``seed``,
-    ``effect_size`` and ``generate_options`` go to :func:`bids_app.synthetic.generate_dataset`."""
-    from bids_app.synthetic import generate_dataset
+    ``effect_size`` and ``generate_options`` go to :func:`bids_app.synthetic.dataset.generate_dataset`."""
+    from bids_app.synthetic.dataset import generate_dataset
 
     return generate_dataset(root / "bids", n_subjects=n_subjects, n_sessions=n_sessions, preset="tiny", seed=seed,
                             effect_size=effect_size, preprocessed="derivative", **generate_options)  # fmt: skip

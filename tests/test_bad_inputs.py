@@ -1,6 +1,6 @@
 """Bad inputs, one test per row of docs/bad_inputs.md: message, exit code, and no damage to existing outputs.
 
-The runs go through ``bids_app.cli.main``, the function behind ``bids_app`` and ``python -m bids_app``
+The runs go through ``bids_app.cli.main.main``, the function behind ``bids_app`` and ``python -m bids_app``
 (``raise SystemExit(main())``): it returns the exit code the process would end with and logs the message
 to stderr, without paying an interpreter start per row. A module-wide output (every participant processed,
 one model trained) exists before the bad runs; each row checks that its files are byte-identical afterwards
@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bids_app.cli import main
+from bids_app.cli.main import main
 from bids_app.derivatives import file_sha256
 from tests.conftest import TINY_CROP, make_cohort
 

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from bids_app.bids_query import participant_ignore_regex
+from bids_app.inputs.bids_query import participant_ignore_regex
 from tests.conftest import run_cli
 
 

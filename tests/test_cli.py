@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bids_app import read_version
-from bids_app.arguments import parse_config, parse_labels
+from bids_app.cli.arguments import parse_config, parse_labels
 from bids_app.config import ExtractionMode, RunConfig
 from bids_app.config_file import dump_config, load_config_file, resolve_config
 from bids_app.errors import AnalysisLevelError, ConfigError, UsageError
@@ -30,7 +30,7 @@ def test_version_matches_version_file() -> None:
 def test_help_and_version_do_not_import_heavy_modules(flag: str) -> None:
     code = (
         "import sys\n"
-        "from bids_app.cli import main\n"
+        "from bids_app.cli.main import main\n"
         f"try:\n    main(['{flag}'])\nexcept SystemExit:\n    pass\n"
         "heavy = [m for m in ('torch', 'ants', 'bids', 'nibabel', 'pandas') if m in sys.modules]\n"
         "print('HEAVY=' + ','.join(heavy))\n"

@@ -77,7 +77,7 @@ def binds(argv: list[str]) -> list[str]:
 
 
 def parse(args: list[str]) -> object:
-    from bids_app.arguments import build_parser
+    from bids_app.cli.arguments import build_parser
 
     return build_parser().parse_args(args)
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from bids_app import errors
-from bids_app.arguments import build_parser
+from bids_app.cli.arguments import build_parser
 from bids_app.config import AnalysisLevel
 
 REPO = Path(__file__).resolve().parents[1]

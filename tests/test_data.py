@@ -13,16 +13,17 @@ import pandas as pd
 import pytest
 import torch
 
-from bids_app import data, tensor_index
-from bids_app.augment import AUGMENTATIONS, build_augmentation
-from bids_app.batches import RING_SLOTS
 from bids_app.config import ExtractionMode, SliceDirection, Task
-from bids_app.data import TensorDataset
+from bids_app.data import dataset as data
+from bids_app.data import tables as tensor_index
+from bids_app.data.augment import AUGMENTATIONS, build_augmentation
+from bids_app.data.batches import RING_SLOTS
+from bids_app.data.dataset import TensorDataset
+from bids_app.data.sampling import make_loader, seed_worker
+from bids_app.data.tables import encode_labels, index_tensors
 from bids_app.derivatives import sidecar_path, tensor_path
 from bids_app.errors import ConfigError, DataError
 from bids_app.extraction.storage import write_tensor
-from bids_app.sampling import make_loader, seed_worker
-from bids_app.tensor_index import encode_labels, index_tensors
 
 SPACE = "MNI152NLin2009aSym"
 # Stored tensor shape per mode: (n_parts, 1, ...) or (1, D, H, W) for images.
@@ -89,7 +90,7 @@ def test_index_lists_complete_tensors_with_one_glob(output_dir: Path, monkeypatc
         return original(self, pattern)
 
     monkeypatch.setattr(Path, "glob", counting_glob)
-    with caplog.at_level(logging.WARNING, logger="bids_app.tensor_index"):
+    with caplog.at_level(logging.WARNING, logger="bids_app.data.tables"):
         table = index_tensors(output_dir, mode)
     assert len(calls) == 1
     assert list(table.columns) == list(tensor_index.INDEX_COLUMNS)

@@ -34,14 +34,14 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from torch import nn
 
-from bids_app import distributed
 from bids_app.config import ExtractionMode, Task
-from bids_app.data import TensorDataset
-from bids_app.distributed import DistributedEnv, detect_environment, first_host
-from bids_app.epoch import Loop, per_sample_loss, train_epoch, validate
+from bids_app.data.dataset import TensorDataset
+from bids_app.data.sampling import SeededSampler, make_loader
+from bids_app.data.tables import index_tensors
 from bids_app.errors import ConfigError, UsageError
-from bids_app.sampling import SeededSampler, make_loader
-from bids_app.tensor_index import index_tensors
+from bids_app.training import distributed
+from bids_app.training.distributed import DistributedEnv, detect_environment, first_host
+from bids_app.training.loop import Loop, per_sample_loss, train_epoch, validate
 from tests.test_data import write_tensors
 
 WORLD = 2
@@ -257,8 +257,8 @@ def _resume_part(rank: int, port: int, root: Path, table: pd.DataFrame, splits: 
     """Through SLURM's variables: an uninterrupted run, and one killed after 2 epochs then resumed."""
     import dataclasses
 
-    from bids_app import epoch
-    from bids_app.maps import MapsLayout
+    from bids_app.maps.folder import MapsLayout
+    from bids_app.training import loop as epoch
     from tests.test_train import make_config, maps_dir_of, train
 
     slurm = {"SLURM_PROCID": str(rank), "SLURM_STEP_NUM_TASKS": str(WORLD), "SLURM_LOCALID": str(rank),
@@ -290,7 +290,7 @@ WRITE_EVENTS = {"open", "os.rename", "os.remove", "os.mkdir", "shutil.rmtree", "
 
 def _cli_part(rank: int, port: int, root: Path, argv: list[str]) -> None:
     """``bids_app ... group`` as torchrun starts it, recording every write of this process under the MAPS."""
-    from bids_app import cli
+    from bids_app.cli import main as cli
 
     os.environ.update(torchrun_env(rank, port))
     models = str(Path(argv[1]) / "models")
@@ -402,7 +402,7 @@ def test_an_error_on_rank_0_is_raised_on_every_rank(ddp_run: Path) -> None:
 
 
 def test_ddp_resume_is_bitwise_exact(ddp_run: Path) -> None:
-    from bids_app.maps import MapsLayout
+    from bids_app.maps.folder import MapsLayout
 
     whole, resumed = (MapsLayout(ddp_run / "resume" / "out" / "models" / n) for n in ("whole", "resumed"))
     history = pd.read_csv(whole.training_tsv(0), sep="\t")
@@ -422,8 +422,9 @@ def _maps_files(maps_dir: Path) -> list[str]:
 
 
 def test_ddp_group_level_writes_one_complete_maps_on_rank_0(ddp_run: Path) -> None:
-    from bids_app import cli, maps
-    from bids_app.maps import MapsLayout
+    from bids_app.cli import main as cli
+    from bids_app.maps import folder as maps
+    from bids_app.maps.folder import MapsLayout
 
     root = ddp_run / "cli"
     assert cli.main(group_argv(root / "bids", root / "single")) == 0

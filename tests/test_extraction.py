@@ -506,7 +506,7 @@ def test_mode_parameters_for_the_sidecar() -> None:
 @pytest.mark.slow
 def test_template_crop_with_full_grid_masks(tmp_path: Path) -> None:
     """The 1 mm MNI template cropped to 169x208x179; masks on the full template grid."""
-    from bids_app.preprocess.template import default_template_path, default_tissue_path
+    from bids_app.template import default_template_path, default_tissue_path
 
     template = nib.load(default_template_path())
     assert isinstance(template, SpatialImage)

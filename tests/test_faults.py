@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from bids_app.cli import main
+from bids_app.cli.main import main
 from bids_app.derivatives import BIDSIGNORE_ENTRIES, SHARED_TEMPORARY_AGE_S, file_sha256, sidecar_path
 from bids_app.extraction.storage import load_tensor
 from tests.conftest import TINY_CROP, make_cohort, make_dataset, validate

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bids_app import fingerprint
 from bids_app.errors import DataError
+from bids_app.prediction import identity as fingerprint
 from tests.conftest import make_cohort, run_cli
 
 CROP = ("40", "48", "40")
@@ -153,8 +153,8 @@ def test_allow_leak_predicts_and_records_the_identity_pairs(cohorts) -> None:
 def test_rescans_are_caught_after_t1_linear(tmp_path: Path) -> None:
     """Noise, bias and pose of a new acquisition, then t1-linear: the person is still recognised."""
     from bids_app.config import ExtractionMode
-    from bids_app.synthetic import generate_dataset
-    from bids_app.tensor_index import index_tensors
+    from bids_app.data.tables import index_tensors
+    from bids_app.synthetic.dataset import generate_dataset
 
     first = generate_dataset(tmp_path / "a", n_subjects=4, n_sessions=2, seed=31)
     second = generate_dataset(tmp_path / "b", n_subjects=4, n_sessions=1, seed=32, first_label=101,

@@ -24,8 +24,7 @@ from bids_app.config import (
     TrainConfig,
 )
 from bids_app.errors import ConfigError, DataError
-from bids_app.interpret import check_interpret_config, run_interpret_stage
-from bids_app.saliency import (
+from bids_app.interpret.saliency import (
     SaliencyMethod,
     grad_cam,
     grad_cam_from_activations,
@@ -33,7 +32,8 @@ from bids_app.saliency import (
     stitch_parts,
     vanilla_gradients,
 )
-from bids_app.saliency_maps import map_name
+from bids_app.interpret.stage import check_interpret_config, run_interpret_stage
+from bids_app.interpret.volumes import map_name
 from tests.conftest import make_cohort, run_cli
 
 CROP = (40, 48, 40)
@@ -316,12 +316,12 @@ def test_cli_interpret_writes_maps_in_template_space(trained, tmp_path: Path) ->
 
 def part_mode_maps(out: Path, dataset, source_maps: Path, mode: ExtractionMode, name: str) -> tuple[RunConfig, Path]:
     """A MAPS for ``mode`` with a small_cnn whose output bias always predicts AD (same split as ``source_maps``)."""
+    from bids_app.data.tables import index_tensors, sample_shape
     from bids_app.derivatives import atomic_write_json
     from bids_app.levels import group_table
-    from bids_app.maps import MapsLayout, read_maps_json, write_maps_json
+    from bids_app.maps.folder import MapsLayout, read_maps_json, write_maps_json
+    from bids_app.maps.weights import save_model
     from bids_app.models import build_model
-    from bids_app.tensor_index import index_tensors, sample_shape
-    from bids_app.weights import save_model
 
     cfg = RunConfig(dataset.bids_dir, out, AnalysisLevel.GROUP,
                     extraction=ExtractionConfig(roi_masks=(("hippocampus", dataset.roi_mask_path),)),
@@ -397,8 +397,8 @@ def test_target_true_explains_the_true_class_when_the_prediction_is_wrong(traine
 
 
 def table_for(cfg: RunConfig) -> pd.DataFrame:
+    from bids_app.data.tables import index_tensors
     from bids_app.levels import group_table
-    from bids_app.tensor_index import index_tensors
 
     return group_table(cfg, index_tensors(cfg.output_dir, cfg.train.mode), cfg.labels)
 

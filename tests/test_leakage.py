@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from bids_app.errors import DataError, InputMissingError, LeakError
-from bids_app.leakage import (
+from bids_app.prediction.leakage import (
     LEAK_WARNING_FILE,
     LeakFinding,
     check_leaks,
@@ -93,7 +93,7 @@ def test_training_checksums_fill_from_the_output_or_mark_unknown(
 ) -> None:
     write_train_tsv(tmp_path, TRAIN[["participant_id", "session_id"]].assign(label="CN"))
     output = frame([("sub-r1", "ses-M000", "s-r1", "r-r1"), ("sub-r2", "ses-M000", "s-r2", "r-r2")])
-    with caplog.at_level(logging.WARNING, logger="bids_app.leakage"):
+    with caplog.at_level(logging.WARNING, logger="bids_app.prediction.leakage"):
         train = training_checksums(tmp_path, output)
     assert train[COLUMNS].values.tolist() == TRAIN.values.tolist()
     assert train["label"].tolist() == ["CN"] * 3

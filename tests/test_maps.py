@@ -11,12 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
-from bids_app import maps, read_version
+from bids_app import read_version
 from bids_app.config import AnalysisLevel, ExtractionConfig, ExtractionMode, RunConfig, Task, TrainConfig
 from bids_app.errors import DataError, InputMissingError
-from bids_app.maps import MapsLayout
-from bids_app.transfer_source import source_training_pool
-from bids_app.weights import save_model
+from bids_app.maps import folder as maps
+from bids_app.maps.folder import MapsLayout
+from bids_app.maps.weights import save_model
+from bids_app.training.transfer import source_training_pool
 
 INPUT_SHAPE = (1, 6, 6, 6)
 ENCODING = {"AD": 0, "CN": 1}

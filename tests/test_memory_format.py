@@ -26,7 +26,6 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from bids_app import checkpoint, distributed, maps, predict
 from bids_app.config import (
     AnalysisLevel,
     ExtractionMode,
@@ -37,15 +36,19 @@ from bids_app.config import (
     Task,
     TrainConfig,
 )
-from bids_app.data import TensorDataset
-from bids_app.epoch import Loop, batch_memory_format, per_sample_loss, set_memory_format, train_epoch, validate
-from bids_app.interpret import GroupExplainer
-from bids_app.maps import MapsLayout
+from bids_app.data.dataset import TensorDataset
+from bids_app.interpret.saliency import SaliencyMethod
+from bids_app.interpret.stage import GroupExplainer
+from bids_app.maps import folder as maps
+from bids_app.maps.folder import MapsLayout
+from bids_app.maps.weights import save_model
 from bids_app.models import build_model
-from bids_app.saliency import SaliencyMethod
-from bids_app.split import make_splits
-from bids_app.split_files import write_splits
-from bids_app.weights import save_model
+from bids_app.prediction import stage as predict
+from bids_app.split.files import write_splits
+from bids_app.split.make import make_splits
+from bids_app.training import checkpoint, distributed
+from bids_app.training.loop import Loop, per_sample_loss, train_epoch, validate
+from bids_app.runtime import batch_memory_format, set_memory_format
 from tests.test_distributed import WORLD, free_port, torchrun_env
 from tests.test_predict import write_output_dir
 from tests.test_train import interrupt_after, make_config, make_data, maps_dir_of, read_tsv, train, weights

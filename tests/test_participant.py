@@ -220,7 +220,7 @@ def test_killed_run_leaves_no_complete_looking_file_and_rerun_completes(tiny_dat
 
 
 def test_clinica_caps_input(tmp_path: Path) -> None:
-    from bids_app.synthetic import generate_dataset
+    from bids_app.synthetic.dataset import generate_dataset
 
     dataset = generate_dataset(tmp_path / "bids", n_subjects=2, n_sessions=1, preset="tiny", seed=4,
                                preprocessed="caps")  # fmt: skip
@@ -237,7 +237,7 @@ def test_clinica_caps_input(tmp_path: Path) -> None:
 
 
 def test_pet_linear_with_suvr(tmp_path: Path) -> None:
-    from bids_app.synthetic import generate_dataset
+    from bids_app.synthetic.dataset import generate_dataset
 
     dataset = generate_dataset(tmp_path / "bids", n_subjects=2, n_sessions=1, preset="tiny", seed=5, with_pet=True)
     out = tmp_path / "out"

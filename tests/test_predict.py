@@ -15,20 +15,20 @@ import torch
 from torch import nn
 
 from bids_app.config import AnalysisLevel, ExtractionMode, PredictConfig, RunConfig, SplitConfig, Task, TrainConfig
-from bids_app.data import TensorDataset
+from bids_app.data.dataset import TensorDataset
+from bids_app.data.tables import index_tensors
 from bids_app.derivatives import tensor_path
 from bids_app.errors import ConfigError, DataError, InputMissingError, LeakError
 from bids_app.extraction.storage import write_tensor
-from bids_app.leakage import LeakFinding, check_leaks
-from bids_app.maps import MapsLayout, write_maps_json
+from bids_app.maps.folder import MapsLayout, write_maps_json
+from bids_app.maps.weights import save_model
 from bids_app.models import build_model
-from bids_app.predict import predict_group, run_predict_stage
-from bids_app.prediction_files import format_tsv, format_value
-from bids_app.split import make_splits
-from bids_app.split_files import write_splits
-from bids_app.tensor_index import index_tensors
-from bids_app.voting import compute_voting_weights, soft_vote, vote_validation
-from bids_app.weights import save_model
+from bids_app.prediction.files import format_tsv, format_value
+from bids_app.prediction.leakage import LeakFinding, check_leaks
+from bids_app.prediction.stage import predict_group, run_predict_stage
+from bids_app.prediction.voting import compute_voting_weights, soft_vote, vote_validation
+from bids_app.split.files import write_splits
+from bids_app.split.make import make_splits
 
 CLASSES = ["CN", "AD"]
 ENCODING = {"CN": 0, "AD": 1}

@@ -18,11 +18,11 @@ import pytest
 
 from bids_app.config import PreprocessConfig
 from bids_app.errors import ConfigError, DataError, InputMissingError
+from bids_app.participant.report import ReportEntry, figure_name, write_participant_report
 from bids_app.preprocess import qc as qc_module
 from bids_app.preprocess.nifti_checks import load_checked_nifti
 from bids_app.preprocess.pet_linear import load_preprocessed_pet, run_pet_linear
 from bids_app.preprocess.qc import QC_KEYS, brain_mask, compute_qc, qc_passes
-from bids_app.preprocess.report import ReportEntry, figure_name, write_participant_report
 from bids_app.preprocess.t1_linear import (
     crop_box,
     crop_image,
@@ -388,7 +388,7 @@ def test_qc_rule_thresholds_and_missing_values():
 
 @pytest.fixture(scope="module")
 def pet_dataset(tmp_path_factory):
-    from bids_app.synthetic import generate_dataset
+    from bids_app.synthetic.dataset import generate_dataset
 
     root = tmp_path_factory.mktemp("pet") / "bids"
     return generate_dataset(root, n_subjects=2, n_sessions=1, preset="tiny", seed=7, with_pet=True)
@@ -409,7 +409,7 @@ def test_pet_linear_registers_to_the_template_and_normalises_to_suvr(pet_dataset
     assert result.qc["suvr_reference_mean"] > 1000  # Bq/mL
     assert result.transform_path is not None and result.transform_path.is_file()
     # FDG follows grey matter: the registered PET must correlate with the template's GM map
-    from bids_app.synthetic import TINY_GM_NAME
+    from bids_app.synthetic.dataset import TINY_GM_NAME
 
     gm = np.asarray(nib.load(pet_dataset.template_path.parent / TINY_GM_NAME).dataobj)[crop_box(template, TINY_CROP)]
     inside = brain_mask(crop)
@@ -475,7 +475,7 @@ def test_report_links_existing_figures_and_highlights_failures(tiny_template, tm
 
 @pytest.mark.slow
 def test_t1_linear_at_1mm_registers_a_posed_template(tmp_path):
-    from bids_app.preprocess.template import default_template_path
+    from bids_app.template import default_template_path
 
     path, _ = _pose(default_template_path(), seed=5, out_path=tmp_path / "sub-01_T1w.nii.gz")
     result = run_t1_linear(path, PreprocessConfig(), tmp_path / "work")

@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bids_app.bids_query import query_preprocessed_images
 from bids_app.config import AnalysisLevel, Normalization, PreprocessConfig, RunConfig
 from bids_app.derivatives import file_sha256
 from bids_app.extraction import normalize_volume
+from bids_app.inputs.bids_query import query_preprocessed_images
 from bids_app.preprocess.qc import brain_mask
 from bids_app.preprocess.t1_linear import crop_box, crop_image, load_template
 from tests.conftest import run_cli, validate
@@ -72,7 +72,7 @@ def expected_image(pet_path: Path, box: Any) -> np.ndarray:
 @pytest.fixture(scope="module")
 def pet_dataset(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """2 participants x 2 sessions with a BIDS derivative holding T1w and FDG PET (``PET_GRIDS``) and decoys."""
-    from bids_app.synthetic import generate_dataset
+    from bids_app.synthetic.dataset import generate_dataset
 
     dataset = generate_dataset(tmp_path_factory.mktemp("pet_derivative") / "bids", n_subjects=2, n_sessions=2,
                                preset="tiny", seed=6, preprocessed="derivative")  # fmt: skip
@@ -216,7 +216,7 @@ def test_preprocessed_pet_on_another_grid_fails_that_image_only(
 
 
 def test_clinica_caps_pet_linear_output_is_extracted(tmp_path: Path) -> None:
-    from bids_app.synthetic import generate_dataset
+    from bids_app.synthetic.dataset import generate_dataset
 
     dataset = generate_dataset(tmp_path / "bids", n_subjects=2, n_sessions=1, preset="tiny", seed=8,
                                preprocessed="caps")  # fmt: skip
@@ -280,7 +280,7 @@ def caps(tmp_path: Path) -> Path:
 def test_caps_pet_query_keeps_one_template_space_image_per_session_and_tracer(
     caps: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="bids_app.bids_query"):
+    with caplog.at_level(logging.WARNING, logger="bids_app.inputs.bids_query"):
         records = query_preprocessed_images(query_cfg(tmp_path, caps), ["01"], "pet")
     assert [(r.participant_label, r.session_label, r.path.name) for r in records] == [
         ("01", "M000", "sub-01_ses-M000_trc-FDG_space-MNI152NLin2009cSym_desc-Crop_res-1x1x1_suvr-pons2_pet.nii.gz"),
@@ -303,7 +303,7 @@ def test_caps_pet_query_keeps_one_template_space_image_per_session_and_tracer(
 def test_no_preprocessed_pet_is_a_warning_naming_the_expected_files(
     caps: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="bids_app.bids_query"):
+    with caplog.at_level(logging.WARNING, logger="bids_app.inputs.bids_query"):
         assert query_preprocessed_images(query_cfg(tmp_path, caps, pet_tracers=("PIB",)), ["01"], "pet") == []
     assert f"No preprocessed PET with tracer(s) PIB for participant(s) 01 in {caps}" in caplog.text
     assert "pet_linear/*_trc-<tracer>_space-MNI152*_pet.nii.gz" in caplog.text and "run without -d" in caplog.text
@@ -335,7 +335,7 @@ def test_derivative_pet_query_honours_space_tracer_and_filters(tmp_path: Path) -
 @pytest.mark.slow
 def test_preprocessed_pet_at_1mm_on_the_full_template_grid(tmp_path: Path) -> None:
     from bids_app.preprocess.qc import qc_passes
-    from bids_app.synthetic import generate_dataset
+    from bids_app.synthetic.dataset import generate_dataset
 
     dataset = generate_dataset(tmp_path / "bids", n_subjects=2, n_sessions=1, preset="realistic", seed=9,
                                preprocessed="derivative")  # fmt: skip

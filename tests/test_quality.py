@@ -10,8 +10,14 @@ import pandas as pd
 import pytest
 
 from bids_app.derivatives import qc_path
+from bids_app.participant.qc_summary import (
+    QC_SUMMARY_FILE,
+    SUMMARY_COLUMNS,
+    describe_label_table,
+    failed_images,
+    write_qc_summary,
+)
 from bids_app.preprocess.qc import MIN_PET_NMI, MIN_T1W_CORRELATION, QC_KEYS
-from bids_app.quality import QC_SUMMARY_FILE, SUMMARY_COLUMNS, describe_label_table, failed_images, write_qc_summary
 
 
 def qc_record(smoothed: float, nmi: float = 1.2) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""The group report (bids_app.report): self-contained HTML built from a tiny MAPS trained through the CLI."""
+"""The group report (bids_app.reports.group): self-contained HTML built from a tiny MAPS trained through the CLI."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from bids_app.errors import InputMissingError
-from bids_app.report import REPORT_NAME, write_group_report
+from bids_app.reports.group import REPORT_NAME, write_group_report
 from tests.conftest import make_cohort, run_cli
 
 IMG_SRC = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')

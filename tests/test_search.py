@@ -11,8 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from bids_app.cli.search import parse_space, sample_trials, summarize
 from bids_app.errors import ConfigError
-from bids_app.search import parse_space, sample_trials, summarize
 from tests.conftest import make_cohort, run_cli
 
 SPACE = """
@@ -45,7 +45,7 @@ TABLE = {
 
 
 def run_search(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bids_app.search", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "bids_app.cli.search", *args], capture_output=True, text=True,
                           timeout=600, check=False)  # fmt: skip
 
 
@@ -149,7 +149,7 @@ def test_array_job_trial_equals_the_same_trial_of_a_full_run(searched) -> None:
 
 
 def test_each_trial_is_a_maps_with_its_sampled_configuration(searched) -> None:
-    from bids_app.maps import read_maps_json
+    from bids_app.maps.folder import read_maps_json
 
     _, out, _ = searched
     record = json.loads((out / "models" / "full-search.json").read_text())
@@ -212,7 +212,7 @@ def test_summary_ranks_on_validation_and_never_reads_test(searched, tmp_path: Pa
 @pytest.mark.parametrize("source", ["maps.json", "logged config.toml"])
 def test_a_trial_is_reproduced_from_its_recorded_configuration(searched, source: str, tmp_path: Path) -> None:
     from bids_app.config_file import dump_config
-    from bids_app.maps import read_maps_json
+    from bids_app.maps.folder import read_maps_json
 
     dataset, out, _ = searched
     if source == "maps.json":

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from bids_app.cli import main
+from bids_app.cli.main import main
 from bids_app.derivatives import file_sha256
 from tests.conftest import TINY_CROP, make_dataset
 
@@ -160,7 +160,7 @@ def test_no_network_use_during_any_run(watched_runs: dict[str, Any], tmp_path: P
 
 
 def test_image_disables_update_checks_and_template_ships_with_nilearn() -> None:
-    from bids_app.preprocess.template import default_template_path, nilearn_data_dir
+    from bids_app.template import default_template_path, nilearn_data_dir
 
     dockerfile = (Path(__file__).resolve().parent.parent / "Dockerfile").read_text()
     assert "DENO_NO_UPDATE_CHECK=1" in dockerfile

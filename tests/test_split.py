@@ -16,12 +16,14 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from bids_app.balance import age_p_value, sex_p_value
 from bids_app.config import SplitConfig, Task
 from bids_app.errors import ConfigError, DataError, InputMissingError, LeakError
 from bids_app.labels import format_label_table
-from bids_app.split import Splits, check_disjoint, make_nested_splits, make_splits
-from bids_app.split_files import load_split_file, read_splits, write_splits
+from bids_app.split.balance import age_p_value, sex_p_value
+from bids_app.split.files import load_split_file, write_splits
+from bids_app.maps.splits import read_splits
+from bids_app.split.make import make_nested_splits, make_splits
+from bids_app.maps.splits import Splits, check_disjoint
 
 
 def make_table(
@@ -199,7 +201,7 @@ def test_recorded_p_values_are_count_based_and_above_threshold() -> None:
 def test_attempts_are_bounded_and_best_draw_kept(caplog: pytest.LogCaptureFixture) -> None:
     table = make_table(n_subjects=30, seed=1)
     cfg = SplitConfig(n_splits=2, balance_p_threshold=0.999999, max_attempts=7)
-    with caplog.at_level(logging.WARNING, logger="bids_app.balance"):
+    with caplog.at_level(logging.WARNING, logger="bids_app.split.balance"):
         splits = make_splits(table, cfg, Task.CLASSIFICATION, 0)
     assert splits.attempts == 14  # 7 per stage, then the best draw
     assert sum("best-balanced" in r.getMessage() for r in caplog.records) == 2
@@ -273,7 +275,7 @@ def test_constraints_need_same_fold_count() -> None:
         make_splits(parent_table, SplitConfig(n_splits=3), Task.CLASSIFICATION, 0, constraints=subset)
 
 
-@pytest.mark.parametrize("first", ["bids_app.split", "bids_app.split_files"])
+@pytest.mark.parametrize("first", ["bids_app.split.make", "bids_app.split.files"])
 def test_split_modules_import_in_either_order(first: str) -> None:
     """split_files depends on split, never the reverse: a fresh interpreter may import either first."""
     check = f"import {first}; from bids_app import split, split_files; assert split_files.Splits is split.Splits"

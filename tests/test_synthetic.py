@@ -13,10 +13,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bids_app import synthetic_anatomy as anatomy
 from bids_app.errors import UsageError
-from bids_app.preprocess.template import default_template_path
-from bids_app.synthetic import GeneratedDataset, generate_dataset, main
+from bids_app.synthetic import anatomy
+from bids_app.cli.generate import main
+from bids_app.synthetic.dataset import GeneratedDataset, generate_dataset
+from bids_app.template import default_template_path
 
 TINY_TEMPLATE_SHAPE = (49, 58, 47)
 TINY_NATIVE_SHAPE = (44, 52, 44)

@@ -13,12 +13,12 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from bids_app import checkpoint
-from bids_app.cli import main
+from bids_app.cli.main import main
 from bids_app.config import AnalysisLevel, RunConfig, TrackingBackend, TrackingConfig
 from bids_app.config_file import config_to_nested
 from bids_app.errors import ConfigError
-from bids_app.tracking import LINK_FILE, MLFLOW_ENVIRONMENT, Tracker, flatten_config, open_tracker
+from bids_app.tracking.mlflow import LINK_FILE, MLFLOW_ENVIRONMENT, Tracker, flatten_config, open_tracker
+from bids_app.training import checkpoint
 from tests.conftest import make_cohort, run_cli, validate
 
 
@@ -211,7 +211,7 @@ def test_failure_after_set_up_is_one_warning(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(tracker.client, "log_batch", full_disk)
-    with caplog.at_level(logging.WARNING, logger="bids_app.tracking"):
+    with caplog.at_level(logging.WARNING, logger="bids_app.tracking.mlflow"):
         tracker.start_split(0, {"n_train_images": 4})
         tracker.log_epoch(0, {"epoch": 0, "train_loss": 0.5})
     assert len(calls) == 1, "tracking stops after its first failure"
@@ -250,7 +250,7 @@ def test_search_trials_are_runs_of_one_experiment(cohort: tuple[Any, Path], tmp_
     space.write_text("[train]\nlearning_rate = {log_uniform = [1e-3, 3e-2]}\nepochs = {int_range = [1, 1]}\n")
     store = tmp_path / "store"
     result = subprocess.run(
-        [sys.executable, "-m", "bids_app.search", str(dataset.bids_dir), str(out), "--space", str(space),
+        [sys.executable, "-m", "bids_app.cli.search", str(dataset.bids_dir), str(out), "--space", str(space),
          "--n-trials", "2", "--seed", "3", "--name", "lr", "--",
          "--label", "diagnosis", "--architecture", "small_cnn", "--mode", "image", "--n-splits", "2",
          "--test-size", "0.25", "--device", "cpu", "--track", "mlflow", "--track-dir", str(store),
@@ -276,7 +276,7 @@ import json, sys
 NETWORK = {"socket.connect", "socket.getaddrinfo", "socket.gethostbyname", "http.client.connect", "urllib.Request"}
 events = []
 sys.addaudithook(lambda event, args: events.append([event, repr(args[:2])]) if event in NETWORK else None)
-from bids_app.cli import main
+from bids_app.cli.main import main
 code = main(sys.argv[1:])
 from mlflow.telemetry import utils
 print(json.dumps({"code": code, "events": events, "testing": utils._IS_IN_CI_ENV_OR_TESTING,

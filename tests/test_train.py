@@ -14,16 +14,19 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from bids_app import checkpoint, epoch, maps
+from bids_app import runtime
 from bids_app.config import AnalysisLevel, ExtractionMode, LabelConfig, RunConfig, Task, TrainConfig
-from bids_app.data import TensorDataset
+from bids_app.data.dataset import TensorDataset
+from bids_app.data.sampling import make_loader, mix_seed
+from bids_app.data.tables import index_tensors
 from bids_app.errors import ConfigError, DataError, TemporaryFailure
-from bids_app.maps import MapsLayout
-from bids_app.sampling import make_loader, mix_seed
-from bids_app.split import Fold, Splits
-from bids_app.tensor_index import index_tensors
-from bids_app.train import run_train_stage
-from bids_app.transfer_source import source_training_pool
+from bids_app.maps import folder as maps
+from bids_app.maps.folder import MapsLayout
+from bids_app.maps.splits import Fold, Splits
+from bids_app.training import checkpoint
+from bids_app.training import loop as epoch
+from bids_app.training.stage import run_train_stage
+from bids_app.training.transfer import source_training_pool
 from tests.test_data import write_tensors
 
 N_IMAGES = 12
@@ -345,8 +348,8 @@ def test_split_rows_without_tensor_are_refused(tmp_path: Path) -> None:
 
 
 def test_amp_is_float16_on_cuda_and_refused_on_cpu(tmp_path: Path) -> None:
-    assert epoch.autocast_dtype(torch.device("cuda", 0), True) is torch.float16
-    assert epoch.autocast_dtype(torch.device("cpu"), False) is None
+    assert runtime.autocast_dtype(torch.device("cuda", 0), True) is torch.float16
+    assert runtime.autocast_dtype(torch.device("cpu"), False) is None
     table, splits = make_data(tmp_path, ExtractionMode.IMAGE, Task.CLASSIFICATION)
     with pytest.raises(ConfigError, match=r"--amp \(train\.amp\) is refused on device cpu"):
         train(make_config(tmp_path, amp=True, epochs=1), table, splits)
@@ -359,7 +362,7 @@ def test_selected_splits_and_resume_skips_finished_splits(tmp_path: Path, monkey
     layout = MapsLayout(train(cfg, table, splits))
     assert layout.summary_json(1).is_file() and not layout.split_dir(0).exists()
     trained = []
-    import bids_app.train as train_module
+    import bids_app.training.stage as train_module
 
     original = train_module.train_split
     monkeypatch.setattr(train_module, "train_split", lambda *a: trained.append(a[1]) or original(*a))

@@ -15,7 +15,7 @@ Every figure is computed inside the template's brain mask (:func:`brain_mask`) o
 Pass/fail (:func:`qc_passes`, :func:`qc_rule`): a T1w passes when ``smoothed_correlation_to_template >=
 MIN_T1W_CORRELATION``, a PET when ``nmi_to_template >= MIN_PET_NMI``. The rules catch gross failures (a
 shift of 5 mm or a rotation of 10° and more), not subtle ones: look at the report's overlays. Calibration
-on this project's synthetic 1 mm data (``bids_app.synthetic``, ``preset="realistic"``, 4 participants);
+on this project's synthetic 1 mm data (``bids_app.synthetic.dataset``, ``preset="realistic"``, 4 participants);
 no real scans were available, so both thresholds, the PET one in particular, are provisional:
 
 ==============================================  ===========  ===========  ===================

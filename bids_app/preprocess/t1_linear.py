@@ -31,7 +31,7 @@ from bids_app.config import PreprocessConfig
 from bids_app.errors import ConfigError, DataError
 from bids_app.preprocess.nifti_checks import describe_grid, load_checked_nifti, voxel_sizes
 from bids_app.preprocess.qc import brain_mask, compute_qc
-from bids_app.preprocess.template import default_template_path
+from bids_app.template import default_template_path
 
 logger = logging.getLogger(__name__)
 

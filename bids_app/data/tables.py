@@ -1,0 +1,185 @@
+"""The index of extracted tensors in an output folder, and the joins of split tables onto it.
+
+``index_tensors`` lists the trusted tensors of one mode with a single directory walk (one row per image, columns
+``INDEX_COLUMNS``); ``sample_shape`` checks that their samples share one shape; ``encode_labels`` maps class names
+to indices; ``rows_for`` joins a split table's images onto the labelled index; ``external_table`` indexes
+another participant-level output (a group to predict) with the labels its raw dataset holds. ``data.dataset``
+turns such rows into samples.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import urllib.parse
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from bids_app.config import ExtractionMode, LabelConfig
+from bids_app.errors import DataError, InputMissingError
+from bids_app.extraction.storage import read_sidecar
+from bids_app.labels import NA as MISSING
+from bids_app.labels import NO_SESSION
+
+log = logging.getLogger(__name__)
+
+INDEX_COLUMNS = (
+    "participant_id",
+    "session_id",
+    "tensor_path",
+    "n_parts",
+    "sample_shape",
+    "source_sha256",
+    "raw_source_sha256",
+)
+UNLABELLED = "n/a"
+_NAME = re.compile(r"^sub-(?P<sub>[A-Za-z0-9]+)(?:_ses-(?P<ses>[A-Za-z0-9]+))?_")
+
+
+def index_tensors(output_dir: Path, mode: ExtractionMode, suffix: str = "T1w") -> pd.DataFrame:
+    """Table of the complete tensors of ``mode`` under ``output_dir`` (one directory walk).
+
+    Args:
+        output_dir: the participant-level output (BIDS derivative) folder.
+        mode: extraction mode to list.
+        suffix: image suffix, ``T1w`` or ``pet``.
+
+    Returns:
+        One row per image sorted by participant and session, columns ``INDEX_COLUMNS``: BIDS-prefixed ids
+        (``session_id`` is ``n/a`` without sessions), ``tensor_path`` (absolute), ``n_parts`` (1 in image
+        mode), ``sample_shape`` (tuple ``(1, ...)`` of one sample) and the sidecar's source checksums.
+        Tensors whose sidecar is missing, unreadable or not ``Complete`` are skipped with a warning.
+
+    Raises:
+        DataError: two tensors of this mode and suffix belong to one participant and session.
+    """
+    pattern = f"sub-*/**/deeplearning/sub-*_desc-{mode.value}_{suffix}.json"
+    rows = []
+    for json_path in sorted(Path(output_dir).glob(pattern)):
+        tensor_path = json_path.with_suffix(".npy")
+        match = _NAME.match(json_path.name)
+        if match is None:
+            continue
+        try:
+            sidecar = read_sidecar(json_path)
+        except (DataError, InputMissingError) as exc:
+            log.warning("Skipping tensor %s: %s", tensor_path, exc)
+            continue
+        if sidecar.get("Complete") is not True or not tensor_path.is_file():
+            log.warning("Skipping incomplete tensor %s (re-run the participant level for it).", tensor_path)
+            continue
+        shape = tuple(int(v) for v in sidecar.get("Shape", ()))
+        if sidecar.get("Mode", mode.value) != mode.value or len(shape) < 3:
+            log.warning("Skipping tensor %s: sidecar Mode %r, Shape %s.", tensor_path, sidecar.get("Mode"), shape)
+            continue
+        session = match.group("ses")
+        rows.append(
+            {
+                "participant_id": f"sub-{match.group('sub')}",
+                "session_id": f"ses-{session}" if session else NO_SESSION,
+                "tensor_path": str(tensor_path.absolute()),
+                "n_parts": 1 if mode is ExtractionMode.IMAGE else shape[0],
+                "sample_shape": shape if mode is ExtractionMode.IMAGE else shape[1:],
+                "source_sha256": sidecar.get("SourceSHA256", ""),
+                "raw_source_sha256": sidecar.get("RawSourceSHA256", ""),
+            }
+        )
+    table = pd.DataFrame(rows, columns=list(INDEX_COLUMNS))
+    duplicated = table.duplicated(["participant_id", "session_id"], keep=False)
+    if duplicated.any():
+        paths = ", ".join(table.loc[duplicated, "tensor_path"].head(4))
+        raise DataError(
+            f"Several {mode.value} tensors with suffix {suffix} for one participant and session: {paths}. "
+            "Restrict the images with --bids-filter-file (e.g. one run or one tracer) and re-run the participant "
+            "level."
+        )
+    return table.sort_values(["participant_id", "session_id"], ignore_index=True)
+
+
+def encode_labels(labels: Sequence[str], classes: Sequence[str] = ()) -> dict[str, int]:
+    """Deterministic class → index mapping: ``classes`` in the given order, else the sorted distinct labels.
+
+    Unlabelled values (``n/a``, empty) are not classes.
+    """
+    names = list(classes) if classes else sorted({str(v) for v in labels} - {UNLABELLED, ""})
+    return {name: index for index, name in enumerate(names)}
+
+
+def sample_shape(table: pd.DataFrame, mode: ExtractionMode) -> tuple[int, ...]:
+    """The common shape ``(1, ...)`` of one sample; DataError naming two files when they differ."""
+    if "sample_shape" in table.columns:
+        shapes = [tuple(int(v) for v in s) for s in table["sample_shape"]]
+    else:
+        shapes = []
+        for path in table["tensor_path"]:
+            shape = tuple(int(v) for v in read_sidecar(Path(path))["Shape"])
+            shapes.append(shape if mode is ExtractionMode.IMAGE else shape[1:])
+    distinct = sorted(set(shapes))
+    if len(distinct) != 1:
+        first = [table["tensor_path"].iloc[shapes.index(s)] for s in distinct[:2]]
+        raise DataError(
+            f"Samples differ in shape: {distinct[:2]} ({first[0]} vs {first[-1]}). Extract every image with the "
+            "same preprocessing and extraction options."
+        )
+    return distinct[0]
+
+
+def rows_for(ids: pd.DataFrame, table: pd.DataFrame, what: str) -> pd.DataFrame:
+    """Rows of ``table`` (labels + tensors) for the images a split table ``ids`` lists, in ``ids``' order.
+
+    Raises:
+        DataError: an image of ``ids`` has no tensor or no label in ``table``.
+    """
+    keys = ["participant_id", "session_id"]
+    rows = ids[keys].astype(str).merge(table, on=keys, how="left", indicator=True)
+    missing = rows[rows["_merge"] != "both"]
+    if not missing.empty:
+        first = missing.iloc[0]
+        raise DataError(
+            f"{len(missing)} image(s) of the {what} have no tensor or label (e.g. {first['participant_id']} "
+            f"{first['session_id']}). Re-run the participant level for them or re-run --stages split."
+        )
+    return rows.drop(columns="_merge")
+
+
+def _raw_dataset(output_dir: Path) -> Path | None:
+    """The raw BIDS dataset a participant-level output links to (``DatasetLinks.raw``), if readable."""
+    try:
+        description = json.loads((output_dir / "dataset_description.json").read_text(encoding="utf-8"))
+        link = str(description["DatasetLinks"]["raw"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    path = Path(urllib.parse.urlparse(link).path) if link.startswith("file:") else output_dir / link
+    return path.resolve() if path.is_dir() else None
+
+
+def external_table(predict_from: Path, mode: ExtractionMode, labels_cfg: LabelConfig) -> pd.DataFrame:
+    """Images of another participant-level output, labelled when its raw dataset's tables have the label.
+
+    Returns:
+        ``index_tensors`` rows plus ``label`` (``n/a`` for every image when no label can be read).
+
+    Raises:
+        InputMissingError: ``predict_from`` has no complete tensor of the MAPS' mode.
+    """
+    from bids_app.labels import load_labels
+
+    tensors = index_tensors(predict_from, mode)
+    if tensors.empty:
+        raise InputMissingError(
+            f"No complete {mode.value} tensors in {predict_from}. Run the participant level on that dataset "
+            f"with --modes {mode.value}."
+        )
+    raw_dir = _raw_dataset(predict_from)
+    if raw_dir is not None:
+        try:
+            labels = load_labels(raw_dir, labels_cfg, sessions=tensors[["participant_id", "session_id"]])
+            return tensors.merge(labels[["participant_id", "session_id", "label"]], how="left").fillna(
+                {"label": MISSING}
+            )
+        except (InputMissingError, DataError) as exc:
+            log.warning("Predicting %s without labels: %s", predict_from, exc)
+    return tensors.assign(label=MISSING)

@@ -1,0 +1,495 @@
+"""The model folder (MAPS) as one object: ``Maps`` = layout + record (``maps.json``) + split + models.
+
+A group run builds its ``Maps`` once (``Maps.create`` when training writes it, ``Maps.open`` otherwise, which
+validates the whole folder) and passes it to training, prediction, interpretation and the report; this module
+is the only one that parses ``maps.json``.
+
+See ``docs/maps.md`` for the tree. Model weights are safetensors files read and written by ``weights``
+(pickles are refused). Paths inside ``maps.json`` are written relative to declared roots (``${maps_dir}``,
+``${output_dir}``, ``${bids_dir}``) and the roots relative to the MAPS when it lies inside them, so a MAPS
+moved together with its output folder still reads back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from bids_app import read_version
+from bids_app.config import ExtractionMode, RunConfig, Task
+from bids_app.config_file import config_to_nested, resolve_config
+from bids_app.derivatives import atomic_write_json
+from bids_app.errors import BidsAppError, DataError, InputMissingError
+from bids_app.maps.splits import SPLITS_JSON, Splits, read_splits
+from bids_app.maps.weights import PICKLE_SUFFIXES, check_safetensors, load_state
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+REPORT_NAME = "report.html"
+
+
+@dataclasses.dataclass(frozen=True)
+class MapsLayout:
+    """Every path of one MAPS folder ``root``."""
+
+    root: Path
+
+    @property
+    def maps_json(self) -> Path:
+        return self.root / "maps.json"
+
+    @property
+    def environment_json(self) -> Path:
+        return self.root / "environment.json"
+
+    @property
+    def groups_dir(self) -> Path:
+        return self.root / "groups"
+
+    @property
+    def train_validation_tsv(self) -> Path:
+        return self.groups_dir / "train+validation.tsv"
+
+    @property
+    def splits_json(self) -> Path:
+        """Written last by the split stage: a split without it is incomplete."""
+        return self.groups_dir / SPLITS_JSON
+
+    @property
+    def report_html(self) -> Path:
+        return self.root / REPORT_NAME
+
+    def split_dir(self, split: int) -> Path:
+        return self.root / f"split-{split}"
+
+    def best_dir(self, split: int, metric: str) -> Path:
+        return self.split_dir(split) / f"best-{metric}"
+
+    def model_path(self, split: int, metric: str) -> Path:
+        return self.best_dir(split, metric) / "model.safetensors"
+
+    def selection_json(self, split: int, metric: str) -> Path:
+        """Epoch and value at which the model in ``best-<metric>`` was selected."""
+        return self.best_dir(split, metric) / "selection.json"
+
+    def group_dir(self, split: int, metric: str, group: str) -> Path:
+        """Predictions and metrics of that model on one group (``train``, ``validation``, ``test``...)."""
+        return self.best_dir(split, metric) / group
+
+    def metrics_tsv(self, split: int, metric: str, group: str) -> Path:
+        """Image-level metrics of that model on one group, with their bootstrap intervals (labelled groups)."""
+        return self.group_dir(split, metric, group) / f"{group}_image_level_metrics.tsv"
+
+    def training_logs_dir(self, split: int) -> Path:
+        return self.split_dir(split) / "training_logs"
+
+    def training_tsv(self, split: int) -> Path:
+        return self.training_logs_dir(split) / "training.tsv"
+
+    def tensorboard_dir(self, split: int) -> Path:
+        return self.training_logs_dir(split) / "tensorboard"
+
+    def summary_json(self, split: int) -> Path:
+        """Written last by a finished training of the split."""
+        return self.training_logs_dir(split) / "summary.json"
+
+    def tmp_dir(self, split: int) -> Path:
+        return self.split_dir(split) / "tmp"
+
+    def checkpoint_path(self, split: int) -> Path:
+        return self.tmp_dir(split) / "checkpoint.pt"
+
+    def prediction_tsv(self, split: int, metric: str, group: str) -> Path:
+        """Image-level predictions of that model on one group."""
+        return self.group_dir(split, metric, group) / f"{group}_image_level_prediction.tsv"
+
+    def has_predictions(self, group: str = "test") -> bool:
+        """Whether some split's model predicted ``group``."""
+        return any(self.root.glob(f"split-*/best-*/{group}/{group}_image_level_prediction.tsv"))
+
+    def trained_splits(self) -> list[int]:
+        """Splits whose training finished (``summary.json`` present), ascending."""
+        found = []
+        for path in self.root.glob("split-*"):
+            suffix = path.name.removeprefix("split-")
+            if suffix.isdigit() and self.summary_json(int(suffix)).is_file():
+                found.append(int(suffix))
+        return sorted(found)
+
+
+@dataclasses.dataclass(frozen=True)
+class MapsRecord:
+    """The content of ``maps.json`` with paths resolved against the MAPS' current location.
+
+    Attributes:
+        version: bids_app version that wrote it.
+        config: the resolved run configuration of the training.
+        task, mode, architecture: what the models are.
+        input_shape: one sample ``(1, ...)`` in voxels.
+        n_outputs: model outputs (classes in classification).
+        label_encoding: class → index (classification), else None.
+        extra: every other key of ``maps.json`` (e.g. ``transfer_source``).
+    """
+
+    version: str
+    config: RunConfig
+    task: Task
+    mode: ExtractionMode
+    architecture: str
+    input_shape: tuple[int, ...]
+    n_outputs: int
+    label_encoding: dict[str, int] | None
+    extra: dict[str, Any]
+
+
+def _portable(value: Any, roots: Mapping[str, Path]) -> Any:
+    """Replace absolute path strings under a root by ``${root}/relative`` (the deepest root wins)."""
+    if isinstance(value, dict):
+        return {key: _portable(item, roots) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_portable(item, roots) for item in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        best: tuple[int, str] | None = None
+        for name, root in roots.items():
+            try:
+                relative = Path(value).relative_to(root)
+            except ValueError:
+                continue
+            if best is None or len(root.parts) > best[0]:
+                rel = relative.as_posix()
+                best = (len(root.parts), f"${{{name}}}" + ("" if rel == "." else f"/{rel}"))
+        return value if best is None else best[1]
+    return value
+
+
+def _resolved(value: Any, roots: Mapping[str, Path]) -> Any:
+    if isinstance(value, dict):
+        return {key: _resolved(item, roots) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_resolved(item, roots) for item in value]
+    if isinstance(value, str) and value.startswith("${"):
+        name, _, rest = value[2:].partition("}")
+        if name in roots:
+            return str(roots[name] / rest.lstrip("/")) if rest else str(roots[name])
+    return value
+
+
+def _stored_root(root: Path, maps_dir: Path) -> str:
+    """A root relative to the MAPS when the MAPS lies inside it, else absolute."""
+    root = Path(os.path.abspath(root))
+    if Path(os.path.abspath(maps_dir)).is_relative_to(root):
+        return Path(os.path.relpath(root, os.path.abspath(maps_dir))).as_posix()
+    return str(root)
+
+
+def write_maps_json(maps_dir: Path, cfg: RunConfig, extra: Mapping[str, Any]) -> None:
+    """Write ``maps.json``: the resolved config, the bids_app version and what rebuilds the models.
+
+    Args:
+        maps_dir: the MAPS folder.
+        cfg: the training's configuration.
+        extra: at least ``input_shape`` (one sample, ``(1, ...)``), ``n_outputs`` and ``label_encoding``
+            (class → index, or None); any other JSON-ready key is kept (e.g. ``transfer_source``).
+    """
+    maps_dir = Path(os.path.abspath(maps_dir))
+    roots = {"maps_dir": maps_dir, "output_dir": cfg.output_dir, "bids_dir": cfg.bids_dir}
+    abs_roots = {name: Path(os.path.abspath(path)) for name, path in roots.items()}
+    content = {
+        "bids_app_version": read_version(),
+        "task": cfg.labels.task.value,
+        "mode": cfg.train.mode.value,
+        "architecture": cfg.train.architecture,
+        **{key: _portable(value, abs_roots) for key, value in extra.items()},
+        "roots": {name: _stored_root(path, maps_dir) for name, path in abs_roots.items() if name != "maps_dir"},
+        "config": _portable(config_to_nested(cfg), abs_roots),
+    }
+    atomic_write_json(MapsLayout(maps_dir).maps_json, content)
+
+
+def read_maps_json(maps_dir: Path, roots: Mapping[str, Path] | None = None) -> MapsRecord:
+    """Read ``maps.json``, resolving stored paths against the MAPS' current location.
+
+    Args:
+        maps_dir: the MAPS folder.
+        roots: override a stored root (``output_dir``, ``bids_dir``), e.g. when only the MAPS was moved.
+
+    Raises:
+        DataError: ``maps.json`` is missing, unreadable, or lacks a key.
+    """
+    maps_dir = Path(os.path.abspath(maps_dir))
+    path = MapsLayout(maps_dir).maps_json
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(
+            f"{path} is missing, so {maps_dir} is not a trained model folder. Run the group level with "
+            "--stages train first, or point to the right MAPS."
+        ) from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not readable JSON ({exc}). Re-run training to rewrite it.") from exc
+    try:
+        stored = content["roots"]
+        resolved_roots = {"maps_dir": maps_dir}
+        for name, value in stored.items():
+            resolved_roots[name] = Path(value) if os.path.isabs(value) else Path(os.path.normpath(maps_dir / value))
+        resolved_roots.update({name: Path(p) for name, p in (roots or {}).items()})
+        known = {"bids_app_version", "task", "mode", "architecture", "input_shape", "n_outputs", "label_encoding"}
+        extra = {k: _resolved(v, resolved_roots) for k, v in content.items() if k not in known | {"roots", "config"}}
+        encoding = content["label_encoding"]
+        return MapsRecord(
+            version=str(content["bids_app_version"]),
+            config=resolve_config(_resolved(content["config"], resolved_roots)),
+            task=Task(content["task"]),
+            mode=ExtractionMode(content["mode"]),
+            architecture=str(content["architecture"]),
+            input_shape=tuple(int(v) for v in content["input_shape"]),
+            n_outputs=int(content["n_outputs"]),
+            label_encoding=None if encoding is None else {str(k): int(v) for k, v in encoding.items()},
+            extra=extra,
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, BidsAppError):
+            raise DataError(f"{path} holds an invalid configuration: {exc}") from exc
+        raise DataError(f"{path} is incomplete or malformed ({exc!r}). Re-run training to rewrite it.") from exc
+
+
+def write_environment_json(maps_dir: Path, seed: int) -> None:
+    """Record the software and machine that trained the models (``environment.json``)."""
+    from bids_app.provenance import environment_record
+
+    atomic_write_json(MapsLayout(maps_dir).environment_json, environment_record(seed))
+
+
+def find_model_path(maps_dir: Path, split: int, metric: str) -> Path:
+    """``split-<k>/best-<metric>/model.safetensors``, checked to be safetensors.
+
+    Raises:
+        DataError: only a pickle model file exists in that folder, or the file is not safetensors.
+        InputMissingError: no model for this split and metric.
+    """
+    layout = MapsLayout(Path(maps_dir))
+    path = layout.model_path(split, metric)
+    if not path.is_file():
+        best_dir = layout.best_dir(split, metric)
+        pickles = sorted(p for p in best_dir.glob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            check_safetensors(pickles[0])
+        available = sorted(p.parent.name for p in layout.split_dir(split).glob("best-*/model.safetensors"))
+        raise InputMissingError(
+            f"No model {path}. Available for split {split}: {available or 'none'}. Train split {split} with "
+            f"selection metric '{metric}' (--stages train), or choose another metric."
+        )
+    check_safetensors(path)
+    return path
+
+
+def build_maps_model(record: MapsRecord) -> nn.Module:
+    """A freshly initialised model of the MAPS' architecture, task and input shape."""
+    from bids_app.models import build_model
+
+    return build_model(
+        record.architecture,
+        task=record.task,
+        input_shape=record.input_shape,
+        n_outputs=record.n_outputs,
+        dropout=record.config.train.dropout,
+    )
+
+
+def load_model(maps_dir: Path, split: int, metric: str, device: str | torch.device = "cpu") -> nn.Module:
+    """The trained model ``split-<k>/best-<metric>`` in eval mode on ``device``.
+
+    The architecture is rebuilt from ``maps.json`` and the weights read from safetensors (never unpickled).
+
+    Raises:
+        DataError: invalid MAPS, a pickle model file, or weights that do not fit the architecture.
+        InputMissingError: no such split or metric.
+    """
+    return Maps.open(maps_dir).load_model(split, metric, device)
+
+
+def load_weights_into(model: nn.Module, path: Path, record: MapsRecord) -> nn.Module:
+    """``model`` with the safetensors weights of ``path`` (strict: every tensor must fit).
+
+    Raises:
+        DataError: a pickle file, or weights that do not fit the architecture of ``record``.
+    """
+    state = load_state(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise DataError(
+            f"Weights in {path} do not fit architecture '{record.architecture}' with input shape "
+            f"{record.input_shape}: {str(exc).splitlines()[0]}. The MAPS is inconsistent; re-train this split."
+        ) from exc
+    return model
+
+
+def _major(version: str) -> str:
+    return version.split(".", 1)[0]
+
+
+def validate_maps(maps_dir: Path, roots: Mapping[str, Path] | None = None) -> MapsRecord:
+    """Check a MAPS before predicting with it or resuming it, and return its record.
+
+    Checks ``maps.json`` (present, readable, same major version as this bids_app), ``environment.json``,
+    and for every finished split a safetensors model per selection metric (pickles refused).
+
+    Raises:
+        InputMissingError: ``maps_dir`` does not exist.
+        DataError: a file is missing or invalid, or the MAPS was written by another major version.
+    """
+    maps_dir = Path(maps_dir)
+    if not maps_dir.is_dir():
+        raise InputMissingError(f"Model folder {maps_dir} does not exist. Train a model first (--stages train).")
+    record = read_maps_json(maps_dir, roots)
+    check_maps_files(MapsLayout(maps_dir), record)
+    return record
+
+
+def check_maps_files(layout: MapsLayout, record: MapsRecord) -> None:
+    """The checks of ``validate_maps`` that follow the record: version, ``environment.json``, model files.
+
+    Raises:
+        DataError: a file is missing or invalid, or the MAPS was written by another major version.
+    """
+    current = read_version()
+    if _major(record.version) != _major(current):
+        raise DataError(
+            f"{layout.maps_json} was written by bids_app {record.version}, but this is bids_app {current} "
+            f"(different major version). Use bids_app {_major(record.version)}.x to read it, or re-train."
+        )
+    if not layout.environment_json.is_file():
+        raise DataError(f"{layout.environment_json} is missing. Re-run training (--stages train) to recreate it.")
+    for split in layout.trained_splits():
+        for metric in record.config.train.selection_metrics:
+            try:
+                find_model_path(layout.root, split, metric)
+            except InputMissingError as exc:
+                raise DataError(
+                    f"{layout.model_path(split, metric)} is missing although split {split} finished training. "
+                    f"Re-train split {split} (--stages train with train.splits = [{split}] in the --config file)."
+                ) from exc
+
+
+def read_training_pool(maps_dir: Path, fix: str) -> pd.DataFrame:
+    """A MAPS' ``groups/train+validation.tsv`` (every image its model saw), read as strings.
+
+    Raises:
+        InputMissingError: the file does not exist; the message ends with ``fix``.
+    """
+    path = MapsLayout(Path(maps_dir)).train_validation_tsv
+    try:
+        return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise InputMissingError(f"{path} does not exist; the MAPS is incomplete. {fix}") from None
+
+
+class Maps:
+    """One model folder, read and validated once, then passed to every group stage.
+
+    The record is the one source of task, mode, label column and class order at prediction and interpretation
+    time: a run that predicts with a model never needs ``--mode`` or ``--label`` repeated.
+
+    Attributes:
+        layout: every path of the folder.
+        record: the content of ``maps.json``.
+    """
+
+    def __init__(self, layout: MapsLayout, record: MapsRecord) -> None:
+        self.layout = layout
+        self.record = record
+        self._splits: Splits | None = None
+
+    @classmethod
+    def open(cls, root: Path, roots: Mapping[str, Path] | None = None) -> Maps:
+        """Read and validate the model folder ``root`` (``validate_maps``).
+
+        Raises:
+            InputMissingError: ``root`` does not exist.
+            DataError: a file is missing or invalid, or the MAPS was written by another major version.
+        """
+        return cls(MapsLayout(Path(root)), validate_maps(Path(root), roots))
+
+    @staticmethod
+    def exists(root: Path) -> bool:
+        """Whether ``root`` holds a model folder's record (it may still be incomplete or invalid)."""
+        return MapsLayout(Path(root)).maps_json.is_file()
+
+    @classmethod
+    def create(cls, root: Path, cfg: RunConfig, extra: Mapping[str, Any]) -> Maps:
+        """Write ``maps.json`` and ``environment.json`` of a new training into ``root`` and open it."""
+        write_maps_json(root, cfg, extra)
+        write_environment_json(root, cfg.seed)
+        return cls(MapsLayout(Path(root)), read_maps_json(Path(root)))
+
+    def validate(self) -> Maps:
+        """Check the folder's files against its record again (after training wrote new models); returns self."""
+        check_maps_files(self.layout, self.record)
+        return self
+
+    @property
+    def root(self) -> Path:
+        return self.layout.root
+
+    @property
+    def name(self) -> str:
+        return self.layout.root.name
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names by output index (classification), else empty."""
+        encoding = self.record.label_encoding or {}
+        return sorted(encoding, key=encoding.__getitem__)
+
+    @property
+    def splits(self) -> Splits:
+        """The model's subject-level split, read and verified once (``maps.splits.read_splits``)."""
+        if self._splits is None:
+            self._splits = read_splits(self.layout.groups_dir)
+        return self._splits
+
+    def trained_splits(self, selected: Sequence[int] = ()) -> list[int]:
+        """Finished splits, restricted to ``selected`` when given.
+
+        Raises:
+            InputMissingError: none is trained.
+        """
+        trained = [k for k in self.layout.trained_splits() if not selected or k in selected]
+        if not trained:
+            raise InputMissingError(
+                f"No trained split in {self.root}"
+                + (f" among splits {list(selected)}" if selected else "")
+                + ". Run the group level with --stages train first."
+            )
+        return trained
+
+    def model_path(self, split: int, metric: str) -> Path:
+        """``split-<k>/best-<metric>/model.safetensors``, checked to be safetensors (``find_model_path``)."""
+        return find_model_path(self.root, split, metric)
+
+    def build_model(self) -> nn.Module:
+        """A freshly initialised model of this folder's architecture, task and input shape."""
+        return build_maps_model(self.record)
+
+    def load_model(self, split: int, metric: str, device: str | torch.device = "cpu") -> nn.Module:
+        """The trained model ``split-<k>/best-<metric>`` in eval mode on ``device`` (weights never unpickled).
+
+        Raises:
+            DataError: a pickle model file, or weights that do not fit the architecture.
+            InputMissingError: no such split or metric.
+        """
+        return load_weights_into(self.build_model(), self.model_path(split, metric), self.record).to(device).eval()
+
+    def training_pool(self, fix: str = "Re-run the split stage.") -> pd.DataFrame:
+        """``groups/train+validation.tsv``: every image the models saw (``read_training_pool``)."""
+        return read_training_pool(self.root, fix)

@@ -1,0 +1,365 @@
+"""One participant's job: each image through preprocessing, QC, tensor extraction, then the HTML report.
+
+``process_participant`` is the participant stage's entry (``levels`` calls it, in a worker process or not).
+
+Every output is skipped when it already exists with the same configuration hash (idempotent re-runs) unless
+``--overwrite``; every file is written atomically, the sidecar last, so a killed job leaves nothing that looks
+complete. The job holds the template and ROI masks once for all of the participant's images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from bids_app import read_version
+from bids_app.config import ExtractionMode, RunConfig
+from bids_app.derivatives import (
+    atomic_path,
+    atomic_write_json,
+    bids_uri,
+    config_hash,
+    file_sha256,
+    preproc_path,
+    qc_path,
+    read_complete_sidecar,
+    remove_stale_temporaries,
+    report_path,
+    sidecar_path,
+    tensor_path,
+    transform_path,
+)
+from bids_app.errors import BidsAppError, IOFailure, OutputError
+from bids_app.inputs.bids_query import ImageRecord
+from bids_app.participant.status import Outcome, StatusRow
+from bids_app.template import DEFAULT_SPACE
+
+log = logging.getLogger(__name__)
+
+STANDARD_SPACES = {DEFAULT_SPACE, "MNI152NLin2009cSym", "MNI152NLin2009cAsym", "MNI152NLin6Asym", "MNI152Lin"}
+# The preprocessed image sidecar's Description, by (is PET, was already preprocessed).
+DESCRIPTIONS = {
+    (False, False): "t1-linear: N4 bias correction, affine registration to the template, crop",
+    (False, True): "already preprocessed input, cropped to the template box",
+    (True, False): "pet-linear: rigid registration to the session's T1w composed with its affine to the template, "
+    "crop, SUVR normalisation",
+    (True, True): "already preprocessed input, cropped to the template box, SUVR normalisation",
+}
+
+
+def check_extraction(cfg: RunConfig) -> None:
+    """Refuse extraction parameters that cannot fit the cropped template before any participant runs."""
+    from bids_app.errors import ConfigError
+    from bids_app.extraction import n_parts
+    from bids_app.preprocess.t1_linear import crop_box, load_template
+
+    template = load_template(cfg.preprocess)
+    box = crop_box(template, cfg.preprocess.crop_shape)
+    shape = tuple(s.stop - s.start for s in box)
+    if ExtractionMode.ROI in cfg.extraction.modes and not cfg.extraction.roi_masks:
+        raise ConfigError("roi mode needs at least one --roi-mask NAME=PATH (a binary mask in template space).")
+    for mode in cfg.extraction.modes:
+        n_parts(mode, cfg.extraction, shape)
+
+
+class ParticipantJob:
+    """Processes the images of participant ``label`` into ``cfg.output_dir``."""
+
+    def __init__(self, cfg: RunConfig, label: str, work_dir: Path) -> None:
+        from bids_app.preprocess.t1_linear import crop_box, crop_image, load_template
+
+        self.cfg = cfg
+        self.label = label
+        self.work_dir = work_dir
+        self.space = cfg.preprocess.template_space
+        self.template = load_template(cfg.preprocess)
+        self.template_crop = crop_image(self.template, crop_box(self.template, cfg.preprocess.crop_shape))
+        stale = remove_stale_temporaries(cfg.output_dir / f"sub-{label}")
+        if stale:
+            log.warning("sub-%s: removed %d temporary file(s) left by an interrupted run", label, len(stale))
+        self.report_entries: list[Any] = []
+        self.t1_transforms: dict[str | None, tuple[Path, Path]] = {}  # session → (raw T1w, transform)
+        self._roi_masks: dict[str, Any] | None = None
+
+    # -- preprocessing -------------------------------------------------------------------------------
+    def process_image(self, record: ImageRecord) -> list[StatusRow]:
+        rows: list[StatusRow] = []
+        start = time.perf_counter()
+        image, provenance, skipped = self._preprocess(record)
+        rows.append(
+            StatusRow(
+                self.label,
+                record.session_label,
+                record.path.name,
+                "preprocess",
+                Outcome.SKIPPED if skipped else Outcome.OK,
+                "",
+                time.perf_counter() - start,
+            )
+        )
+        for mode in self.cfg.extraction.modes:
+            start = time.perf_counter()
+            try:
+                skipped = self._extract(record, image, mode, provenance)
+                outcome, message = (Outcome.SKIPPED if skipped else Outcome.OK), ""
+            except Exception as exc:
+                if not isinstance(exc, BidsAppError) or isinstance(exc, IOFailure | OutputError):
+                    raise  # bugs keep their traceback; a failing output stops the run (exit 73/74)
+                log.error("sub-%s %s %s extraction: %s", self.label, record.path.name, mode.value, exc)
+                outcome, message = Outcome.FAILED, str(exc)
+            rows.append(
+                StatusRow(
+                    self.label,
+                    record.session_label,
+                    record.path.name,
+                    f"extract-{mode.value}",
+                    outcome,
+                    message,
+                    time.perf_counter() - start,
+                )
+            )
+        return rows
+
+    def _extra_entities(self, record: ImageRecord) -> str:
+        tracer = record.entities.get("tracer")
+        return f"trc-{tracer}" if record.suffix == "pet" and tracer else ""
+
+    def _preprocess(self, record: ImageRecord) -> tuple[Any, dict[str, Any], bool]:
+        """The preprocessed image (computed or re-used), its provenance and whether it was re-used."""
+        import nibabel as nib
+
+        from bids_app.preprocess.qc import compute_qc
+
+        cfg, out = self.cfg, self.cfg.output_dir
+        extra = self._extra_entities(record)
+        path = preproc_path(out, self.label, record.session_label, self.space, record.suffix, extra)
+        raw_sha = file_sha256(record.path)
+        pre_hash = self._preprocess_hash(record, raw_sha)
+        existing = read_complete_sidecar(path)
+        provenance = {"RawSource": str(record.path), "RawSourceSHA256": raw_sha, "PreprocHash": pre_hash}
+        if existing and existing.get("ConfigHash") == pre_hash and not cfg.overwrite:
+            log.info("sub-%s %s: preprocessed image up to date, skipped", self.label, record.path.name)
+            image = nib.load(path)
+            self._remember_transform(record)
+            self.report_entries.append((record, image, existing.get("QC", {})))
+            return image, {**provenance, "Source": path, "SourceSHA256": existing["SHA256"]}, True
+
+        if record.suffix == "pet":
+            image, qc = self._run_pet(record)
+        elif record.preprocessed:
+            from bids_app.preprocess.t1_linear import load_preprocessed
+
+            image = load_preprocessed(record.path, self.template, cfg.preprocess)
+            qc = compute_qc(image, self.template_crop)
+        else:
+            from bids_app.preprocess.t1_linear import run_t1_linear
+
+            result = run_t1_linear(record.path, cfg.preprocess, self.work_dir, omp_nthreads=cfg.omp_nthreads)
+            image, qc = result.image, result.qc
+            xfm = transform_path(out, self.label, record.session_label, self.space)
+            with atomic_path(xfm) as tmp:
+                shutil.copyfile(result.transform_path, tmp)
+            self._remember_transform(record)
+
+        with atomic_path(path) as tmp:
+            nib.save(image, tmp)
+        sha = file_sha256(path)
+        qc_record = {
+            "Participant": self.label,
+            "Session": record.session_label,
+            "Image": record.path.name,
+            **qc,
+        }
+        atomic_write_json(qc_path(out, self.label, record.session_label, record.suffix, extra), qc_record)
+        atomic_write_json(sidecar_path(path), self._preproc_sidecar(record, pre_hash, sha, qc))
+        self.report_entries.append((record, image, qc))
+        return image, {**provenance, "Source": path, "SourceSHA256": sha}, False
+
+    def _preprocess_hash(self, record: ImageRecord, raw_sha: str) -> str:
+        """What the preprocessed image depends on: the input's bytes and the settings that act on its kind."""
+        settings = dataclasses.asdict(self.cfg.preprocess)
+        for unrelated in ("derivatives_dirs", "pet_tracers"):  # where inputs come from, not how they are processed
+            settings.pop(unrelated)
+        if record.suffix != "pet":
+            settings.pop("suvr_reference_mask")
+        return config_hash({"preprocess": settings, "input_sha256": raw_sha, "preprocessed": record.preprocessed})
+
+    def _preproc_sidecar(self, record: ImageRecord, pre_hash: str, sha: str, qc: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.cfg
+        sidecar: dict[str, Any] = {
+            "SkullStripped": False,  # t1-linear does not remove the skull
+            "Description": DESCRIPTIONS[record.suffix == "pet", record.preprocessed],
+        }
+        source = bids_uri(cfg.bids_dir, record.path)
+        if source:
+            sidecar["Sources"] = [source]
+        else:
+            sidecar["InputFile"] = str(record.path)
+        if self.space not in STANDARD_SPACES:
+            template = cfg.preprocess.template_path
+            sidecar["SpatialReference"] = template.resolve().as_uri() if template else self.space
+        if record.suffix == "pet":
+            sidecar["Units"] = "SUVR"
+        sidecar.update(
+            {
+                "QC": qc,
+                "ConfigHash": pre_hash,
+                "SHA256": sha,
+                "BidsAppVersion": read_version(),
+                "Complete": True,
+            }
+        )
+        return sidecar
+
+    def _remember_transform(self, record: ImageRecord) -> None:
+        if record.suffix == "T1w" and not record.preprocessed:
+            xfm = transform_path(self.cfg.output_dir, self.label, record.session_label, self.space)
+            self.t1_transforms[record.session_label] = (record.path, xfm)
+
+    def _run_pet(self, record: ImageRecord) -> tuple[Any, dict[str, float]]:
+        """pet-linear on a raw PET, or the crop and SUVR normalisation of one already in template space."""
+        from bids_app.errors import InputMissingError
+        from bids_app.preprocess.pet_linear import load_preprocessed_pet, run_pet_linear
+
+        if record.preprocessed:
+            loaded = load_preprocessed_pet(record.path, self.template, self.cfg.preprocess)
+            return loaded.image, loaded.qc
+        if record.session_label not in self.t1_transforms:
+            raise InputMissingError(
+                f"PET {record.path} needs the T1w of sub-{self.label} session {record.session_label} "
+                "(pet-linear registers PET to it). Add the T1w or drop --pet-tracer."
+            )
+        t1w, xfm = self.t1_transforms[record.session_label]
+        result = run_pet_linear(
+            record.path, t1w, xfm, self.cfg.preprocess, self.work_dir, omp_nthreads=self.cfg.omp_nthreads
+        )
+        return result.image, result.qc
+
+    # -- extraction ------------------------------------------------------------------------------------
+    def _roi(self, image: Any) -> dict[str, Any]:
+        from bids_app.extraction import load_roi_masks
+
+        if self._roi_masks is None:
+            self._roi_masks = load_roi_masks(self.cfg.extraction.roi_masks, image)
+        return self._roi_masks
+
+    def _extract(self, record: ImageRecord, image: Any, mode: ExtractionMode, provenance: dict[str, Any]) -> bool:
+        """Write the tensor of ``mode``; True when an up-to-date one was re-used."""
+        import numpy as np
+
+        from bids_app.extraction import extract_tensor, mode_parameters, normalize_volume, write_tensor
+
+        cfg = self.cfg.extraction
+        roi_masks = self._roi(image) if mode is ExtractionMode.ROI else None
+        params = mode_parameters(mode, cfg, tuple(roi_masks or ()))
+        tensor_hash = config_hash(
+            {
+                "preproc": provenance["PreprocHash"],
+                "mode": mode.value,
+                "params": params,
+                "normalization": cfg.normalization.value,
+                "dtype": cfg.dtype.value,
+            }
+        )
+        path = tensor_path(
+            self.cfg.output_dir,
+            self.label,
+            record.session_label,
+            self.space,
+            mode.value,
+            record.suffix,
+            self._extra_entities(record),
+        )
+        existing = read_complete_sidecar(path)
+        if existing and existing.get("ConfigHash") == tensor_hash and not self.cfg.overwrite:
+            return True
+        volume = normalize_volume(
+            np.asarray(image.dataobj, dtype=np.float32), cfg.normalization, source=str(provenance["Source"])
+        )
+        array = extract_tensor(volume, mode, cfg, roi_masks)
+        sidecar = {
+            "Mode": mode.value,
+            "ModeParameters": params,
+            "Normalization": cfg.normalization.value,
+            "Space": self.space,
+            "Source": Path(provenance["Source"]).relative_to(self.cfg.output_dir).as_posix(),
+            "SourceSHA256": provenance["SourceSHA256"],
+            "RawSource": provenance["RawSource"],
+            "RawSourceSHA256": provenance["RawSourceSHA256"],
+            "ConfigHash": tensor_hash,
+            "BidsAppVersion": read_version(),
+        }
+        write_tensor(path, array, sidecar)
+        return False
+
+    # -- report ----------------------------------------------------------------------------------------
+    def write_report(self) -> list[StatusRow]:
+        if not self.report_entries:
+            return []
+        from bids_app.participant.report import ReportEntry, write_participant_report
+
+        start = time.perf_counter()
+        entries = [
+            ReportEntry(r.session_label, r.suffix, img, self.template_crop, qc, self._extra_entities(r))
+            for r, img, qc in self.report_entries
+        ]
+        try:
+            write_participant_report(report_path(self.cfg.output_dir, self.label), self.label, entries)
+        except OSError as exc:
+            return [StatusRow(self.label, None, "", "report", Outcome.FAILED, str(exc))]
+        return [StatusRow(self.label, None, "", "report", Outcome.OK, "", time.perf_counter() - start)]
+
+
+def process_participant(cfg: RunConfig, label: str, records: list[ImageRecord]) -> list[StatusRow]:
+    """All images of one participant: preprocess, QC, extract, report. Never raises for bad data."""
+    start = time.perf_counter()
+    if not records:
+        log.error("sub-%s: no T1w image with the active filters in %s; check the dataset or --bids-filter-file.",
+                  label, cfg.bids_dir)  # fmt: skip
+        return [
+            StatusRow(
+                label,
+                None,
+                "",
+                "participant",
+                Outcome.FAILED,
+                f"No T1w image for participant {label} in {cfg.bids_dir} with the active filters.",
+            )
+        ]
+    work_root = cfg.work_dir or Path(tempfile.gettempdir())
+    work_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"bids_app_sub-{label}_", dir=work_root) as tmp:
+        job = ParticipantJob(cfg, label, Path(tmp))
+        rows: list[StatusRow] = []
+        # T1w first: PET needs the session's T1w transform.
+        for record in sorted(records, key=lambda r: (r.suffix != "T1w", r.session_label or "")):
+            try:
+                rows += job.process_image(record)
+            except (IOFailure, OutputError):
+                raise  # the output itself is failing (disk full, unwritable): every participant would fail alike
+            except BidsAppError as exc:
+                log.error("sub-%s %s: %s", label, record.path.name, exc)
+                rows.append(
+                    StatusRow(label, record.session_label, record.path.name, "preprocess", Outcome.FAILED, str(exc))
+                )
+            except Exception as exc:  # a bug must not stop other participants, but keeps its traceback
+                log.error("sub-%s %s: unexpected error\n%s", label, record.path.name, traceback.format_exc())
+                rows.append(
+                    StatusRow(
+                        label,
+                        record.session_label,
+                        record.path.name,
+                        "preprocess",
+                        Outcome.FAILED,
+                        f"unexpected {type(exc).__name__}: {exc}",
+                    )
+                )
+        rows += job.write_report()
+    log.info("sub-%s done in %.1f s", label, time.perf_counter() - start)
+    return rows

@@ -1,0 +1,293 @@
+"""Inference on a group of images, soft voting, and the prediction/metric TSVs (after the ``leakage`` check).
+
+Outputs of ``predict_group`` under ``<maps>/split-<k>/best-<metric>/<group>/``:
+
+- ``<group>_image_level_prediction.tsv``: ``participant_id``, ``session_id``, ``true_label`` (``n/a`` when
+  unlabelled), ``predicted_label`` (class name or predicted value) and ``proba_<class>`` per class
+  (classification); reconstruction: ``mae``, ``rmse``, ``psnr``, ``ssim`` instead (means over the parts);
+- ``<group>_<mode>_level_prediction.tsv`` (patch, slice, roi): the same per part, with ``part_id``;
+- ``<group>_image_level_metrics.tsv`` (labelled groups): ``metric``, ``value``, ``ci_low``, ``ci_high``
+  (95 % percentile bootstrap over images, seeded);
+- ``<group>_confusion_matrix.tsv`` (labelled classification): rows true class, columns predicted class;
+- ``leak_warning.json`` when a leak was allowed with ``allow_leak`` (written by ``leakage.enforce_no_leak``).
+
+Soft-voting weights (``voting.py``) are computed once per split and selection metric from the validation
+group's part predictions, saved as ``split-<k>/best-<metric>/voting_weights.tsv`` and re-used for every other
+group, which must therefore be predicted after ``validation``.
+
+Every file is written atomically; floats are written with a fixed format, so the same model and data give
+byte-identical files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from bids_app.config import PredictConfig, RunConfig, RuntimeConfig, Task
+from bids_app.derivatives import atomic_write_text
+from bids_app.errors import ConfigError, DataError
+from bids_app.maps import Maps
+from bids_app.metrics import RECONSTRUCTION_METRICS, reconstruction_metrics_per_image
+from bids_app.prediction.files import format_tsv, write_group_outputs
+from bids_app.prediction.leakage import (
+    LeakFinding,
+    check_identity_leaks,
+    check_leaks,
+    enforce_no_leak,
+    training_checksums,
+)
+from bids_app.prediction.voting import (
+    VOTING_WEIGHTS_FILE,
+    compute_voting_weights,
+    images_without_voting,
+    is_single_part,
+    proba_columns,
+    read_voting_weights,
+    soft_vote,
+    vote_validation,
+)
+from bids_app.tracking.mlflow import Tracker
+
+if TYPE_CHECKING:
+    import torch
+
+    from bids_app.data.dataset import TensorDataset
+
+log = logging.getLogger(__name__)
+
+VALIDATION_GROUP = "validation"
+TRAINING_GROUPS = frozenset({"train", VALIDATION_GROUP})  # parts of the training set: no leak check
+
+
+# -- inference ------------------------------------------------------------------------------------------
+
+
+def run_inference(
+    model: torch.nn.Module, dataset: TensorDataset, task: Task, batch_size: int, *, channels_last: bool = False
+) -> pd.DataFrame:
+    """Predict every sample of ``dataset`` in order and return the part-level table.
+
+    Args:
+        model: a network on its device; classification outputs logits ``(B, K)``, regression ``(B,)`` or
+            ``(B, 1)``, reconstruction an image shaped like its input ``(B, 1, *spatial)``.
+        dataset: ``data.TensorDataset`` (items ``(x, y, index)``; ``sample_table`` maps ``index`` to
+            ``participant_id``, ``session_id``, ``part_id``). A class index below 0 or a ``nan`` target marks
+            an unlabelled image.
+        task: how outputs are read.
+        batch_size: samples per forward pass.
+        channels_last: run in channels-last memory format (``runtime.batch_memory_format``): the model is
+            converted in place and every batch on its device; the predictions agree within float tolerance.
+
+    Returns:
+        Part-level table (``voting`` module docstring); in reconstruction the columns ``mae``, ``rmse``,
+        ``psnr``, ``ssim`` of each part replace the predictions.
+    """
+    import torch
+
+    from bids_app.runtime import batch_memory_format, set_memory_format
+
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    memory_format = torch.preserve_format
+    if channels_last and len(dataset):
+        memory_format = batch_memory_format(len(dataset.sample_shape_of(0)) + 1, channels_last)
+        set_memory_format(model, memory_format)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    indices: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    outputs: list[np.ndarray] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for x, y, index in loader:
+                result = model(x.to(device=device, dtype=torch.float32, memory_format=memory_format)).float().cpu()
+                if task is Task.CLASSIFICATION:
+                    outputs.append(torch.softmax(result, dim=1).numpy().astype(np.float64))
+                    labels.append(np.where(y.numpy() < 0, np.nan, y.numpy().astype(np.float64)))
+                elif task is Task.REGRESSION:
+                    outputs.append(result.reshape(len(x), -1)[:, :1].numpy().astype(np.float64))
+                    labels.append(y.numpy().astype(np.float64).reshape(len(x)))
+                else:
+                    per_part = reconstruction_metrics_per_image(x.numpy(), result.numpy())
+                    outputs.append(np.stack([per_part[name] for name in RECONSTRUCTION_METRICS], axis=1))
+                    labels.append(np.full(len(x), np.nan))
+                indices.append(np.asarray(index, dtype=np.int64))
+    finally:
+        model.train(was_training)
+    order = np.concatenate(indices) if indices else np.zeros(0, np.int64)
+    samples = dataset.sample_table.iloc[order]
+    table = pd.DataFrame(
+        {
+            "participant_id": samples["participant_id"].astype(str).to_numpy(),
+            "session_id": samples["session_id"].astype(str).to_numpy(),
+            "part_id": samples["part_id"].to_numpy(dtype=np.int64),
+            "true_label": np.concatenate(labels) if labels else np.zeros(0),
+        }
+    )
+    if task is Task.CLASSIFICATION:
+        columns = proba_columns(outputs[0].shape[1] if outputs else 2)
+    else:
+        columns = ["predicted"] if task is Task.REGRESSION else list(RECONSTRUCTION_METRICS)
+    stacked = np.concatenate(outputs) if outputs else np.zeros((0, len(columns)))
+    for j, column in enumerate(columns):
+        table[column] = stacked[:, j]
+    if task is Task.CLASSIFICATION:
+        table["predicted_label"] = stacked.argmax(axis=1)
+    return table
+
+
+# -- the stage ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictor:
+    """What every group predicted in one run shares: the model folder, the options and the runtime.
+
+    Attributes:
+        maps: the opened model folder (its record gives task, mode and class order).
+        options: prediction options (``allow_leak``, ``voting_threshold``, ``n_bootstrap``, ...).
+        runtime: device, memory layout and inference batch size.
+        train_table: the training pool with its checksums (``leakage.training_checksums``), for the leak checks.
+    """
+
+    maps: Maps
+    options: PredictConfig
+    runtime: RuntimeConfig
+    train_table: pd.DataFrame
+
+    def predict_group(
+        self,
+        model: torch.nn.Module,
+        split: int,
+        metric: str,
+        group_name: str,
+        table: pd.DataFrame,
+        dataset: TensorDataset,
+        identity_findings: Sequence[LeakFinding] = (),
+    ) -> None:
+        """Predict one group with the model ``split-<k>/best-<metric>`` and write its TSVs (module docstring).
+
+        Groups other than ``train`` and ``validation`` are first checked for leaks against the training pool;
+        ``validation`` must be predicted before any other group of a split when the mode has several parts per
+        image (it saves the voting weights).
+
+        Args:
+            model: the network of that split and metric, already on its device.
+            split: split number ``k``.
+            metric: which best model (``best-<metric>``).
+            group_name: ``validation``, ``test`` or a user's group name (a folder name).
+            table: one row per image: ``participant_id``, ``session_id``, ``source_sha256``,
+                ``raw_source_sha256`` (``data.tables.index_tensors`` columns, optionally ``label``).
+            dataset: the samples of ``table`` (``data.TensorDataset``, built without augmentation).
+            identity_findings: this group's ``leakage.check_identity_leaks`` pairs, refused or recorded with the
+                rest.
+
+        Raises:
+            LeakError: the group shares participants or scans with training/validation and ``allow_leak`` is off.
+            InputMissingError: the validation voting weights are missing.
+            DataError: some image of ``table`` got no prediction.
+        """
+        layout, record, options = self.maps.layout, self.maps.record, self.options
+        out_dir = layout.group_dir(split, metric, group_name)
+        if group_name not in TRAINING_GROUPS:
+            findings = [*check_leaks(self.maps, table, self.train_table), *identity_findings]
+            enforce_no_leak(findings, group_name, options.allow_leak, out_dir)
+        parts = run_inference(
+            model, dataset, record.task, self.runtime.inference_batch_size, channels_last=self.runtime.channels_last
+        )
+        expected = set(zip(table["participant_id"].astype(str), table["session_id"].astype(str), strict=True))
+        missing = sorted(expected - set(zip(parts["participant_id"], parts["session_id"], strict=True)))
+        if missing:
+            raise DataError(
+                f"No prediction for {len(missing)} image(s) of group '{group_name}' (e.g. {missing[0]}): the "
+                "dataset and the group table disagree. Rebuild the dataset from the group table."
+            )
+        task = record.task
+        n_classes = sum(c.startswith("proba_") for c in parts.columns)
+        names = self.maps.class_names
+        if task is Task.CLASSIFICATION and len(names) != n_classes:
+            raise DataError(
+                f"The model of {layout.root} outputs {n_classes} classes but its label encoding has {names}."
+            )
+        weights_path = layout.best_dir(split, metric) / VOTING_WEIGHTS_FILE
+        threshold, inverse_mae = options.voting_threshold, options.inverse_mae_voting
+        if task is Task.RECONSTRUCTION or is_single_part(parts):
+            image = images_without_voting(parts, task, n_classes)
+        elif group_name == VALIDATION_GROUP:
+            weights = compute_voting_weights(parts, task, n_classes, threshold, inverse_mae)
+            atomic_write_text(weights_path, format_tsv(weights))
+            kept = int(weights["weight"].gt(0).sum())
+            log.info("Voting weights saved to %s (%d of %d parts kept)", weights_path, kept, len(weights))
+            image = vote_validation(parts, task, n_classes, threshold, inverse_mae)
+        else:
+            image = soft_vote(parts, read_voting_weights(weights_path), task, n_classes)
+        write_group_outputs(out_dir, group_name, dataset.mode.value, parts, image, task, names, options.n_bootstrap)
+        log.info("Group '%s': %d image(s), %d part(s) predicted into %s", group_name, len(image), len(parts), out_dir)
+
+
+def check_group_name(predict: PredictConfig) -> str:
+    """The name of the group ``--predict-from`` predicts, checked to be usable as a folder name.
+
+    Raises:
+        ConfigError: no name, a reserved name (train, validation, test), or other characters than letters,
+            digits and '-'.
+    """
+    name = predict.group_name or ""
+    if not name or name in (*TRAINING_GROUPS, "test") or not name.replace("-", "").isalnum():
+        raise ConfigError(
+            f"--predict-from needs a --group-name made of letters, digits and '-', other than train, validation "
+            f"and test (got {name!r})."
+        )
+    return name
+
+
+def run_predict_stage(cfg: RunConfig, maps: Maps, table: pd.DataFrame, tracker: Tracker | None = None) -> None:
+    """Predict with every trained split and selection metric: validation first, then test or another group.
+
+    Without ``cfg.predict.predict_from`` the groups are the split's ``validation`` and ``test``; with it, the
+    ``validation`` group (for the voting weights) and ``cfg.predict.group_name`` (the other output's images),
+    whose anatomical fingerprints are first compared with the training pool's (``leakage.check_identity_leaks``).
+
+    Args:
+        cfg: the run configuration (``cfg.predict``, ``cfg.runtime``, ``cfg.train.splits``).
+        maps: the opened model folder; its record decides mode, task, labels and class order.
+        table: labels joined with ``data.tables.index_tensors`` of OUTPUT_DIR for the model's mode.
+        tracker: where each group's metrics are mirrored (``tracking.open_tracker``); default none.
+
+    Raises:
+        ConfigError: ``predict_from`` without ``group_name``, or a reserved group name.
+        InputMissingError: no trained split.
+    """
+    from bids_app.data.dataset import TensorDataset
+    from bids_app.data.tables import external_table, rows_for
+    from bids_app.runtime import resolve_device
+
+    tracker = tracker or Tracker()
+    record = maps.record
+    trained = maps.trained_splits(cfg.train.splits)
+    folds = {fold.index: fold for fold in maps.splits.folds}
+    if cfg.predict.predict_from is None:
+        other_name, other = "test", rows_for(maps.splits.test, table, "test group")
+    else:
+        other_name = check_group_name(cfg.predict)
+        other = external_table(cfg.predict.predict_from, record.mode, record.config.labels)
+    predictor = Predictor(maps, cfg.predict, cfg.runtime, training_checksums(maps, table))
+    identity = [] if cfg.predict.predict_from is None else check_identity_leaks(maps, other, table, other_name)
+    device = resolve_device(cfg.runtime.device)
+    for split in trained:
+        validation = rows_for(folds[split].validation, table, "validation group")
+        for metric in record.config.train.selection_metrics:
+            model = maps.load_model(split, metric, device)
+            for name, rows in ((VALIDATION_GROUP, validation), (other_name, other)):
+                dataset = TensorDataset(rows, record.mode, record.task, label_encoding=record.label_encoding)
+                findings = identity if name == other_name else ()
+                predictor.predict_group(model, split, metric, name, rows, dataset, findings)
+                tracker.log_group(split, metric, name)
+    tracker.log_prediction_means()

@@ -1,0 +1,245 @@
+"""One epoch of training or validation: per-sample losses, accumulation, AMP, memory format, sample-level metrics.
+
+Losses are reported as means over samples: the per-sample losses of every batch are summed and divided by
+the number of samples, so a smaller last batch weighs exactly its share (a mean of batch means would not).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from bids_app.config import Task
+from bids_app.errors import ConfigError, TemporaryFailure
+
+LOSSES: dict[Task, tuple[str, ...]] = {  # the first is the task's default
+    Task.CLASSIFICATION: ("cross_entropy",),
+    Task.REGRESSION: ("mse", "l1", "huber"),
+    Task.RECONSTRUCTION: ("mse", "l1"),
+}
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SGD_MOMENTUM = 0.9
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def explain_training_error(
+    exc: RuntimeError | MemoryError, split: int, device: torch.device, batch_size: int
+) -> TemporaryFailure | ConfigError | None:
+    """The expected failure a training error stands for (out of memory, no deterministic kernel), else None."""
+    message = str(exc).lower()
+    out_of_memory = ("out of memory", "can't allocate memory", "cannot allocate memory")
+    if isinstance(exc, MemoryError | torch.OutOfMemoryError) or any(text in message for text in out_of_memory):
+        return TemporaryFailure(
+            f"Out of memory training split {split} on {device} with batch size {batch_size}. Lower --batch-size "
+            f"(e.g. to {max(1, batch_size // 2)}; train.accumulation_steps keeps the effective batch) and retry "
+            "with --resume."
+        )
+    if "deterministic" in str(exc):
+        return ConfigError(f"{str(exc).splitlines()[0]} Turn off --deterministic or train on CPU (--device cpu).")
+    return None
+
+
+def make_optimizer(
+    name: str, parameters: list[nn.Parameter], learning_rate: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """Adam, AdamW or SGD (momentum ``SGD_MOMENTUM``) over ``parameters``; ConfigError for another name."""
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=learning_rate, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=learning_rate, weight_decay=weight_decay, momentum=SGD_MOMENTUM)
+    raise ConfigError(f"Unknown optimizer '{name}'. Available: {', '.join(OPTIMIZERS)}.")
+
+
+def per_sample_loss(task: Task, name: str | None) -> LossFn:
+    """``loss(output, target) -> (B,)``, one value per sample (reconstruction: the mean over voxels).
+
+    Args:
+        task: classification takes logits ``(B, K)`` and class indices ``(B,)``; regression outputs
+            ``(B, 1)`` and targets ``(B,)``; reconstruction an output shaped like its target ``(B, C, ...)``.
+        name: one of ``LOSSES[task]``; None is the task's default.
+    """
+    name = name or LOSSES[task][0]
+    if task is Task.CLASSIFICATION:
+        return lambda out, y: F.cross_entropy(out, y, reduction="none")
+    if task is Task.REGRESSION:
+        regressions: dict[str, Callable[..., torch.Tensor]] = {
+            "mse": F.mse_loss,
+            "l1": F.l1_loss,
+            "huber": F.huber_loss,
+        }
+        regression = regressions[name]
+        return lambda out, y: regression(out.reshape(len(y), -1)[:, 0], y, reduction="none")
+    reconstructions: dict[str, Callable[..., torch.Tensor]] = {"mse": F.mse_loss, "l1": F.l1_loss}
+    reconstruction = reconstructions[name]
+    return lambda out, y: reconstruction(out, y, reduction="none").flatten(1).mean(dim=1)
+
+
+@dataclasses.dataclass
+class Loop:
+    """The torch objects one split's training works with.
+
+    Attributes:
+        amp_dtype: autocast dtype (float16 on CUDA) or None without AMP.
+        accumulation_steps: batches whose gradients are summed before one optimizer step.
+        memory_format: the layout of input batches on the device, that of the model's weights
+            (``batch_memory_format``); ``torch.preserve_format`` leaves batches as the loader gives them.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None
+    scaler: torch.amp.GradScaler
+    loss_fn: LossFn
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    accumulation_steps: int = 1
+    memory_format: torch.memory_format = torch.preserve_format
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+
+def _progress(loader: DataLoader[Any], desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(loader, desc=desc, leave=False, disable=None, unit="batch")
+
+
+def train_epoch(loop: Loop, loader: DataLoader[Any], desc: str = "train") -> float:
+    """One pass over ``loader`` updating the model; returns the mean per-sample training loss.
+
+    The optimizer steps every ``accumulation_steps`` batches and after the last batch; each batch's loss
+    is scaled by ``1 / accumulation_steps`` so an accumulated step matches one larger batch.
+
+    In a process group ``loop.model`` is a ``DistributedDataParallel`` whose gradients are averaged over ranks
+    at each optimizer step only (micro-batches in between run under ``no_sync``); the returned loss is the
+    global per-sample mean (sums and counts all-reduced), the padding items of the sampler left out.
+    """
+    from bids_app.training import distributed
+
+    loop.model.train()
+    loop.optimizer.zero_grad(set_to_none=True)
+    n_batches = len(loader)
+    sharded = distributed.world_size() > 1
+    n_samples = len(loader.dataset)  # type: ignore[arg-type]
+    n_real = distributed.real_sample_count(n_samples, distributed.rank(), distributed.world_size())
+    total, count, seen = 0.0, 0, 0
+    for step, (x, y, _) in enumerate(_progress(loader, desc)):
+        x = x.to(loop.device, non_blocking=True, memory_format=loop.memory_format)
+        y = y.to(loop.device, non_blocking=True)
+        stepping = (step + 1) % loop.accumulation_steps == 0 or step + 1 == n_batches
+        with contextlib.nullcontext() if stepping or not sharded else loop.model.no_sync():  # type: ignore[operator]
+            with loop.autocast():
+                out = loop.model(x)
+            losses = loop.loss_fn(out.float(), y)
+            loop.scaler.scale(losses.mean() / loop.accumulation_steps).backward()
+        if sharded:
+            keep = max(0, min(len(x), n_real - seen))
+            seen += len(x)
+            total += float(losses.detach()[:keep].double().sum())
+            count += keep
+        else:
+            total += float(losses.detach().double().sum())
+            count += len(x)
+        if stepping:
+            loop.scaler.step(loop.optimizer)
+            loop.scaler.update()
+            loop.optimizer.zero_grad(set_to_none=True)
+    if sharded:
+        total, summed = distributed.all_reduce_sums([total, count])
+        count = int(summed)
+    return total / count if count else float("nan")
+
+
+def validate(loop: Loop, loader: DataLoader[Any], task: Task, desc: str = "validation") -> dict[str, float]:
+    """Mean per-sample loss and the task's metrics over every sample of ``loader`` (part level).
+
+    In a process group each rank validates its shard; the per-sample outputs of all ranks are gathered, the
+    sampler's padding duplicates dropped and the rows put back in sample order, so every rank returns the
+    metrics of the whole validation set (what one process would compute with the same weights).
+
+    Returns:
+        ``{"loss": ..., <metric>: ...}`` with the names of ``metrics.metric_names(task)`` (``roc_auc`` in
+        classification, computed from the softmax scores).
+    """
+    from bids_app.metrics import compute_metrics, mean_of_columns, reconstruction_metrics_per_image
+    from bids_app.training import distributed
+
+    sharded = distributed.world_size() > 1
+    loop.model.eval()
+    total, count = 0.0, 0
+    truths: list[np.ndarray] = []
+    outputs: list[np.ndarray] = []
+    per_image: dict[str, list[np.ndarray]] = {}
+    indices: list[np.ndarray] = []
+    sample_losses: list[np.ndarray] = []
+    with torch.inference_mode():
+        for x, y, index in _progress(loader, desc):
+            x = x.to(loop.device, non_blocking=True, memory_format=loop.memory_format)
+            y = y.to(loop.device, non_blocking=True)
+            with loop.autocast():
+                out = loop.model(x)
+            out = out.float()
+            losses = loop.loss_fn(out, y)
+            total += float(losses.double().sum())
+            count += len(x)
+            if sharded:
+                indices.append(np.asarray(index, dtype=np.float64))
+                sample_losses.append(losses.double().cpu().numpy())
+            if task is Task.CLASSIFICATION:
+                outputs.append(torch.softmax(out, dim=1).cpu().numpy().astype(np.float64))
+                truths.append(y.cpu().numpy())
+            elif task is Task.REGRESSION:
+                outputs.append(out.reshape(len(x), -1)[:, 0].cpu().numpy().astype(np.float64))
+                truths.append(y.cpu().numpy().astype(np.float64))
+            else:
+                for name, values in reconstruction_metrics_per_image(y.cpu().numpy(), out.cpu().numpy()).items():
+                    per_image.setdefault(name, []).append(values)
+    if sharded:
+        columns = {"index": indices, "loss": sample_losses, "truth": truths, "output": outputs, **per_image}
+        merged = _gather_samples({name: v for name, v in columns.items() if v})
+        total, count = float(merged["loss"].sum()), len(merged["loss"])
+        truths = [merged["truth"].astype(np.int64 if task is Task.CLASSIFICATION else np.float64)] if truths else []
+        outputs = [merged["output"]] if outputs else []
+        per_image = {name: [merged[name]] for name in per_image}
+    result = {"loss": total / count if count else float("nan")}
+    if task is Task.CLASSIFICATION:
+        scores = np.concatenate(outputs)
+        result.update(compute_metrics(task, np.concatenate(truths), scores.argmax(axis=1), y_score=scores))
+    elif task is Task.REGRESSION:
+        result.update(compute_metrics(task, np.concatenate(truths), np.concatenate(outputs)))
+    else:
+        result.update(mean_of_columns(**{name: np.concatenate(v) for name, v in per_image.items()}))
+    return result
+
+
+def _gather_samples(columns: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    """Every rank's per-sample columns, one row per distinct ``index`` in index order (padding dropped).
+
+    Args:
+        columns: name → per-batch arrays ``(B,)`` or ``(B, K)``; ``index`` holds the sample numbers.
+    """
+    from bids_app.training import distributed
+
+    blocks = {name: np.concatenate(parts).reshape(sum(len(p) for p in parts), -1) for name, parts in columns.items()}
+    widths = {name: block.shape[1] for name, block in blocks.items()}
+    rows = distributed.gather_rows(np.concatenate([blocks[name].astype(np.float64) for name in blocks], axis=1))
+    _, first = np.unique(rows[:, 0], return_index=True)  # sorted by sample index; duplicates are padding
+    rows = rows[first]
+    merged, start = {}, 0
+    for name, width in widths.items():
+        block = rows[:, start : start + width]
+        merged[name] = block[:, 0] if width == 1 and columns[name][0].ndim == 1 else block
+        start += width
+    return merged
