@@ -24,8 +24,7 @@ from bids_app.participant.status import Outcome, StatusRow, rebuild_status_table
 from bids_app.provenance import RunContext, end_run, start_run
 
 if TYPE_CHECKING:
-    import pandas as pd
-
+    from bids_app.data.tables import GroupTable, TensorIndex
     from bids_app.maps import MapsLayout
 
 log = logging.getLogger(__name__)
@@ -208,7 +207,7 @@ def _run_group(cfg: RunConfig, ctx: RunContext) -> int:
     return 0
 
 
-def run_split(cfg: RunConfig, table: pd.DataFrame, tensors: pd.DataFrame, layout: MapsLayout) -> None:
+def run_split(cfg: RunConfig, table: GroupTable, tensors: TensorIndex, layout: MapsLayout) -> None:
     """The split stage, given what it needs from elsewhere: a parent task's table, a transfer source's split."""
     import dataclasses
 
@@ -234,7 +233,7 @@ def refuse_existing_maps(cfg: RunConfig, layout: MapsLayout) -> None:
         )
 
 
-def group_table(cfg: RunConfig, tensors: pd.DataFrame, labels_cfg: LabelConfig, mode: ExtractionMode) -> pd.DataFrame:
+def group_table(cfg: RunConfig, tensors: TensorIndex, labels_cfg: LabelConfig, mode: ExtractionMode) -> GroupTable:
     """Labels joined with the tensors the participant level produced for ``mode``."""
     from bids_app.errors import InputMissingError
     from bids_app.labels import load_labels

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import ndimage, stats
 
 from bids_app.config import Task
@@ -79,7 +79,7 @@ def _ratio(numerator: float, denominator: float) -> float:
     return float(numerator / denominator) if denominator else math.nan
 
 
-def _labels(values: Any, name: str) -> np.ndarray:
+def _labels(values: ArrayLike, name: str) -> np.ndarray:
     array = np.asarray(values)
     if array.ndim != 1:
         raise ValueError(f"{name} must be 1-D class indices, got shape {array.shape}")
@@ -88,7 +88,7 @@ def _labels(values: Any, name: str) -> np.ndarray:
     return array.astype(np.int64)
 
 
-def confusion_matrix(y_true: Any, y_pred: Any, n_classes: int) -> np.ndarray:
+def confusion_matrix(y_true: ArrayLike, y_pred: ArrayLike, n_classes: int) -> np.ndarray:
     """Counts of (true, predicted) pairs.
 
     Args:
@@ -144,7 +144,7 @@ def _mcc(matrix: np.ndarray) -> float:
 
 
 def classification_metrics(
-    y_true: Any, y_pred: Any, y_score: Any | None = None, n_classes: int | None = None
+    y_true: ArrayLike, y_pred: ArrayLike, y_score: ArrayLike | None = None, n_classes: int | None = None
 ) -> dict[str, float]:
     """Classification metrics (see the module docstring for the binary/multiclass conventions).
 
@@ -199,7 +199,7 @@ def classification_metrics(
     return result
 
 
-def regression_metrics(y_true: Any, y_pred: Any) -> dict[str, float]:
+def regression_metrics(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, float]:
     """Mean absolute error, root mean squared error and R² (coefficient of determination).
 
     Args:
@@ -228,7 +228,7 @@ def regression_metrics(y_true: Any, y_pred: Any) -> dict[str, float]:
     }
 
 
-def ssim(x_true: Any, x_pred: Any, data_range: float | None = None) -> float:
+def ssim(x_true: ArrayLike, x_pred: ArrayLike, data_range: float | None = None) -> float:
     """Structural similarity of two 2-D or 3-D images (Wang et al. 2004), Gaussian window.
 
     Local means, variances and covariance are weighted by an isotropic Gaussian window (sigma 1.5 voxels,
@@ -270,7 +270,7 @@ def ssim(x_true: Any, x_pred: Any, data_range: float | None = None) -> float:
     return float(ssim_map[crop].mean())
 
 
-def psnr(x_true: Any, x_pred: Any, data_range: float | None = None) -> float:
+def psnr(x_true: ArrayLike, x_pred: ArrayLike, data_range: float | None = None) -> float:
     """Peak signal-to-noise ratio in dB, ``10 log10(range² / MSE)``; range defaults to that of ``x_true``.
 
     Returns ``inf`` for identical images and ``nan`` when the range is 0.
@@ -285,7 +285,7 @@ def psnr(x_true: Any, x_pred: Any, data_range: float | None = None) -> float:
     return math.inf if mse == 0 else float(10 * np.log10(data_range**2 / mse))
 
 
-def reconstruction_metrics_per_image(x_true: Any, x_pred: Any) -> dict[str, np.ndarray]:
+def reconstruction_metrics_per_image(x_true: ArrayLike, x_pred: ArrayLike) -> dict[str, np.ndarray]:
     """MAE, RMSE, PSNR and SSIM of each image of a batch.
 
     Args:
@@ -322,12 +322,14 @@ def mean_of_columns(**columns: np.ndarray) -> dict[str, float]:
     return {name: float(np.mean(values)) if len(values) else math.nan for name, values in columns.items()}
 
 
-def reconstruction_metrics(x_true: Any, x_pred: Any) -> dict[str, float]:
+def reconstruction_metrics(x_true: ArrayLike, x_pred: ArrayLike) -> dict[str, float]:
     """Image-averaged MAE, RMSE, PSNR (dB) and SSIM of a batch (see ``reconstruction_metrics_per_image``)."""
     return mean_of_columns(**reconstruction_metrics_per_image(x_true, x_pred))
 
 
-def compute_metrics(task: Task, y_true: Any, y_pred: Any, y_score: Any | None = None) -> dict[str, float]:
+def compute_metrics(
+    task: Task, y_true: ArrayLike, y_pred: ArrayLike, y_score: ArrayLike | None = None
+) -> dict[str, float]:
     """The metrics of ``task`` (the caller adds ``loss``).
 
     Args:
@@ -337,7 +339,8 @@ def compute_metrics(task: Task, y_true: Any, y_pred: Any, y_score: Any | None = 
         y_score: class probabilities ``(n, n_classes)`` (classification only; adds ``roc_auc``).
     """
     if task is Task.CLASSIFICATION:
-        n_classes = None if y_score is None else max(2, np.asarray(y_score).reshape(len(y_true), -1).shape[1])
+        n_rows = np.asarray(y_true).shape[0]
+        n_classes = None if y_score is None else max(2, np.asarray(y_score).reshape(n_rows, -1).shape[1])
         return classification_metrics(y_true, y_pred, y_score, n_classes=n_classes)
     if task is Task.REGRESSION:
         return regression_metrics(y_true, y_pred)
@@ -346,7 +349,7 @@ def compute_metrics(task: Task, y_true: Any, y_pred: Any, y_score: Any | None = 
 
 def bootstrap_intervals(
     metric_fn: Callable[..., Mapping[str, float]],
-    *arrays: Any,
+    *arrays: ArrayLike | None,
     n_bootstrap: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
@@ -367,7 +370,7 @@ def bootstrap_intervals(
     Returns:
         ``{name: (low, high)}`` for every key ``metric_fn`` returns.
     """
-    present = [a for a in arrays if a is not None]
+    present = [np.asarray(a) for a in arrays if a is not None]
     if not present:
         raise ValueError("bootstrap_intervals needs at least one array")
     n_rows = len(present[0])

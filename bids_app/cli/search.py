@@ -5,7 +5,7 @@
 the normal group level (split, train, predict) once per trial, into ``OUTPUT_DIR/models/<name>-trial-<k>/``.
 Trial ``k`` is drawn from its own generator seeded by ``(seed, k)``, so it is the same whether trials run one
 after the other, as array jobs (``--trial K``), or in a larger search with the same seed. Each trial's
-``maps.json`` and ``logs/<run>/config.toml`` hold its resolved configuration: ``--config`` on that file
+model-folder record and ``logs/<run>/config.toml`` hold its resolved configuration: ``--config`` on that file
 re-trains it. ``summarize`` ranks trials on their validation metrics, never on the test set.
 """
 

@@ -15,6 +15,7 @@ import re
 import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeAlias
 
 import pandas as pd
 
@@ -36,10 +37,20 @@ INDEX_COLUMNS = (
     "raw_source_sha256",
 )
 UNLABELLED = "n/a"
+
+# The tables that cross stage boundaries. pandas has no typed columns: these names say which columns a table
+# holds, so a signature tells what it expects.
+TensorIndex: TypeAlias = pd.DataFrame
+"""``index_tensors`` rows: one per image of one mode, the ``INDEX_COLUMNS``."""
+GroupTable: TypeAlias = pd.DataFrame
+"""A ``TensorIndex`` joined with the label table (``labels.TABLE_COLUMNS``: ``participant_id``, ``session_id``,
+``label``, age, sex...): one row per labelled image; ``n/a`` labels for a group predicted without labels."""
+LabelTable: TypeAlias = pd.DataFrame
+"""Label-table rows without tensors (``labels.TABLE_COLUMNS``), e.g. one side of a split."""
 _NAME = re.compile(r"^sub-(?P<sub>[A-Za-z0-9]+)(?:_ses-(?P<ses>[A-Za-z0-9]+))?_")
 
 
-def index_tensors(output_dir: Path, mode: ExtractionMode, suffix: str = "T1w") -> pd.DataFrame:
+def index_tensors(output_dir: Path, mode: ExtractionMode, suffix: str = "T1w") -> TensorIndex:
     """Table of the complete tensors of ``mode`` under ``output_dir`` (one directory walk).
 
     Args:
@@ -108,7 +119,7 @@ def encode_labels(labels: Sequence[str], classes: Sequence[str] = ()) -> dict[st
     return {name: index for index, name in enumerate(names)}
 
 
-def sample_shape(table: pd.DataFrame, mode: ExtractionMode) -> tuple[int, ...]:
+def sample_shape(table: TensorIndex, mode: ExtractionMode) -> tuple[int, ...]:
     """The common shape ``(1, ...)`` of one sample; DataError naming two files when they differ."""
     if "sample_shape" in table.columns:
         shapes = [tuple(int(v) for v in s) for s in table["sample_shape"]]
@@ -127,7 +138,7 @@ def sample_shape(table: pd.DataFrame, mode: ExtractionMode) -> tuple[int, ...]:
     return distinct[0]
 
 
-def rows_for(ids: pd.DataFrame, table: pd.DataFrame, what: str) -> pd.DataFrame:
+def rows_for(ids: LabelTable, table: GroupTable, what: str) -> GroupTable:
     """Rows of ``table`` (labels + tensors) for the images a split table ``ids`` lists, in ``ids``' order.
 
     Raises:
@@ -156,7 +167,7 @@ def _raw_dataset(output_dir: Path) -> Path | None:
     return path.resolve() if path.is_dir() else None
 
 
-def external_table(predict_from: Path, mode: ExtractionMode, labels_cfg: LabelConfig) -> pd.DataFrame:
+def external_table(predict_from: Path, mode: ExtractionMode, labels_cfg: LabelConfig) -> GroupTable:
     """Images of another participant-level output, labelled when its raw dataset's tables have the label.
 
     Returns:

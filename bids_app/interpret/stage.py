@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     import torch
 
     from bids_app.data.dataset import TensorDataset
+    from bids_app.data.tables import GroupTable
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def check_interpret_config(cfg: InterpretConfig) -> tuple[tuple[SaliencyMethod, 
 # -- the stage ------------------------------------------------------------------------------------------
 
 
-def group_rows(cfg: RunConfig, maps: Maps, table: pd.DataFrame, split: int) -> pd.DataFrame:
+def group_rows(cfg: RunConfig, maps: Maps, table: GroupTable, split: int) -> GroupTable:
     """Labels and tensors of the images of ``cfg.interpret.group_name`` for ``split``.
 
     ``test`` is ``groups/test/data.tsv``; ``train`` and ``validation`` the split's own; another name is the
@@ -102,7 +103,7 @@ def group_rows(cfg: RunConfig, maps: Maps, table: pd.DataFrame, split: int) -> p
     )
 
 
-def run_interpret_stage(cfg: RunConfig, maps: Maps, table: pd.DataFrame) -> None:
+def run_interpret_stage(cfg: RunConfig, maps: Maps, table: GroupTable) -> None:
     """Write saliency maps for every trained split (module docstring).
 
     Args:
@@ -163,7 +164,7 @@ class GroupExplainer:
         self.class_counts: dict[str, int] = {}
         self._masks: dict[tuple[bytes, tuple[int, ...]], list[np.ndarray]] = {}
 
-    def explain(self, rows: pd.DataFrame, out_dir: Path) -> None:
+    def explain(self, rows: GroupTable, out_dir: Path) -> None:
         """Write each image's maps, the per-class means and ``targets.tsv`` under ``out_dir``."""
         from bids_app.data.dataset import TensorDataset
 

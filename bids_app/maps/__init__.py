@@ -1,6 +1,6 @@
 """The model folder (MAPS): one ``Maps`` object per group run, its split files and its weight files.
 
-``folder`` holds ``Maps`` (layout + ``maps.json`` record + split + model loading), ``splits`` the verified split
+``folder`` holds ``Maps`` (layout + record + split + model loading), ``splits`` the verified split
 records, ``weights`` the safetensors files (pickles refused). See docs/maps.md.
 """
 

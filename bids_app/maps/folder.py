@@ -51,6 +51,10 @@ class MapsLayout:
     def environment_json(self) -> Path:
         return self.root / "environment.json"
 
+    def record_files(self) -> list[Path]:
+        """The files that describe the folder (``maps.json``, ``environment.json``) that exist."""
+        return [path for path in (self.maps_json, self.environment_json) if path.is_file()]
+
     @property
     def groups_dir(self) -> Path:
         return self.root / "groups"

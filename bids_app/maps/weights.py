@@ -26,7 +26,7 @@ def save_model(path: Path, model: nn.Module) -> None:
     from safetensors.torch import save_model as save_safetensors
 
     # One metadata key only: safetensors writes the metadata from a hash map, so with two keys their order,
-    # hence the file's bytes, changed from one process to the next. The version is in maps.json.
+    # hence the file's bytes, changed from one process to the next. The version is in the model folder's record.
     with atomic_path(path) as tmp:
         save_safetensors(model, str(tmp), metadata={"format": "pt"}, force_contiguous=True)  # channels_last models
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bids_app.data.tables import GroupTable, LabelTable, TensorIndex
 from bids_app.derivatives import atomic_path, atomic_write_json
 from bids_app.errors import DataError, LeakError
 from bids_app.labels import NA as MISSING
@@ -50,7 +51,7 @@ class LeakFinding:
     similarity: float | None = None
 
 
-def training_checksums(maps: Maps, table: pd.DataFrame) -> pd.DataFrame:
+def training_checksums(maps: Maps, table: TensorIndex) -> LabelTable:
     """``groups/train+validation.tsv`` with each image's checksums, taken from ``table`` when the file lacks them.
 
     Args:
@@ -70,7 +71,7 @@ def training_checksums(maps: Maps, table: pd.DataFrame) -> pd.DataFrame:
     return merged.fillna({column: MISSING for column in SHA_COLUMNS})
 
 
-def check_leaks(maps: Maps, group_table: pd.DataFrame, train_table: pd.DataFrame | None = None) -> list[LeakFinding]:
+def check_leaks(maps: Maps, group_table: GroupTable, train_table: LabelTable | None = None) -> list[LeakFinding]:
     """Find images of ``group_table`` that the model saw in training or validation.
 
     An image leaks when its participant is in the training/validation table, or when its preprocessed or
@@ -169,7 +170,7 @@ def _pool_volumes(groups_dir: Path, pool: pd.DataFrame) -> tuple[pd.DataFrame, n
 
 
 def check_identity_leaks(
-    maps: Maps, group_table: pd.DataFrame, output_table: pd.DataFrame, group_name: str
+    maps: Maps, group_table: GroupTable, output_table: TensorIndex, group_name: str
 ) -> list[LeakFinding]:
     """Images of ``group_table`` whose anatomy matches a training/validation image (``prediction.identity``).
 

@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     import torch
 
     from bids_app.data.dataset import TensorDataset
+    from bids_app.data.tables import GroupTable
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ class Predictor:
         split: int,
         metric: str,
         group_name: str,
-        table: pd.DataFrame,
+        table: GroupTable,
         dataset: TensorDataset,
         identity_findings: Sequence[LeakFinding] = (),
     ) -> None:
@@ -248,7 +249,7 @@ def check_group_name(predict: PredictConfig) -> str:
     return name
 
 
-def run_predict_stage(cfg: RunConfig, maps: Maps, table: pd.DataFrame, tracker: Tracker | None = None) -> None:
+def run_predict_stage(cfg: RunConfig, maps: Maps, table: GroupTable, tracker: Tracker | None = None) -> None:
     """Predict with every trained split and selection metric: validation first, then test or another group.
 
     Without ``cfg.predict.predict_from`` the groups are the split's ``validation`` and ``test``; with it, the

@@ -17,8 +17,7 @@ from bids_app.maps.splits import check_disjoint
 from bids_app.split import files, make
 
 if TYPE_CHECKING:
-    import pandas as pd
-
+    from bids_app.data.tables import GroupTable
     from bids_app.maps import Maps
 
 log = logging.getLogger(__name__)
@@ -26,10 +25,10 @@ log = logging.getLogger(__name__)
 
 def run_split_stage(
     cfg: RunConfig,
-    table: pd.DataFrame,
+    table: GroupTable,
     groups_dir: Path,
     *,
-    parent_table: pd.DataFrame | None = None,
+    parent_table: GroupTable | None = None,
     source: Maps | None = None,
 ) -> None:
     """Write the split of ``table`` under ``groups_dir`` (the model folder's ``groups/``).

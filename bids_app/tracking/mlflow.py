@@ -5,7 +5,7 @@ folders and search trials (``mlflow ui --backend-store-uri <store>``). In the st
 
 - one experiment (``--track-experiment``, default ``bids_app``) shared by every MAPS that names it;
 - one run per MAPS, named after it: the resolved configuration as parameters (``train.learning_rate``, ...),
-  provenance tags, ``maps.json`` and ``environment.json``, each invocation's ``config.toml`` and
+  provenance tags, the model folder's record files (``MapsLayout.record_files``), each invocation's ``config.toml`` and
   ``command.txt``, the group report, and
   the prediction metrics averaged over the trained splits (``test/best-loss/balanced_accuracy``);
 - one nested run per split: per-epoch ``train_loss``, ``learning_rate`` and ``validation_<metric>`` (step =
@@ -326,9 +326,8 @@ class MlflowTracker(Tracker):
         status = "FAILED" if failed else "FINISHED"
 
         def record() -> None:
-            for path in (self.layout.maps_json, self.layout.environment_json):
-                if path.is_file():
-                    self.client.log_artifact(self.maps_run, str(path))
+            for path in self.layout.record_files():
+                self.client.log_artifact(self.maps_run, str(path))
             for run_id in self.split_runs.values():
                 if self.client.get_run(run_id).info.status == "RUNNING":
                     self.client.set_terminated(run_id, status)

@@ -20,7 +20,6 @@ import shutil
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from bids_app.config import ExtractionMode, RunConfig, Task
 from bids_app.derivatives import atomic_write_json
@@ -29,6 +28,7 @@ from bids_app.maps import Maps, MapsLayout
 from bids_app.tracking.mlflow import Tracker
 
 if TYPE_CHECKING:
+    from bids_app.data.tables import GroupTable
     from bids_app.maps.splits import Splits
     from bids_app.training.checkpoint import TrainingState
     from bids_app.training.loop import Loop
@@ -69,7 +69,7 @@ def check_train_config(cfg: RunConfig) -> None:
     build_augmentation(tc.augmentations, tc.mode, cfg.extraction.slice_direction)
 
 
-def prepare_maps(cfg: RunConfig, layout: MapsLayout, table: pd.DataFrame) -> Maps:
+def prepare_maps(cfg: RunConfig, layout: MapsLayout, table: GroupTable) -> Maps:
     """Check the options against the data and create the model folder's record (kept on resume).
 
     Raises:
@@ -112,7 +112,7 @@ def prepare_maps(cfg: RunConfig, layout: MapsLayout, table: pd.DataFrame) -> Map
 
 
 def run_train_stage(
-    cfg: RunConfig, layout: MapsLayout, splits: Splits, table: pd.DataFrame, tracker: Tracker | None = None
+    cfg: RunConfig, layout: MapsLayout, splits: Splits, table: GroupTable, tracker: Tracker | None = None
 ) -> Maps:
     """Train every selected split of ``splits`` into the model folder (finished splits are skipped on resume).
 
@@ -149,8 +149,8 @@ def run_train_stage(
 def train_split(
     maps: Maps,
     split: int,
-    train_table: pd.DataFrame,
-    val_table: pd.DataFrame,
+    train_table: GroupTable,
+    val_table: GroupTable,
     cfg: RunConfig,
     tracker: Tracker | None = None,
 ) -> dict[str, Any]:

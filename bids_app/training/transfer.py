@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def describe_source(source_dir: Path, n_unfrozen_layers: int | None) -> dict[str, Any]:
-    """The ``transfer_source`` entry of the target's ``maps.json`` (the source is validated first)."""
+    """The ``transfer_source`` entry of the target's model-folder record (the source is validated first)."""
     source = Maps.open(source_dir).record
     return {
         "maps_dir": str(Path(source_dir).absolute()),
