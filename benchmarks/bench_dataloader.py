@@ -2,7 +2,7 @@
 
 Builds ``--n-images`` t1-linear-sized images (169x208x179, min-max normalised), extracts them in image, patch
 (50³, stride 50: 36 patches) and slice (sagittal, 20 discarded at each end: 129 slices) modes and writes them
-with ``bids_app.extraction.write_tensor`` in the real output layout, so ``tensor_index.index_tensors`` finds them. For
+with ``bids_app.extraction.write_tensor`` in the real output layout, so ``data.tables.index_tensors`` finds them. For
 each mode it then measures, in the same run:
 
 - the loader: ``data.TensorDataset`` + ``sampling.make_loader`` (the objects training builds), shuffled, no model;

@@ -1,11 +1,11 @@
 """Benchmark one CPU training step of ``conv5_fc3`` on t1-linear images (169x208x179), two memory layouts.
 
-A step is one batch of ``epoch.train_epoch``, the function training runs: the batch put on the device in the
-loop's memory format, forward, per-sample cross-entropy, backward, Adam step. The loop is built from a
-``TrainConfig`` as ``train.train_split`` builds it, so the variants are the training option itself:
-``train.channels_last`` off and on (model and batches in ``torch.channels_last_3d``). There is no bfloat16
-variant: ``train.amp`` is refused on a CPU (``check_cpu_bf16_conv.py`` shows why). Each variant gets a fresh
-model (same seed), one untimed epoch of ``--warmup`` batches, then a timed epoch of ``--steps`` batches; it
+A step is one batch of ``training.loop.train_epoch``, the function training runs: the batch put on the device in
+the loop's memory format, forward, per-sample cross-entropy, backward, Adam step. The loop is built from a
+``TrainConfig`` and a ``RuntimeConfig`` as ``training.stage.train_split`` builds it, so the variants are the
+runtime option itself: ``runtime.channels_last`` off and on (model and batches in ``torch.channels_last_3d``).
+There is no bfloat16 variant: ``runtime.amp`` is refused on a CPU (``check_cpu_bf16_conv.py`` shows why).
+Each variant gets a fresh model (same seed), one untimed epoch of ``--warmup`` batches, then a timed epoch of ``--steps`` batches; it
 prints images/s (median step) and the mean loss of the timed epoch, so a variant that trains differently shows.
 Data are one random batch already in memory, handed out ``--steps`` times: this measures the model, not the
 loader (see ``bench_dataloader.py``).
@@ -23,10 +23,10 @@ from collections.abc import Iterator
 
 import torch
 
-from bids_app.config import Task, TrainConfig
+from bids_app.config import RuntimeConfig, Task, TrainConfig
 from bids_app.models import build_model
-from bids_app.training.loop import Loop, make_optimizer, per_sample_loss, train_epoch
 from bids_app.runtime import autocast_dtype, batch_memory_format, set_memory_format
+from bids_app.training.loop import Loop, make_optimizer, per_sample_loss, train_epoch
 
 SHAPE = (1, 169, 208, 179)
 DEVICE = torch.device("cpu")
@@ -58,11 +58,13 @@ class TimedBatches:
         return [end - start for start, end in zip(self.times, self.times[1:], strict=False)]
 
 
-def step_times(tc: TrainConfig, batch_size: int, warmup: int, steps: int) -> tuple[list[float], float]:
-    """Seconds of each timed step and the timed epoch's mean per-sample loss, for the options of ``tc``."""
+def step_times(
+    tc: TrainConfig, rt: RuntimeConfig, batch_size: int, warmup: int, steps: int
+) -> tuple[list[float], float]:
+    """Seconds of each timed step and the timed epoch's mean per-sample loss, for the options of ``tc`` and ``rt``."""
     torch.manual_seed(0)
     model = build_model(tc.architecture, task=Task.CLASSIFICATION, input_shape=SHAPE, n_outputs=2, dropout=tc.dropout)
-    memory_format = batch_memory_format(len(SHAPE) + 1, tc.channels_last)
+    memory_format = batch_memory_format(len(SHAPE) + 1, rt.channels_last)
     set_memory_format(model.to(DEVICE), memory_format)
     loop = Loop(
         model=model,
@@ -71,7 +73,7 @@ def step_times(tc: TrainConfig, batch_size: int, warmup: int, steps: int) -> tup
         scaler=torch.amp.GradScaler(DEVICE.type, enabled=False),  # loss scaling is for float16 on CUDA
         loss_fn=per_sample_loss(Task.CLASSIFICATION, tc.loss),
         device=DEVICE,
-        amp_dtype=autocast_dtype(DEVICE, tc.amp),
+        amp_dtype=autocast_dtype(DEVICE, rt.amp),
         memory_format=memory_format,
     )
     x = torch.rand(batch_size, *SHAPE)
@@ -94,8 +96,9 @@ def main() -> None:
     print(f"conv5_fc3, batch {args.batch_size} x {SHAPE}, {args.warmup} warm-up + {args.steps} timed steps")
     print(f"{'variant':<40} {'s/step':>8} {'images/s':>9} {'loss':>8}")
     for channels_last in (False, True):
-        tc = TrainConfig(architecture="conv5_fc3", channels_last=channels_last, device="cpu")
-        times, loss = step_times(tc, args.batch_size, args.warmup, args.steps)
+        tc = TrainConfig(architecture="conv5_fc3")
+        rt = RuntimeConfig(channels_last=channels_last, device="cpu")
+        times, loss = step_times(tc, rt, args.batch_size, args.warmup, args.steps)
         median = statistics.median(times)
         name = f"float32, channels_last={channels_last}"
         print(f"{name:<40} {median:>8.2f} {args.batch_size / median:>9.2f} {loss:>8.4f}", flush=True)

@@ -1,6 +1,6 @@
 """Measure whether this torch computes bfloat16 convolution weight gradients on the CPU correctly.
 
-``train.amp`` on a CPU would mean bfloat16 autocast, and bids_app refuses it: with the pinned torch (2.13.0, CPU
+``runtime.amp`` on a CPU would mean bfloat16 autocast, and bids_app refuses it: with the pinned torch (2.13.0, CPU
 build) the oneDNN kernel for the weight gradient of a padded convolution returns wrong values for small feature
 maps. This script shows it. For each convolution kind (2D/3D, kernel, stride, padding, memory layout) and each
 small input shape it computes the weight gradient of ``mean(conv(x) ** 2)`` twice: under CPU bfloat16 autocast,
