@@ -5,8 +5,9 @@ the loop's memory format, forward, per-sample cross-entropy, backward, Adam step
 ``TrainConfig`` and a ``RuntimeConfig`` as ``training.stage.train_split`` builds it, so the variants are the
 runtime option itself: ``runtime.channels_last`` off and on (model and batches in ``torch.channels_last_3d``).
 There is no bfloat16 variant: ``runtime.amp`` is refused on a CPU (``check_cpu_bf16_conv.py`` shows why).
-Each variant gets a fresh model (same seed), one untimed epoch of ``--warmup`` batches, then a timed epoch of ``--steps`` batches; it
-prints images/s (median step) and the mean loss of the timed epoch, so a variant that trains differently shows.
+Each variant gets a fresh model (same seed), one untimed epoch of ``--warmup`` batches, then a timed epoch of
+``--steps`` batches; it prints images/s (median step) and the mean loss of the timed epoch, so a variant that
+trains differently shows.
 Data are one random batch already in memory, handed out ``--steps`` times: this measures the model, not the
 loader (see ``bench_dataloader.py``).
 
