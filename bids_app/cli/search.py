@@ -1,6 +1,6 @@
 """Random hyper-parameter search: seeded trials, one model folder (MAPS) each, ranked on validation only.
 
-``python -m bids_app.cli.search BIDS_DIR OUTPUT_DIR --space space.toml --n-trials N --seed S [--trial K]
+``bids_app-search BIDS_DIR OUTPUT_DIR --space space.toml --n-trials N --seed S [--trial K]
 [--name NAME] [--config base.toml] [-- group options...]`` samples N trials from a TOML search space and runs
 the normal group level (split, train, predict) once per trial, into ``OUTPUT_DIR/models/<name>-trial-<k>/``.
 Trial ``k`` is drawn from its own generator seeded by ``(seed, k)``, so it is the same whether trials run one
@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bids_app.cli.arguments import BidsAppParser
 
     parser = BidsAppParser(
-        prog="python -m bids_app.cli.search",
+        prog="bids_app-search",
         description="Random search: run the group level once per sampled trial, rank trials on validation metrics.",
         epilog="Options after '--' are group-level options of bids_app (e.g. -- --label diagnosis --seed 5); "
         "searched keys override them. See docs/random_search.md.",
