@@ -11,12 +11,12 @@ import pytest
 
 from bids_app import read_version
 from bids_app.cli.arguments import parse_config, parse_labels
-from bids_app.config import ExtractionMode, RunConfig
+from bids_app.config import ExtractionMode, RunConfig, RuntimeConfig
 from bids_app.config_file import dump_config, load_config_file, resolve_config
 from bids_app.errors import AnalysisLevelError, ConfigError, UsageError
 from tests.conftest import run_cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_version_matches_version_file() -> None:
@@ -143,6 +143,34 @@ def test_config_unknown_keys_and_wrong_types_are_named(tmp_path: Path, text: str
     result = run_cli(str(tmp_path / "bids"), str(tmp_path / "o"), "group", "--config", str(toml))
     assert result.returncode == 64
     assert needle in result.stderr
+
+
+def test_runtime_section_flags_and_old_spellings(tmp_path: Path) -> None:
+    """[runtime] holds how the machine is used; bids_app 0.1.0's [train] and [predict] keys still read, not both."""
+    old = tmp_path / "old.toml"
+    old.write_text('[train]\nepochs = 2\ndevice = "cpu"\nnum_workers = 2\namp = true\n[predict]\nbatch_size = 16\n')
+    args = [str(tmp_path / "bids"), str(tmp_path / "o"), "group", "--config", str(old)]
+    cfg = parse_config(args)
+    assert cfg.runtime == RuntimeConfig(device="cpu", amp=True, num_workers=2, inference_batch_size=16)
+    assert cfg.train.epochs == 2
+    bare = [str(tmp_path / "bids"), str(tmp_path / "o"), "group"]
+    flags = parse_config(
+        [*bare, "--device", "cuda:1", "--channels-last", "--num-workers", "3", "--cache-samples", "--deterministic",
+         "--inference-batch-size", "4"]
+    )  # fmt: skip
+    assert flags.runtime == RuntimeConfig("cuda:1", False, True, 3, True, True, 4)
+    both = tmp_path / "both.toml"
+    both.write_text("[predict]\nbatch_size = 16\n[runtime]\ninference_batch_size = 4\n")
+    with pytest.raises(ConfigError, match=r"'predict\.batch_size' and 'runtime\.inference_batch_size' are both set"):
+        parse_config([str(tmp_path / "bids"), str(tmp_path / "o"), "group", "--config", str(both)])
+
+
+def test_unknown_device_exits_64(tiny_dataset, tmp_path: Path) -> None:
+    result = run_cli(str(tiny_dataset.bids_dir), str(tmp_path / "out"), "group", "--device", "tpu",
+                     "--skip-bids-validation")  # fmt: skip
+    assert result.returncode == 64
+    assert "Unknown device 'tpu' (runtime.device). Use auto, cpu, cuda or cuda:<index>." in result.stderr
+    assert not (tmp_path / "out" / "models").exists()
 
 
 def test_resolved_config_round_trips(tmp_path: Path) -> None:

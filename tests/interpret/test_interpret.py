@@ -20,6 +20,7 @@ from bids_app.config import (
     ExtractionMode,
     InterpretConfig,
     RunConfig,
+    RuntimeConfig,
     Task,
     TrainConfig,
 )
@@ -34,6 +35,7 @@ from bids_app.interpret.saliency import (
 )
 from bids_app.interpret.stage import check_interpret_config, run_interpret_stage
 from bids_app.interpret.volumes import map_name
+from bids_app.maps import Maps
 from tests.conftest import make_cohort, run_cli
 
 CROP = (40, 48, 40)
@@ -325,9 +327,10 @@ def part_mode_maps(out: Path, dataset, source_maps: Path, mode: ExtractionMode, 
 
     cfg = RunConfig(dataset.bids_dir, out, AnalysisLevel.GROUP,
                     extraction=ExtractionConfig(roi_masks=(("hippocampus", dataset.roi_mask_path),)),
-                    train=TrainConfig(model_name=name, architecture="small_cnn", mode=mode, device="cpu"),
+                    train=TrainConfig(model_name=name, architecture="small_cnn", mode=mode),
+                    runtime=RuntimeConfig(device="cpu"),
                     interpret=InterpretConfig(methods=("gradients", "grad_cam")))  # fmt: skip
-    table = group_table(cfg, index_tensors(out, mode), cfg.labels)
+    table = group_table(cfg, index_tensors(out, mode), cfg.labels, mode)
     shape = sample_shape(table, mode)
     maps_dir = out / "models" / name
     shutil.copytree(source_maps / "groups", maps_dir / "groups")
@@ -342,7 +345,7 @@ def part_mode_maps(out: Path, dataset, source_maps: Path, mode: ExtractionMode, 
     save_model(layout.model_path(0, "loss"), model)
     write_maps_json(maps_dir, cfg, {"input_shape": list(shape), "n_outputs": 2, "label_encoding": encoding})
     atomic_write_json(layout.summary_json(0), {"split": 0})
-    run_interpret_stage(cfg, maps_dir, table)
+    run_interpret_stage(cfg, Maps.open(maps_dir), table)
     return cfg, maps_dir
 
 
@@ -385,7 +388,7 @@ def test_target_true_explains_the_true_class_when_the_prediction_is_wrong(traine
              for p, s in zip(predicted["participant_id"], predicted["session_id"], strict=True)]  # fmt: skip
     before = [np.asarray(nib.load(p).dataobj) for p in paths]
     run_interpret_stage(dataclasses.replace(cfg, interpret=dataclasses.replace(cfg.interpret, target="true")),
-                        maps_dir, table_for(cfg))  # fmt: skip
+                        Maps.open(maps_dir), table_for(cfg))  # fmt: skip
     true = read_tsv(folder / "targets.tsv")
     assert (true["target_label"] == true["true_label"]).all()
     for is_wrong, path, old in zip(wrong, paths, before, strict=True):
@@ -400,13 +403,23 @@ def table_for(cfg: RunConfig) -> pd.DataFrame:
     from bids_app.data.tables import index_tensors
     from bids_app.levels import group_table
 
-    return group_table(cfg, index_tensors(cfg.output_dir, cfg.train.mode), cfg.labels)
+    return group_table(cfg, index_tensors(cfg.output_dir, cfg.train.mode), cfg.labels, cfg.train.mode)
 
 
-def test_a_mode_other_than_the_models_is_refused(trained) -> None:
+def test_a_mode_other_than_the_models_gives_way_to_the_models_mode(trained) -> None:
+    """--mode slice with an image model: the model folder decides, so its image tensors are explained."""
     dataset, out, maps = trained
-    cfg = RunConfig(dataset.bids_dir, out, AnalysisLevel.GROUP, train=TrainConfig(model_name="cnn",
-                    mode=ExtractionMode.SLICE))  # fmt: skip
-    with pytest.raises(ConfigError, match="Pass --mode image"):
-        run_interpret_stage(cfg, maps, pd.DataFrame())
-    assert not (maps / "split-0/best-loss/test/interpret/slice").exists()
+    args = group_args(dataset, out, "--stages", "interpret", "--interpret-methods", "gradients",
+                      "--interpret-group", "validation")  # fmt: skip
+    args[args.index("--mode") + 1] = "slice"
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trained on image tensors" in result.stderr and "not --mode slice" in result.stderr
+    folder = maps / "split-0/best-loss/validation/interpret"
+    assert json.loads((folder / "gradients/interpretation.json").read_text())["Mode"] == "image"
+    validation = read_tsv(maps / "groups/split-0/validation.tsv")
+    assert list(read_tsv(folder / "targets.tsv")["participant_id"]) == list(validation["participant_id"])
+    for participant, session in zip(validation["participant_id"], validation["session_id"], strict=True):
+        source = source_image(out, next((out / participant).rglob("*desc-image_T1w.json")))
+        assert_on_source_grid(folder / "gradients" / map_name(participant, session, SaliencyMethod.GRADIENTS), source)
+    assert not list(maps.rglob("*slice*"))

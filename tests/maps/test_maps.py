@@ -12,7 +12,15 @@ import pytest
 import torch
 
 from bids_app import read_version
-from bids_app.config import AnalysisLevel, ExtractionConfig, ExtractionMode, RunConfig, Task, TrainConfig
+from bids_app.config import (
+    AnalysisLevel,
+    ExtractionConfig,
+    ExtractionMode,
+    RunConfig,
+    RuntimeConfig,
+    Task,
+    TrainConfig,
+)
 from bids_app.errors import DataError, InputMissingError
 from bids_app.maps import folder as maps
 from bids_app.maps.folder import MapsLayout
@@ -88,6 +96,65 @@ def test_maps_json_round_trip_survives_a_move(tmp_path: Path) -> None:
         augmentations=("flip",),
     )
     assert moved.config == expected
+
+
+def test_maps_json_of_bids_app_0_1_0_reads_its_runtime_options(tmp_path: Path) -> None:
+    """bids_app 0.1.0 wrote device, amp, ... under [train] and the inference batch size under [predict]."""
+    cfg, maps_dir = write_maps(tmp_path)
+    layout = MapsLayout(maps_dir)
+    content = json.loads(layout.maps_json.read_text())
+    runtime = content["config"].pop("runtime")
+    assert set(runtime) == {f.name for f in dataclasses.fields(RuntimeConfig)}
+    content["config"]["train"].update(device="cpu", amp=False, channels_last=True, num_workers=2,
+                                      cache_samples=False, deterministic=True)  # fmt: skip
+    content["config"]["predict"]["batch_size"] = 16
+    layout.maps_json.write_text(json.dumps(content))
+    expected = RuntimeConfig("cpu", channels_last=True, num_workers=2, deterministic=True, inference_batch_size=16)
+    record = maps.Maps.open(maps_dir).record
+    assert record.config.runtime == expected
+    assert record.config.train == cfg.train and record.config.predict == cfg.predict
+
+
+def test_maps_object_reads_the_folder_once(tmp_path: Path) -> None:
+    cfg, maps_dir = write_maps(tmp_path)
+    assert maps.Maps.exists(maps_dir) and not maps.Maps.exists(tmp_path / "nothing")
+    opened = maps.Maps.open(maps_dir)
+    assert (opened.root, opened.name, opened.class_names) == (maps_dir, "model", ["AD", "CN"])
+    assert opened.record == maps.read_maps_json(maps_dir) and opened.record.config == cfg
+    with pytest.raises(InputMissingError, match="No trained split"):
+        opened.trained_splits()
+    model = trained_model(maps_dir, split=1)
+    trained_model(maps_dir, split=2)
+    assert opened.trained_splits() == [1, 2] and opened.trained_splits((2, 3)) == [2]
+    with pytest.raises(InputMissingError, match=r"No trained split .* among splits \[0\]"):
+        opened.trained_splits((0,))
+    assert opened.model_path(1, "loss") == opened.layout.model_path(1, "loss")
+    loaded = opened.load_model(1, "loss")
+    assert not loaded.training
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in loaded.state_dict().items())
+    assert opened.validate() is opened
+    opened.layout.model_path(2, "loss").unlink()
+    with pytest.raises(DataError, match=r"split-2/best-loss/model\.safetensors is missing"):
+        opened.validate()
+    assert not opened.layout.has_predictions()
+    prediction = opened.layout.prediction_tsv(1, "loss", "test")
+    assert prediction == maps_dir / "split-1/best-loss/test/test_image_level_prediction.tsv"
+    prediction.parent.mkdir(parents=True)
+    prediction.write_text("participant_id\n")
+    assert opened.layout.has_predictions() and not opened.layout.has_predictions("validation")
+    assert opened.layout.splits_json == maps_dir / "groups" / "splits.json"
+    assert opened.layout.report_html == maps_dir / "report.html"
+
+
+def test_maps_create_writes_the_record_and_environment(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    maps_dir = tmp_path / "models" / "new"
+    extra = {"input_shape": list(INPUT_SHAPE), "n_outputs": 2, "label_encoding": ENCODING, "note": "kept"}
+    created = maps.Maps.create(maps_dir, cfg, extra)
+    assert created.layout.maps_json.is_file() and created.layout.environment_json.is_file()
+    assert created.record == maps.Maps.open(maps_dir).record
+    assert created.record.extra == {"note": "kept"}
+    assert sum(p.numel() for p in created.build_model().parameters()) > 0
 
 
 def test_root_outside_the_maps_stays_absolute(tmp_path: Path) -> None:
@@ -171,5 +238,8 @@ def test_source_training_pool(tmp_path: Path) -> None:
     rows.to_csv(MapsLayout(maps_dir).train_validation_tsv, sep="\t", index=False)
     pool = source_training_pool(maps_dir)
     assert pool.equals(rows)
-    with pytest.raises(InputMissingError, match=r"train\+validation\.tsv"):
+    MapsLayout(maps_dir).train_validation_tsv.unlink()
+    with pytest.raises(InputMissingError, match=r"train\+validation\.tsv does not exist.*train\.transfer_from"):
+        source_training_pool(maps_dir)
+    with pytest.raises(InputMissingError, match=r"nowhere does not exist"):
         source_training_pool(tmp_path / "nowhere")

@@ -254,7 +254,7 @@ def test_pet_linear_with_suvr(tmp_path: Path) -> None:
     assert validate(out).returncode == 0
 
 
-GOLDEN_TREE = Path(__file__).parent / "golden" / "participant_tree.txt"
+GOLDEN_TREE = Path(__file__).parents[1] / "golden" / "participant_tree.txt"
 
 
 def output_tree(out: Path) -> list[str]:

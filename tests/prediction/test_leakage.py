@@ -9,15 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from bids_app.config import AnalysisLevel, RunConfig
 from bids_app.errors import DataError, InputMissingError, LeakError
-from bids_app.prediction.leakage import (
-    LEAK_WARNING_FILE,
-    LeakFinding,
-    check_leaks,
-    enforce_no_leak,
-    read_train_table,
-    training_checksums,
-)
+from bids_app.maps import Maps
+from bids_app.prediction.leakage import LEAK_WARNING_FILE, LeakFinding, check_leaks, enforce_no_leak, training_checksums
 
 COLUMNS = ["participant_id", "session_id", "source_sha256", "raw_source_sha256"]
 
@@ -35,6 +30,12 @@ TRAIN = frame(
 )
 
 
+def create_maps(root: Path) -> Maps:
+    """A model folder in ``root`` (``maps.json``, ``environment.json``) without a split yet."""
+    cfg = RunConfig(root / "bids", root, AnalysisLevel.GROUP)
+    return Maps.create(root, cfg, {"input_shape": [1, 2, 2, 2], "n_outputs": 2, "label_encoding": {"CN": 0, "AD": 1}})
+
+
 def write_train_tsv(maps_dir: Path, table: pd.DataFrame) -> None:
     (maps_dir / "groups").mkdir(parents=True, exist_ok=True)
     table.to_csv(maps_dir / "groups" / "train+validation.tsv", sep="\t", index=False)
@@ -50,24 +51,26 @@ def test_check_leaks_finds_ids_then_each_checksum_but_never_unknown_ones(tmp_pat
             ("sub-g4", "ses-M000", "n/a", ""),  # unknown checksums must not match sub-r3's n/a
         ]
     )
-    assert check_leaks(tmp_path, group, TRAIN) == [
+    maps = create_maps(tmp_path)
+    assert check_leaks(maps, group, TRAIN) == [
         LeakFinding("participant", "sub-r1", "ses-M006", "sub-r1", "ses-M000", ""),
         LeakFinding("source_sha256", "sub-g2", "ses-M000", "sub-r2", "ses-M000", "s-r2"),
         LeakFinding("raw_source_sha256", "sub-g3", "ses-M000", "sub-r1", "ses-M000", "r-r1"),
     ]
-    assert check_leaks(tmp_path, group.iloc[[0, 4]], TRAIN) == []
+    assert check_leaks(maps, group.iloc[[0, 4]], TRAIN) == []
 
 
 def test_check_leaks_reads_the_maps_pool_and_names_missing_inputs(tmp_path: Path) -> None:
     group = frame([("sub-r2", "ses-M000", "s-g", "r-g")])
+    maps = create_maps(tmp_path)
     with pytest.raises(InputMissingError, match=r"train\+validation\.tsv does not exist.*Re-run the split stage"):
-        check_leaks(tmp_path, group)
+        check_leaks(maps, group)
     write_train_tsv(tmp_path, TRAIN.drop(columns="source_sha256"))
     with pytest.raises(DataError, match=r"train\+validation\.tsv has no column\(s\) source_sha256"):
-        check_leaks(tmp_path, group)
+        check_leaks(maps, group)
     write_train_tsv(tmp_path, TRAIN)
-    assert read_train_table(tmp_path).equals(TRAIN)
-    assert [f.reason for f in check_leaks(tmp_path, group)] == ["participant"]
+    assert maps.training_pool().equals(TRAIN)
+    assert [f.reason for f in check_leaks(maps, group)] == ["participant"]
 
 
 def test_enforce_no_leak_refuses_lists_five_and_records_when_allowed(tmp_path: Path) -> None:
@@ -91,16 +94,17 @@ def test_enforce_no_leak_refuses_lists_five_and_records_when_allowed(tmp_path: P
 def test_training_checksums_fill_from_the_output_or_mark_unknown(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    maps = create_maps(tmp_path)
     write_train_tsv(tmp_path, TRAIN[["participant_id", "session_id"]].assign(label="CN"))
     output = frame([("sub-r1", "ses-M000", "s-r1", "r-r1"), ("sub-r2", "ses-M000", "s-r2", "r-r2")])
     with caplog.at_level(logging.WARNING, logger="bids_app.prediction.leakage"):
-        train = training_checksums(tmp_path, output)
+        train = training_checksums(maps, output)
     assert train[COLUMNS].values.tolist() == TRAIN.values.tolist()
     assert train["label"].tolist() == ["CN"] * 3
     assert "1 training/validation image(s) have no tensor left" in caplog.text
 
     write_train_tsv(tmp_path, TRAIN)
-    assert training_checksums(tmp_path, output.iloc[:0]).equals(TRAIN)  # recorded checksums win
+    assert training_checksums(maps, output.iloc[:0]).equals(TRAIN)  # recorded checksums win
 
 
 def test_enforce_no_leak_groups_reasons_per_pair_and_shows_similarity(tmp_path: Path) -> None:

@@ -14,18 +14,29 @@ import pytest
 import torch
 from torch import nn
 
-from bids_app.config import AnalysisLevel, ExtractionMode, PredictConfig, RunConfig, SplitConfig, Task, TrainConfig
+from bids_app.config import (
+    AnalysisLevel,
+    ExtractionMode,
+    LabelConfig,
+    PredictConfig,
+    RunConfig,
+    RuntimeConfig,
+    SplitConfig,
+    Task,
+    TrainConfig,
+)
 from bids_app.data.dataset import TensorDataset
 from bids_app.data.tables import index_tensors
 from bids_app.derivatives import tensor_path
 from bids_app.errors import ConfigError, DataError, InputMissingError, LeakError
 from bids_app.extraction.storage import write_tensor
-from bids_app.maps.folder import MapsLayout, write_maps_json
+from bids_app.maps import Maps, MapsLayout
+from bids_app.maps.folder import write_maps_json
 from bids_app.maps.weights import save_model
 from bids_app.models import build_model
 from bids_app.prediction.files import format_tsv, format_value
 from bids_app.prediction.leakage import LeakFinding, check_leaks
-from bids_app.prediction.stage import predict_group, run_predict_stage
+from bids_app.prediction.stage import Predictor, run_predict_stage
 from bids_app.prediction.voting import compute_voting_weights, soft_vote, vote_validation
 from bids_app.split.files import write_splits
 from bids_app.split.make import make_splits
@@ -118,40 +129,51 @@ def maps_dir(tmp_path: Path) -> Path:
     return maps
 
 
-def predict(maps: Path, group: str, table: pd.DataFrame, cfg: PredictConfig | None = None, model=None) -> Path:
+@pytest.fixture
+def maps(maps_dir: Path) -> Maps:
+    """``maps_dir`` as the model folder of a classifier of ``CLASSES``."""
+    return open_maps(maps_dir)
+
+
+def open_maps(maps_dir: Path, task: Task = Task.CLASSIFICATION, mode: ExtractionMode = ExtractionMode.PATCH) -> Maps:
+    """``maps_dir`` as the model folder of a ``task`` model (``maps.json`` and ``environment.json`` written):
+    its record gives the task and, in classification, the class order ``CLASSES``."""
+    classification = task is Task.CLASSIFICATION
+    cfg = RunConfig(maps_dir.parent / "bids", maps_dir.parent, AnalysisLevel.GROUP, labels=LabelConfig(task=task),
+                    train=TrainConfig(architecture="small_cnn", mode=mode))  # fmt: skip
+    extra = {"input_shape": [1, 2, 2, 2], "n_outputs": 2 if classification else 1,
+             "label_encoding": ENCODING if classification else None}  # fmt: skip
+    return Maps.create(maps_dir, cfg, extra)
+
+
+def predictor(maps: Maps, cfg: PredictConfig | None = None) -> Predictor:
+    """A predictor of ``maps`` on the CPU, checking leaks against its ``groups/train+validation.tsv``."""
+    return Predictor(maps, cfg or PredictConfig(n_bootstrap=50), RuntimeConfig(device="cpu"), maps.training_pool())
+
+
+def predict(maps: Maps, group: str, table: pd.DataFrame, cfg: PredictConfig | None = None, model=None) -> Path:
     dataset = TensorDataset(table, ExtractionMode.PATCH, Task.CLASSIFICATION, label_encoding=ENCODING)
-    predict_group(
-        maps,
-        group,
-        table,
-        dataset,
-        cfg or PredictConfig(n_bootstrap=50),
-        Task.CLASSIFICATION,
-        0,
-        "loss",
-        model=model or MeanModel(),
-        class_names=CLASSES,
-    )
-    return maps / "split-0" / "best-loss" / group
+    predictor(maps, cfg).predict_group(model or MeanModel(), 0, "loss", group, table, dataset)
+    return maps.layout.group_dir(0, "loss", group)
 
 
 def read_tsv(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
 
 
-def test_weights_come_from_validation_only(maps_dir: Path, tmp_path: Path) -> None:
-    validation = predict(maps_dir, "validation", write_images(tmp_path / "val", VALIDATION))
+def test_weights_come_from_validation_only(maps: Maps, tmp_path: Path) -> None:
+    validation = predict(maps, "validation", write_images(tmp_path / "val", VALIDATION))
     # Validation itself is scored leave-one-participant-out: sub-v1's vote uses weights from sub-v2..v6.
     voted = read_tsv(validation / "validation_image_level_prediction.tsv")
     expected_v1 = np.average([p_ad(0), p_ad(1), p_ad(1)], weights=[1, 1, 0.5])
     assert float(voted["proba_AD"][0]) == pytest.approx(expected_v1, abs=1e-6)
-    weights_path = maps_dir / "split-0" / "best-loss" / "voting_weights.tsv"
+    weights_path = maps.layout.best_dir(0, "loss") / "voting_weights.tsv"
     weights = read_tsv(weights_path)
     assert list(weights.columns) == ["part_id", "validation_metric", "validation_value", "weight"]
     np.testing.assert_allclose(weights["weight"].astype(float), VALIDATION_WEIGHTS, atol=1e-6)
     saved = weights_path.read_bytes()
 
-    out = predict(maps_dir, "test", write_images(tmp_path / "t1", TEST))
+    out = predict(maps, "test", write_images(tmp_path / "t1", TEST))
     image = read_tsv(out / "test_image_level_prediction.tsv")
     for (_, _, _, values), proba in zip(TEST, image["proba_AD"].astype(float), strict=True):
         expected = np.average([p_ad(v) for v in values], weights=VALIDATION_WEIGHTS)
@@ -159,7 +181,7 @@ def test_weights_come_from_validation_only(maps_dir: Path, tmp_path: Path) -> No
 
     # Same images, part predictions changed so that the test set would favour other parts: weights unchanged.
     flipped = [(p, s, lab, [1 - v for v in values[:2]] + [float(lab == "AD")]) for p, s, lab, values in TEST]
-    out = predict(maps_dir, "test", write_images(tmp_path / "t2", flipped))
+    out = predict(maps, "test", write_images(tmp_path / "t2", flipped))
     assert weights_path.read_bytes() == saved
     image = read_tsv(out / "test_image_level_prediction.tsv")
     for (_, _, _, values), proba in zip(flipped, image["proba_AD"].astype(float), strict=True):
@@ -167,28 +189,26 @@ def test_weights_come_from_validation_only(maps_dir: Path, tmp_path: Path) -> No
         assert proba == pytest.approx(expected, abs=1e-6)
 
 
-def test_other_group_before_validation_is_refused(maps_dir: Path, tmp_path: Path) -> None:
+def test_other_group_before_validation_is_refused(maps: Maps, tmp_path: Path) -> None:
     with pytest.raises(InputMissingError, match="Predict the 'validation' group"):
-        predict(maps_dir, "test", write_images(tmp_path / "t", TEST))
+        predict(maps, "test", write_images(tmp_path / "t", TEST))
 
 
-def test_parts_below_threshold_are_dropped(maps_dir: Path, tmp_path: Path) -> None:
+def test_parts_below_threshold_are_dropped(maps: Maps, tmp_path: Path) -> None:
     cfg = PredictConfig(voting_threshold=0.6, n_bootstrap=20)
-    predict(maps_dir, "validation", write_images(tmp_path / "val", VALIDATION), cfg)
-    weights = read_tsv(maps_dir / "split-0" / "best-loss" / "voting_weights.tsv")
+    predict(maps, "validation", write_images(tmp_path / "val", VALIDATION), cfg)
+    weights = read_tsv(maps.layout.best_dir(0, "loss") / "voting_weights.tsv")
     np.testing.assert_allclose(weights["weight"].astype(float), [1.0, 5 / 6, 0.0], atol=1e-6)
-    first = read_tsv(
-        predict(maps_dir, "test", write_images(tmp_path / "a", TEST), cfg) / "test_image_level_prediction.tsv"
-    )
+    first = read_tsv(predict(maps, "test", write_images(tmp_path / "a", TEST), cfg) / "test_image_level_prediction.tsv")
     changed = [(p, s, lab, [*values[:2], 1.0 - values[2]]) for p, s, lab, values in TEST]  # only part 2 changes
     second = read_tsv(
-        predict(maps_dir, "test", write_images(tmp_path / "b", changed), cfg) / "test_image_level_prediction.tsv"
+        predict(maps, "test", write_images(tmp_path / "b", changed), cfg) / "test_image_level_prediction.tsv"
     )
     pd.testing.assert_frame_equal(first, second)
     expected = np.average([p_ad(v) for v in TEST[0][3][:2]], weights=[1.0, 5 / 6])
     assert float(first["proba_AD"][0]) == pytest.approx(expected, abs=1e-6)
     with pytest.raises(ConfigError, match="drops every part"):
-        predict(maps_dir, "validation", write_images(tmp_path / "val", VALIDATION), PredictConfig(voting_threshold=1.1))
+        predict(maps, "validation", write_images(tmp_path / "val", VALIDATION), PredictConfig(voting_threshold=1.1))
 
 
 def part_table(images: list[tuple[str, str, str, list[float]]]) -> pd.DataFrame:
@@ -233,27 +253,27 @@ def test_regression_voting_mean_or_inverse_mae() -> None:
     assert voted.tolist() == pytest.approx([(71 + 0.25 * 66) / 1.25, (79 + 0.25 * 84) / 1.25])
 
 
-def test_leak_check_refuses_overlapping_participant(maps_dir: Path, tmp_path: Path) -> None:
-    predict(maps_dir, "validation", write_images(tmp_path / "val", VALIDATION))
+def test_leak_check_refuses_overlapping_participant(maps: Maps, tmp_path: Path) -> None:
+    predict(maps, "validation", write_images(tmp_path / "val", VALIDATION))
     group = write_images(tmp_path / "g", [*TEST, ("sub-r2", "ses-M006", "CN", [0.0, 0.0, 0.0])])
     with pytest.raises(LeakError, match="sub-r2 ses-M006 ~ sub-r2 ses-M000 \\(participant\\)") as caught:
-        predict(maps_dir, "test", group)
+        predict(maps, "test", group)
     assert caught.value.exit_code == 65
-    assert not (maps_dir / "split-0" / "best-loss" / "test").exists()
+    assert not (maps.layout.best_dir(0, "loss") / "test").exists()
 
 
-def test_leak_check_refuses_renamed_duplicate_scan(maps_dir: Path, tmp_path: Path) -> None:
-    predict(maps_dir, "validation", write_images(tmp_path / "val", VALIDATION))
+def test_leak_check_refuses_renamed_duplicate_scan(maps: Maps, tmp_path: Path) -> None:
+    predict(maps, "validation", write_images(tmp_path / "val", VALIDATION))
     renamed = {"sub-new": sha("raw sub-r3 ses-M000")}  # sub-r3's raw scan under another participant id
     group = write_images(tmp_path / "g", [("sub-new", "ses-M000", "AD", [1.0, 1.0, 1.0])], renamed)
-    findings = check_leaks(maps_dir, group)
+    findings = check_leaks(maps, group)
     assert findings == [
         LeakFinding("raw_source_sha256", "sub-new", "ses-M000", "sub-r3", "ses-M000", sha("raw sub-r3 ses-M000"))
     ]
     with pytest.raises(LeakError, match="raw_source_sha256"):
-        predict(maps_dir, "external", group)
+        predict(maps, "external", group)
 
-    out = predict(maps_dir, "external", group, PredictConfig(allow_leak=True, n_bootstrap=20))
+    out = predict(maps, "external", group, PredictConfig(allow_leak=True, n_bootstrap=20))
     warning = json.loads((out / "leak_warning.json").read_text())
     assert warning["Group"] == "external"
     assert warning["Pairs"] == [
@@ -269,20 +289,20 @@ def test_leak_check_refuses_renamed_duplicate_scan(maps_dir: Path, tmp_path: Pat
     ]
     assert (out / "external_image_level_prediction.tsv").is_file()
     # A later clean run on other images removes the stale warning.
-    predict(maps_dir, "external", write_images(tmp_path / "clean", TEST))
+    predict(maps, "external", write_images(tmp_path / "clean", TEST))
     assert not (out / "leak_warning.json").exists()
 
 
-def test_leak_check_needs_checksums(maps_dir: Path, tmp_path: Path) -> None:
+def test_leak_check_needs_checksums(maps: Maps, tmp_path: Path) -> None:
     group = write_images(tmp_path / "g", TEST).drop(columns="raw_source_sha256")
     with pytest.raises(DataError, match="no column\\(s\\) raw_source_sha256"):
-        check_leaks(maps_dir, group)
-    assert check_leaks(maps_dir, write_images(tmp_path / "ok", TEST)) == []
+        check_leaks(maps, group)
+    assert check_leaks(maps, write_images(tmp_path / "ok", TEST)) == []
 
 
-def test_prediction_tsv_columns_rows_and_metrics(maps_dir: Path, tmp_path: Path) -> None:
-    predict(maps_dir, "validation", write_images(tmp_path / "val", VALIDATION))
-    out = predict(maps_dir, "test", write_images(tmp_path / "t", TEST))
+def test_prediction_tsv_columns_rows_and_metrics(maps: Maps, tmp_path: Path) -> None:
+    predict(maps, "validation", write_images(tmp_path / "val", VALIDATION))
+    out = predict(maps, "test", write_images(tmp_path / "t", TEST))
     assert sorted(p.name for p in out.iterdir()) == [
         "test_confusion_matrix.tsv",
         "test_image_level_metrics.tsv",
@@ -320,14 +340,13 @@ def test_prediction_tsv_columns_rows_and_metrics(maps_dir: Path, tmp_path: Path)
     assert matrix[["CN", "AD"]].astype(int).to_numpy().sum() == 3
 
 
-def test_unlabelled_group_writes_predictions_only(maps_dir: Path, tmp_path: Path) -> None:
-    predict(maps_dir, "validation", write_images(tmp_path / "val", VALIDATION))
+def test_unlabelled_group_writes_predictions_only(maps: Maps, tmp_path: Path) -> None:
+    predict(maps, "validation", write_images(tmp_path / "val", VALIDATION))
     table = write_images(tmp_path / "u", TEST)
     dataset = TensorDataset(table, ExtractionMode.PATCH, Task.CLASSIFICATION, label_encoding=ENCODING)
     dataset._targets = np.full(len(table), -1)  # unknown labels, as the data module encodes them
-    predict_group(maps_dir, "new", table, dataset, PredictConfig(), Task.CLASSIFICATION, 0, "loss",
-                  model=MeanModel(), class_names=CLASSES)  # fmt: skip
-    out = maps_dir / "split-0" / "best-loss" / "new"
+    predictor(maps, PredictConfig()).predict_group(MeanModel(), 0, "loss", "new", table, dataset)
+    out = maps.layout.best_dir(0, "loss") / "new"
     assert sorted(p.name for p in out.iterdir()) == ["new_image_level_prediction.tsv", "new_patch_level_prediction.tsv"]
     assert read_tsv(out / "new_image_level_prediction.tsv")["true_label"].tolist() == ["n/a"] * 3
 
@@ -335,13 +354,14 @@ def test_unlabelled_group_writes_predictions_only(maps_dir: Path, tmp_path: Path
 def test_same_model_and_data_give_identical_bytes(maps_dir: Path, tmp_path: Path) -> None:
     outputs = []
     for attempt in range(2):
-        maps = tmp_path / f"copy{attempt}"
-        maps.mkdir()
-        (maps / "groups").mkdir()
-        (maps / "groups" / "train+validation.tsv").write_bytes((maps_dir / "groups/train+validation.tsv").read_bytes())
+        copy = tmp_path / f"copy{attempt}"
+        copy.mkdir()
+        (copy / "groups").mkdir()
+        (copy / "groups" / "train+validation.tsv").write_bytes((maps_dir / "groups/train+validation.tsv").read_bytes())
+        maps = open_maps(copy)
         predict(maps, "validation", write_images(tmp_path / f"val{attempt}", VALIDATION))
         out = predict(maps, "test", write_images(tmp_path / f"t{attempt}", TEST))
-        files = [*sorted(out.iterdir()), maps / "split-0" / "best-loss" / "voting_weights.tsv"]
+        files = [*sorted(out.iterdir()), maps.layout.best_dir(0, "loss") / "voting_weights.tsv"]
         outputs.append({p.name: p.read_bytes() for p in files})
     assert outputs[0] == outputs[1]
     assert len(outputs[0]) == 5
@@ -359,9 +379,9 @@ def test_reconstruction_outputs(maps_dir: Path, tmp_path: Path) -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x * self.factor
 
-    predict_group(maps_dir, "test", table, dataset, PredictConfig(n_bootstrap=20), Task.RECONSTRUCTION, 0, "loss",
-                  model=Shrink())  # fmt: skip
-    out = maps_dir / "split-0" / "best-loss" / "test"
+    maps = open_maps(maps_dir, Task.RECONSTRUCTION)
+    predictor(maps, PredictConfig(n_bootstrap=20)).predict_group(Shrink(), 0, "loss", "test", table, dataset)
+    out = maps.layout.group_dir(0, "loss", "test")
     image = read_tsv(out / "test_image_level_prediction.tsv")
     assert list(image.columns) == ["participant_id", "session_id", "mae", "rmse", "psnr", "ssim"]
     assert len(image) == 3
@@ -382,8 +402,11 @@ def test_model_loaded_from_maps_with_its_label_encoding(maps_dir: Path, tmp_path
     save_model(maps_dir / "split-0" / "best-loss" / "model.safetensors", model)
     table = write_images(tmp_path / "val", VALIDATION, edge=8)
     dataset = TensorDataset(table, ExtractionMode.PATCH, Task.CLASSIFICATION, label_encoding=ENCODING)
-    predict_group(maps_dir, "validation", table, dataset, PredictConfig(n_bootstrap=10), Task.CLASSIFICATION, 0, "loss")
-    image = read_tsv(maps_dir / "split-0" / "best-loss" / "validation" / "validation_image_level_prediction.tsv")
+    maps = Maps.open(maps_dir)
+    assert maps.class_names == CLASSES
+    model = maps.load_model(0, "loss")
+    predictor(maps, PredictConfig(n_bootstrap=10)).predict_group(model, 0, "loss", "validation", table, dataset)
+    image = read_tsv(maps.layout.prediction_tsv(0, "loss", "validation"))
     assert list(image.columns)[-2:] == ["proba_CN", "proba_AD"]
     assert len(image) == len(VALIDATION)
 
@@ -440,7 +463,8 @@ def test_predict_stage_predicts_validation_test_and_another_output(tmp_path: Pat
         layout.summary_json(split).parent.mkdir(parents=True, exist_ok=True)
         layout.summary_json(split).write_text("{}")
 
-    run_predict_stage(cfg, maps_dir, table)
+    maps = Maps.open(maps_dir)
+    run_predict_stage(cfg, maps, table)
     for split in (0, 1):
         best = layout.best_dir(split, "loss")
         assert (best / "voting_weights.tsv").is_file()
@@ -461,7 +485,7 @@ def test_predict_stage_predicts_validation_test_and_another_output(tmp_path: Pat
     external = dataclasses.replace(
         cfg, predict=PredictConfig(predict_from=other_dir, group_name="adni", n_bootstrap=20)
     )
-    run_predict_stage(external, maps_dir, table)
+    run_predict_stage(external, maps, table)
     adni = layout.group_dir(0, "loss", "adni")
     image = read_tsv(adni / "adni_image_level_prediction.tsv")
     assert image["true_label"].tolist() == ["AD", "CN"]
@@ -475,10 +499,10 @@ def test_predict_stage_predicts_validation_test_and_another_output(tmp_path: Pat
     training = set(splits.folds[0].train["participant_id"]) | set(splits.folds[0].validation["participant_id"])
     assert "sub-03" in training
     with pytest.raises(LeakError, match="sub-y1 ses-M000 ~ sub-03 ses-M000 \\(raw_source_sha256\\)"):
-        run_predict_stage(leaky, maps_dir, table)
+        run_predict_stage(leaky, maps, table)
 
     with pytest.raises(ConfigError, match="group-name"):
-        run_predict_stage(dataclasses.replace(external, predict=PredictConfig(predict_from=other_dir)), maps_dir, table)
+        run_predict_stage(dataclasses.replace(external, predict=PredictConfig(predict_from=other_dir)), maps, table)
 
 
 def test_regression_image_mode_outputs(maps_dir: Path, tmp_path: Path) -> None:
@@ -500,9 +524,9 @@ def test_regression_image_mode_outputs(maps_dir: Path, tmp_path: Path) -> None:
             return x.flatten(1).mean(1, keepdim=True) * self.scale
 
     # Image mode needs no voting weights: the test group is predicted without a validation run.
-    predict_group(maps_dir, "test", table, dataset, PredictConfig(n_bootstrap=20), Task.REGRESSION, 0, "mae",
-                  model=Age())  # fmt: skip
-    out = maps_dir / "split-0" / "best-mae" / "test"
+    maps = open_maps(maps_dir, Task.REGRESSION, ExtractionMode.IMAGE)
+    predictor(maps, PredictConfig(n_bootstrap=20)).predict_group(Age(), 0, "mae", "test", table, dataset)
+    out = maps.layout.group_dir(0, "mae", "test")
     assert sorted(p.name for p in out.iterdir()) == ["test_image_level_metrics.tsv", "test_image_level_prediction.tsv"]
     image = read_tsv(out / "test_image_level_prediction.tsv")
     assert list(image.columns) == ["participant_id", "session_id", "true_label", "predicted_label"]

@@ -27,8 +27,8 @@ from bids_app.inputs.bids_query import query_preprocessed_images
 from bids_app.preprocess.qc import brain_mask
 from bids_app.preprocess.t1_linear import crop_box, crop_image, load_template
 from tests.conftest import run_cli, validate
+from tests.participant.test_participant import CROP, PATCH, participant_args, status_table
 from tests.test_bad_inputs import tree_hashes
-from tests.test_participant import CROP, PATCH, participant_args, status_table
 
 SPACE = "MNI152NLin2009aSym"
 # (participant, session) → grid of its FDG PET in the derivative; sub-002 ses-M012 has none

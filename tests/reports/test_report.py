@@ -15,7 +15,9 @@ import pandas as pd
 import pytest
 
 from bids_app.errors import InputMissingError
-from bids_app.reports.group import REPORT_NAME, write_group_report
+from bids_app.maps import Maps
+from bids_app.maps.folder import REPORT_NAME
+from bids_app.reports.group import write_group_report
 from tests.conftest import make_cohort, run_cli
 
 IMG_SRC = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -48,7 +50,7 @@ def trained(cohort):
                                  "--interpret-methods", "grad_cam"))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     maps = out / "models" / "cnn"
-    report = write_group_report(out, maps)
+    report = write_group_report(out, Maps.open(maps))
     return out, maps, report, report.read_text(encoding="utf-8")
 
 
@@ -75,7 +77,7 @@ def decoded_pngs(page: str) -> list[np.ndarray]:
 
 def test_report_is_self_contained_with_valid_figures(trained) -> None:
     _, maps, report, page = trained
-    assert report == maps / REPORT_NAME
+    assert report == maps / REPORT_NAME == Maps.open(maps).layout.report_html
     assert page.count("<img ") == len(IMG_SRC.findall(page))  # every image is an embedded PNG
     images = decoded_pngs(page)
     # per split: learning curves + confusion/ROC + one grad_cam figure
@@ -119,7 +121,7 @@ def test_saliency_section_notes_absent_maps(trained) -> None:
     copy = copy_maps(out, maps, "no_interpret")
     for folder in copy.glob("split-*/best-*/test/interpret"):
         shutil.rmtree(folder)
-    without = write_group_report(out, copy).read_text(encoding="utf-8")
+    without = write_group_report(out, Maps.open(copy)).read_text(encoding="utf-8")
     assert "No saliency map" in without
     assert len(IMG_SRC.findall(without)) == 2 * 2
 
@@ -138,8 +140,9 @@ def test_missing_input_raises_and_writes_nothing(trained, missing: str) -> None:
     earlier = copy / REPORT_NAME
     earlier.write_text("earlier report", encoding="utf-8")
     (copy / missing).unlink()
+    maps_copy = Maps.open(copy)
     with pytest.raises(InputMissingError, match=re.escape(str(copy / missing))):
-        write_group_report(out, copy)
+        write_group_report(out, maps_copy)
     assert earlier.read_text(encoding="utf-8") == "earlier report"
     assert not list(copy.glob(f".{REPORT_NAME}.*"))
 
@@ -148,7 +151,7 @@ def test_regression_report_shows_a_scatter(cohort) -> None:
     dataset, out = cohort
     result = run_cli(*group_args(dataset, out, "age", "--label", "age", "--task", "regression", "--epochs", "1"))
     assert result.returncode == 0, result.stderr[-3000:]
-    page = write_group_report(out, out / "models" / "age").read_text(encoding="utf-8")
+    page = write_group_report(out, Maps.open(out / "models" / "age")).read_text(encoding="utf-8")
     assert len(decoded_pngs(page)) == 2 * 2  # learning curves + scatter per split
     assert "confusion" not in page and "Saliency" not in page
     metrics = read_tsv(out / "models/age/split-0/best-loss/test/test_image_level_metrics.tsv")

@@ -19,11 +19,10 @@ from scipy import stats
 from bids_app.config import SplitConfig, Task
 from bids_app.errors import ConfigError, DataError, InputMissingError, LeakError
 from bids_app.labels import format_label_table
+from bids_app.maps.splits import Splits, check_disjoint, read_splits
 from bids_app.split.balance import age_p_value, sex_p_value
 from bids_app.split.files import load_split_file, write_splits
-from bids_app.maps.splits import read_splits
 from bids_app.split.make import make_nested_splits, make_splits
-from bids_app.maps.splits import Splits, check_disjoint
 
 
 def make_table(
@@ -275,11 +274,16 @@ def test_constraints_need_same_fold_count() -> None:
         make_splits(parent_table, SplitConfig(n_splits=3), Task.CLASSIFICATION, 0, constraints=subset)
 
 
-@pytest.mark.parametrize("first", ["bids_app.split.make", "bids_app.split.files"])
+@pytest.mark.parametrize("first", ["bids_app.maps.splits", "bids_app.split.make", "bids_app.split.files"])
 def test_split_modules_import_in_either_order(first: str) -> None:
-    """split_files depends on split, never the reverse: a fresh interpreter may import either first."""
-    check = f"import {first}; from bids_app import split, split_files; assert split_files.Splits is split.Splits"
-    subprocess.run([sys.executable, "-c", check], check=True, cwd=Path(__file__).parents[1], timeout=60)
+    """split.files and split.make depend on maps.splits, never the reverse: a fresh interpreter may import any first."""
+    check = (
+        f"import sys, {first}; "
+        f"assert {first!r} != 'bids_app.maps.splits' or not any(m.startswith('bids_app.split') for m in sys.modules); "
+        "from bids_app.split import files, make; from bids_app.maps import splits; "
+        "assert files.Splits is splits.Splits and make.Splits is splits.Splits"
+    )
+    subprocess.run([sys.executable, "-c", check], check=True, cwd=Path(__file__).parents[2], timeout=60)
 
 
 def test_write_read_round_trip(tmp_path: Path) -> None:

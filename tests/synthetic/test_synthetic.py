@@ -13,9 +13,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from bids_app.cli.generate import main
 from bids_app.errors import UsageError
 from bids_app.synthetic import anatomy
-from bids_app.cli.generate import main
 from bids_app.synthetic.dataset import GeneratedDataset, generate_dataset
 from bids_app.template import default_template_path
 

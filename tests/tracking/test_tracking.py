@@ -17,6 +17,7 @@ from bids_app.cli.main import main
 from bids_app.config import AnalysisLevel, RunConfig, TrackingBackend, TrackingConfig
 from bids_app.config_file import config_to_nested
 from bids_app.errors import ConfigError
+from bids_app.maps import MapsLayout
 from bids_app.tracking.mlflow import LINK_FILE, MLFLOW_ENVIRONMENT, Tracker, flatten_config, open_tracker
 from bids_app.training import checkpoint
 from tests.conftest import make_cohort, run_cli, validate
@@ -125,7 +126,7 @@ def test_later_prediction_logs_into_the_same_runs(tracked: tuple[Any, Path, Path
 def test_untracked_run_writes_no_store(cohort: tuple[Any, Path], tmp_path: Path) -> None:
     dataset, _ = cohort
     cfg = RunConfig(dataset.bids_dir, tmp_path / "out", AnalysisLevel.GROUP)
-    tracker = open_tracker(cfg, tmp_path / "out" / "models" / "m", None, new_maps=True)
+    tracker = open_tracker(cfg, MapsLayout(tmp_path / "out" / "models" / "m"), None, new_maps=True)
     assert type(tracker) is Tracker
     with tracker.session():
         tracker.log_epoch(0, {"epoch": 0, "train_loss": 1.0})
@@ -203,7 +204,7 @@ def test_failure_after_set_up_is_one_warning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     cfg = RunConfig(tmp_path, tmp_path / "out", AnalysisLevel.GROUP, tracking=TrackingConfig(TrackingBackend.MLFLOW))
-    tracker: Any = open_tracker(cfg, tmp_path / "out" / "models" / "m", None, new_maps=True)
+    tracker: Any = open_tracker(cfg, MapsLayout(tmp_path / "out" / "models" / "m"), None, new_maps=True)
     calls = []
 
     def full_disk(*args: Any, **kwargs: Any) -> None:
@@ -224,14 +225,14 @@ def test_missing_mlflow_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.Mon
         monkeypatch.setitem(sys.modules, name, None)
     cfg = RunConfig(tmp_path, tmp_path / "out", AnalysisLevel.GROUP, tracking=TrackingConfig(TrackingBackend.MLFLOW))
     with pytest.raises(ConfigError, match="mlflow-skinny"):
-        open_tracker(cfg, tmp_path / "out" / "models" / "m", None, new_maps=True)
+        open_tracker(cfg, MapsLayout(tmp_path / "out" / "models" / "m"), None, new_maps=True)
 
 
 def test_empty_experiment_name_is_a_usage_error(tmp_path: Path) -> None:
     tracking = TrackingConfig(TrackingBackend.MLFLOW, experiment=" ")
     cfg = RunConfig(tmp_path, tmp_path / "out", AnalysisLevel.GROUP, tracking=tracking)
     with pytest.raises(ConfigError, match="--track-experiment"):
-        open_tracker(cfg, tmp_path / "out" / "models" / "m", None, new_maps=True)
+        open_tracker(cfg, MapsLayout(tmp_path / "out" / "models" / "m"), None, new_maps=True)
     assert not (tmp_path / "out").exists()
 
 

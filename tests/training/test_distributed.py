@@ -42,7 +42,7 @@ from bids_app.errors import ConfigError, UsageError
 from bids_app.training import distributed
 from bids_app.training.distributed import DistributedEnv, detect_environment, first_host
 from bids_app.training.loop import Loop, per_sample_loss, train_epoch, validate
-from tests.test_data import write_tensors
+from tests.data.test_data import write_tensors
 
 WORLD = 2
 N_PARTICIPANTS = 16
@@ -259,7 +259,7 @@ def _resume_part(rank: int, port: int, root: Path, table: pd.DataFrame, splits: 
 
     from bids_app.maps.folder import MapsLayout
     from bids_app.training import loop as epoch
-    from tests.test_train import make_config, maps_dir_of, train
+    from tests.training.test_train import make_config, maps_dir_of, train
 
     slurm = {"SLURM_PROCID": str(rank), "SLURM_STEP_NUM_TASKS": str(WORLD), "SLURM_LOCALID": str(rank),
              "SLURM_STEP_NODELIST": "localhost", "MASTER_PORT": str(port)}  # fmt: skip
@@ -357,7 +357,7 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every input written first (the ranks only read it), then one spawn of 2 processes runs the scenarios."""
     import shutil
 
-    from tests.test_train import make_data
+    from tests.training.test_train import make_data
 
     root = tmp_path_factory.mktemp("ddp")
     for n_train in (7, 8):

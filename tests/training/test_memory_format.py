@@ -1,4 +1,4 @@
-"""``train.channels_last``: the model and every input batch in channels-last memory format, same results.
+"""``runtime.channels_last``: the model and every input batch in channels-last memory format, same results.
 
 What is checked: the layout of batches, convolution weights and convolution outputs while training, validating,
 predicting and explaining (3D models: ``torch.channels_last_3d``, 2D models: ``torch.channels_last``), with one
@@ -32,6 +32,7 @@ from bids_app.config import (
     InterpretConfig,
     PredictConfig,
     RunConfig,
+    RuntimeConfig,
     SplitConfig,
     Task,
     TrainConfig,
@@ -39,19 +40,20 @@ from bids_app.config import (
 from bids_app.data.dataset import TensorDataset
 from bids_app.interpret.saliency import SaliencyMethod
 from bids_app.interpret.stage import GroupExplainer
+from bids_app.maps import Maps
 from bids_app.maps import folder as maps
 from bids_app.maps.folder import MapsLayout
 from bids_app.maps.weights import save_model
 from bids_app.models import build_model
 from bids_app.prediction import stage as predict
+from bids_app.runtime import batch_memory_format, set_memory_format
 from bids_app.split.files import write_splits
 from bids_app.split.make import make_splits
 from bids_app.training import checkpoint, distributed
 from bids_app.training.loop import Loop, per_sample_loss, train_epoch, validate
-from bids_app.runtime import batch_memory_format, set_memory_format
-from tests.test_distributed import WORLD, free_port, torchrun_env
-from tests.test_predict import write_output_dir
-from tests.test_train import interrupt_after, make_config, make_data, maps_dir_of, read_tsv, train, weights
+from tests.prediction.test_predict import write_output_dir
+from tests.training.test_distributed import WORLD, free_port, torchrun_env
+from tests.training.test_train import interrupt_after, make_config, make_data, maps_dir_of, read_tsv, train, weights
 
 MODES = {  # mode → the layout of its batches, parts per image
     ExtractionMode.IMAGE: (torch.channels_last_3d, 1),  # (N, 1, 6, 6, 6)
@@ -193,7 +195,7 @@ def test_training_runs_channels_last_and_matches_the_default_layout(
     assert all(layouts.inputs) and all(layouts.weights) and all(layouts.outputs)
     assert len(default_layouts.inputs) == len(layouts.inputs)
     assert not any(default_layouts.inputs + default_layouts.weights + default_layouts.outputs)
-    assert maps.read_maps_json(channels_last).config.train.channels_last is True
+    assert maps.read_maps_json(channels_last).config.runtime.channels_last is True
 
     logged = [read_tsv(MapsLayout(d).training_tsv(0))[LOSS_COLUMNS].to_numpy() for d in (default, channels_last)]
     np.testing.assert_allclose(logged[1], logged[0], rtol=1e-5, atol=1e-6)
@@ -245,8 +247,8 @@ def test_the_predict_stage_runs_channels_last(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(predict, "run_inference", spy)
     tables = {}
     for channels_last in (False, True):
-        run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(train_cfg, channels_last=channels_last))
-        predict.run_predict_stage(run_cfg, maps_dir, table)
+        run_cfg = dataclasses.replace(cfg, runtime=RuntimeConfig(channels_last=channels_last))
+        predict.run_predict_stage(run_cfg, Maps.open(maps_dir), table)
         tables[channels_last] = read_tsv(layout.group_dir(0, "loss", "test") / "test_patch_level_prediction.tsv")
     assert seen == [(False, False)] * 2 + [(True, True)] * 2  # validation then test, per run
     assert len(tables[True]) == 3 * 4  # 3 patches of 4 test images
@@ -263,7 +265,11 @@ def test_resume_may_switch_channels_last_on(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.undo()
     assert len(read_tsv(MapsLayout(maps_dir_of(cfg)).training_tsv(0))) == 1
     layouts = watch_convolutions(monkeypatch, torch.channels_last_3d)
-    resumed_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True, channels_last=True))
+    resumed_cfg = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, resume=True),
+        runtime=dataclasses.replace(cfg.runtime, channels_last=True),
+    )
     resumed = train(resumed_cfg, table, splits)
     assert layouts.training == [True, True, False]  # epoch 1 only (2 training batches, 1 validation batch)
     assert all(layouts.inputs) and all(layouts.weights) and all(layouts.outputs)
@@ -276,31 +282,48 @@ def test_resume_may_switch_channels_last_on(tmp_path: Path, monkeypatch: pytest.
             torch.testing.assert_close(value, expected[metric][key], rtol=1e-5, atol=1e-6)
 
 
-def test_the_checkpoint_fingerprint_ignores_resumable_options_only(tmp_path: Path) -> None:
-    """channels_last and epochs may change on resume; amp or the learning rate may not (the resume is refused)."""
+def test_the_checkpoint_config_hash_ignores_resumable_options_only(tmp_path: Path) -> None:
+    """channels_last (any runtime option but amp and deterministic) and epochs may change on resume; amp,
+    deterministic or the learning rate may not (the resume is refused)."""
     table, splits = make_data(tmp_path, ExtractionMode.IMAGE, Task.CLASSIFICATION)
     fold = splits.folds[0]
     rows = [table.merge(side[["participant_id", "session_id"]]) for side in (fold.train, fold.validation)]
     cfg = make_config(tmp_path)
+
+    def config_hash(**option: Any) -> str:
+        runtime = {k: v for k, v in option.items() if k in {f.name for f in dataclasses.fields(RuntimeConfig)}}
+        train = {k: v for k, v in option.items() if k not in runtime}
+        changed = dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, **train), runtime=dataclasses.replace(cfg.runtime, **runtime)
+        )
+        return checkpoint.training_config_hash(changed, 0, *rows)
+
     stamps = {
-        name: checkpoint.fingerprint(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **option)), 0, *rows)
+        name: config_hash(**option)
         for name, option in (
             ("default", {}),
             ("channels_last", {"channels_last": True}),
+            ("device", {"device": "cuda:1"}),
+            ("num_workers", {"num_workers": 3}),
+            ("cache_samples", {"cache_samples": True}),
+            ("inference_batch_size", {"inference_batch_size": 64}),
             ("epochs", {"epochs": 99}),
             ("amp", {"amp": True}),
+            ("deterministic", {"deterministic": True}),
             ("learning_rate", {"learning_rate": 0.5}),
         )
     }
-    assert stamps["channels_last"] == stamps["epochs"] == stamps["default"]  # checkpoint.RESUMABLE_KEYS
-    assert stamps["amp"] != stamps["default"]
-    assert stamps["learning_rate"] not in (stamps["default"], stamps["amp"])
+    resumable = ("channels_last", "device", "num_workers", "cache_samples", "inference_batch_size", "epochs")
+    assert {stamps[name] for name in resumable} == {stamps["default"]}  # RESUMABLE_KEYS and the runtime section
+    assert stamps["amp"] != stamps["default"]  # checkpoint.HASHED_RUNTIME_KEYS
+    assert stamps["deterministic"] not in (stamps["default"], stamps["amp"])
+    assert stamps["learning_rate"] not in (stamps["default"], stamps["amp"], stamps["deterministic"])
 
 
 def test_resume_with_adam_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Adam's moments restored into a channels-last model: the run goes on."""
     table, splits = make_data(tmp_path, ExtractionMode.SLICE, Task.CLASSIFICATION)
-    options = {"mode": ExtractionMode.SLICE, "epochs": 3, "channels_last": True}
+    options = {"mode": ExtractionMode.SLICE, "epochs": 3, "channels_last": True}  # make_config: runtime.channels_last
     whole = train(make_config(tmp_path, model_name="whole", **options), table, splits)
     cfg = make_config(tmp_path, model_name="resumed", **options)
     interrupt_after(monkeypatch, 2)
@@ -323,8 +346,8 @@ def test_explanations_match_the_default_layout(tmp_path: Path) -> None:
     x = np.stack([dataset.read_sample(i) for i in range(5)])  # (5, 1, 6, 6, 6), explained as one image's parts
     results = []
     for channels_last in (False, True):
-        train_cfg = dataclasses.replace(cfg.train, channels_last=channels_last)
-        run_cfg = dataclasses.replace(cfg, train=train_cfg, interpret=InterpretConfig(n_steps=4))
+        runtime = dataclasses.replace(cfg.runtime, channels_last=channels_last)
+        run_cfg = dataclasses.replace(cfg, runtime=runtime, interpret=InterpretConfig(n_steps=4))
         model = maps.load_model(maps_dir, 0, "loss")
         explainer = GroupExplainer(run_cfg, record, model, list(SaliencyMethod), "predicted")
         batches = explainer._batches(x)

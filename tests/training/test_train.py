@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from bids_app import runtime
-from bids_app.config import AnalysisLevel, ExtractionMode, LabelConfig, RunConfig, Task, TrainConfig
+from bids_app.config import AnalysisLevel, ExtractionMode, LabelConfig, RunConfig, RuntimeConfig, Task, TrainConfig
 from bids_app.data.dataset import TensorDataset
 from bids_app.data.sampling import make_loader, mix_seed
 from bids_app.data.tables import index_tensors
@@ -27,7 +27,7 @@ from bids_app.training import checkpoint
 from bids_app.training import loop as epoch
 from bids_app.training.stage import run_train_stage
 from bids_app.training.transfer import source_training_pool
-from tests.test_data import write_tensors
+from tests.data.test_data import write_tensors
 
 N_IMAGES = 12
 N_TRAIN = 7  # the other 5 validate: batches of 4 and 1
@@ -54,24 +54,31 @@ def make_data(root: Path, mode: ExtractionMode, task: Task, n_folds: int = 1) ->
     return table, Splits(test=rows.iloc[:0], folds=tuple(folds), seed=0, attempts=1, p_values={})
 
 
-def make_config(root: Path, task: Task = Task.CLASSIFICATION, seed: int = 1, **train: Any) -> RunConfig:
-    options: dict[str, Any] = {
+RUNTIME_OPTIONS = frozenset(field.name for field in dataclasses.fields(RuntimeConfig))
+
+
+def make_config(root: Path, task: Task = Task.CLASSIFICATION, seed: int = 1, **options: Any) -> RunConfig:
+    """A CPU training run; ``options`` set ``RuntimeConfig`` fields (device, amp, channels_last, ...) or else
+    ``TrainConfig`` fields."""
+    train: dict[str, Any] = {
         "architecture": "small_cnn",
         "mode": ExtractionMode.IMAGE,
         "epochs": 3,
         "batch_size": 4,
         "learning_rate": 0.01,
         "dropout": 0.2,
-        "device": "cpu",
     }
-    options.update(train)
+    runtime: dict[str, Any] = {"device": "cpu"}
+    for name, value in options.items():
+        (runtime if name in RUNTIME_OPTIONS else train)[name] = value
     return RunConfig(
         bids_dir=root / "bids",
         output_dir=root / "out",
         analysis_level=AnalysisLevel.GROUP,
         seed=seed,
         labels=LabelConfig(task=task),
-        train=TrainConfig(**options),
+        train=TrainConfig(**train),
+        runtime=RuntimeConfig(**runtime),
     )
 
 
@@ -80,8 +87,9 @@ def maps_dir_of(cfg: RunConfig) -> Path:
 
 
 def train(cfg: RunConfig, table: pd.DataFrame, splits: Splits) -> Path:
-    run_train_stage(cfg, maps_dir_of(cfg), splits, table)
-    return maps_dir_of(cfg)
+    trained = run_train_stage(cfg, MapsLayout(maps_dir_of(cfg)), splits, table)
+    assert trained.root == maps_dir_of(cfg)
+    return trained.root
 
 
 def read_tsv(path: Path) -> pd.DataFrame:
@@ -351,7 +359,7 @@ def test_amp_is_float16_on_cuda_and_refused_on_cpu(tmp_path: Path) -> None:
     assert runtime.autocast_dtype(torch.device("cuda", 0), True) is torch.float16
     assert runtime.autocast_dtype(torch.device("cpu"), False) is None
     table, splits = make_data(tmp_path, ExtractionMode.IMAGE, Task.CLASSIFICATION)
-    with pytest.raises(ConfigError, match=r"--amp \(train\.amp\) is refused on device cpu"):
+    with pytest.raises(ConfigError, match=r"--amp \(runtime\.amp\) is refused on device cpu"):
         train(make_config(tmp_path, amp=True, epochs=1), table, splits)
     assert not any((tmp_path / "out").rglob("*.safetensors"))
 
@@ -399,15 +407,30 @@ def test_transfer_learning_copies_and_freezes_the_encoder(tmp_path: Path) -> Non
     assert source_training_pool(source_dir).equals(pool.reset_index(drop=True).astype(str))
 
 
-def test_checkpoint_fingerprint_covers_the_training_options(tmp_path: Path) -> None:
-    """A resume with another learning rate or architecture is refused: the options are part of the fingerprint
+def test_checkpoint_config_hash_covers_the_training_options(tmp_path: Path) -> None:
+    """A resume with another learning rate or architecture is refused: the options are part of the config hash
     (they were once shadowed by the images' ``train`` key, so no option counted)."""
     rows = pd.DataFrame({"participant_id": ["sub-1"], "session_id": ["ses-1"], "label": ["AD"],
                          "tensor_path": ["sub-1_ses-1_image.npy"]})  # fmt: skip
     cfg = RunConfig(tmp_path, tmp_path / "out", AnalysisLevel.GROUP)
-    stamp = checkpoint.fingerprint(cfg, 0, rows, rows)
+    stamp = checkpoint.training_config_hash(cfg, 0, rows, rows)
     for change in ({"learning_rate": 0.5}, {"architecture": "resnet3d"}, {"dropout": 0.1}):
         other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **change))
-        assert checkpoint.fingerprint(other, 0, rows, rows) != stamp, change
+        assert checkpoint.training_config_hash(other, 0, rows, rows) != stamp, change
     longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=99))
-    assert checkpoint.fingerprint(longer, 0, rows, rows) == stamp
+    assert checkpoint.training_config_hash(longer, 0, rows, rows) == stamp
+
+
+def test_checkpoint_config_hash_is_the_fingerprint_of_bids_app_0_1_0() -> None:
+    """Checkpoints of bids_app 0.1.0 stored this hash as ``fingerprint``, with the runtime options in [train]:
+    they still resume. The values were computed with 0.1.0's ``checkpoint.fingerprint``."""
+    rows = pd.DataFrame({"participant_id": ["sub-1"], "session_id": ["ses-1"], "label": ["AD"],
+                         "tensor_path": ["sub-1_ses-1_image.npy"]})  # fmt: skip
+    cfg = RunConfig(Path("/data/bids"), Path("/data/out"), AnalysisLevel.GROUP, seed=3)
+    assert checkpoint.training_config_hash(cfg, 0, rows, rows) == (
+        "12b97154aa829a36358c7352eb2aec8c88c822026bc6a68170a01838b9c8322e"
+    )
+    amp = dataclasses.replace(cfg, runtime=RuntimeConfig(amp=True, device="cpu", num_workers=2))
+    assert checkpoint.training_config_hash(amp, 0, rows, rows) == (
+        "7afcf29584958f2b62d54ffa9543dee0cd1aff08f5dfce5f5c24d9e50e8e319b"
+    )
