@@ -131,7 +131,7 @@ def _decode_filters(filters: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return decoded
 
 
-def _moved_to_runtime(nested: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+def move_legacy_keys(nested: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """``nested`` with the runtime keys of bids_app 0.1.0 (``[train] device`` ...) moved to ``[runtime]``.
 
     A key given in both places is ambiguous and refused.
@@ -156,7 +156,7 @@ def _moved_to_runtime(nested: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]
 
 def resolve_config(nested: Mapping[str, Mapping[str, Any]]) -> RunConfig:
     """Build a RunConfig from ``{"run": {...}, "<section>": {...}, "bids_filters": {...}}``."""
-    nested = _moved_to_runtime(nested)
+    nested = move_legacy_keys(nested)
     run_values = dict(nested.get("run", {}))
     if "bids_filters" in nested:
         run_values["bids_filters"] = _decode_filters(nested["bids_filters"])

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 from bids_app import read_version
 from bids_app.cli.options import CONFIG_KEYS, GROUP_TITLES, OPTIONS
 from bids_app.config import AnalysisLevel, RunConfig
-from bids_app.config_file import load_config_file, merge_nested, resolve_config
+from bids_app.config_file import load_config_file, merge_nested, move_legacy_keys, resolve_config
 from bids_app.errors import AnalysisLevelError, ConfigError, InputMissingError, UsageError
 
 LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
@@ -177,7 +177,8 @@ def parse_config(argv: Sequence[str]) -> RunConfig:
     bids_dir = args.bids_dir.resolve()
     output_dir = args.output_dir.resolve()
     _check_writable_path(bids_dir, output_dir, "OUTPUT_DIR")
-    file_values: dict[str, Any] = load_config_file(args.config.resolve()) if args.config else {}
+    # Old spellings in the file are moved first, so a flag (always the new spelling) overrides them.
+    file_values: dict[str, Any] = move_legacy_keys(load_config_file(args.config.resolve())) if args.config else {}
     flags = _flags_to_nested(args)
     nested = merge_nested(file_values, flags)
     nested.setdefault("run", {})

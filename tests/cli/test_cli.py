@@ -159,6 +159,15 @@ def test_runtime_section_flags_and_old_spellings(tmp_path: Path) -> None:
          "--inference-batch-size", "4"]
     )  # fmt: skip
     assert flags.runtime == RuntimeConfig("cuda:1", False, True, 3, True, True, 4)
+    old = tmp_path / "old.toml"
+    old.write_text('[train]\ndevice = "cpu"\nnum_workers = 2\n[predict]\nbatch_size = 16\n')
+    flagged = parse_config([str(tmp_path / "bids"), str(tmp_path / "o"), "group", "--config", str(old),
+                            "--device", "cuda:1", "--inference-batch-size", "3"])  # fmt: skip
+    assert (flagged.runtime.device, flagged.runtime.num_workers, flagged.runtime.inference_batch_size) == (
+        "cuda:1",
+        2,
+        3,
+    )  # a flag overrides the file's old spelling
     both = tmp_path / "both.toml"
     both.write_text("[predict]\nbatch_size = 16\n[runtime]\ninference_batch_size = 4\n")
     with pytest.raises(ConfigError, match=r"'predict\.batch_size' and 'runtime\.inference_batch_size' are both set"):
