@@ -252,3 +252,89 @@ class RunConfig:
 
 # Sections of RunConfig that are TOML tables of their own (the other fields live in [run]).
 SECTIONS = ("preprocess", "extraction", "labels", "split", "train", "predict", "runtime", "interpret", "tracking")
+
+
+# Names that become one path component under OUTPUT_DIR (models/<model_name>/, <group_name>/, ...): labels,
+# never paths. Letters and digits first, then letters, digits, '_' and '-'.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+# The input kinds --bids-filter-file may filter (keys of RunConfig.bids_filters).
+FILTER_KINDS = ("t1w", "pet")
+
+
+def check_config_values(cfg: RunConfig) -> None:
+    """Refuse option values no run can use, before anything is written (ConfigError naming option and fix).
+
+    Only what needs neither data nor heavy imports is checked here; the stages check the rest (architecture
+    names, augmentations, extraction geometry) before their own first write.
+    """
+    import math
+    import re
+
+    from bids_app.errors import ConfigError
+
+    def fail(option: str, value: object, fix: str) -> None:
+        raise ConfigError(f"Invalid {option} {value!r}: {fix}")
+
+    unknown = sorted(kind for kind in cfg.bids_filters if kind not in FILTER_KINDS)
+    if unknown:
+        close = [kind for kind in FILTER_KINDS if kind in {u.lower() for u in unknown}]
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        fail("--bids-filter-file kind(s)", unknown, f"the kinds are {', '.join(FILTER_KINDS)} (lower case).{hint}")
+    for option, name in (
+        ("--model-name (train.model_name)", cfg.train.model_name),
+        ("--group-name (predict.group_name)", cfg.predict.group_name),
+        ("--interpret-group (interpret.group_name)", cfg.interpret.group_name),
+        ("--parent-label (split.parent_label)", cfg.split.parent_label),
+    ):
+        if name is not None and not re.match(NAME_PATTERN, name):
+            fail(option, name, "a name, not a path: letters and digits first, then letters, digits, '_' or '-' "
+                 "(at most 64 characters; no '/', '.', '..').")  # fmt: skip
+    integers = (
+        ("--seed (run.seed)", cfg.seed, 0, 2**32 - 1),
+        ("--nprocs (run.nprocs)", cfg.nprocs, 1, None),
+        ("--omp-nthreads (run.omp_nthreads)", cfg.omp_nthreads, 1, None),
+        ("--epochs (train.epochs)", cfg.train.epochs, 1, None),
+        ("--batch-size (train.batch_size)", cfg.train.batch_size, 1, None),
+        ("--accumulation-steps (train.accumulation_steps)", cfg.train.accumulation_steps, 1, None),
+        ("--lr-plateau-patience (train.lr_plateau_patience)", cfg.train.lr_plateau_patience, 0, None),
+        ("--early-stopping-patience (train.early_stopping_patience)", cfg.train.early_stopping_patience, 0, None),
+        ("--n-splits (split.n_splits)", cfg.split.n_splits, 1, None),
+        ("--max-attempts (split.max_attempts)", cfg.split.max_attempts, 1, None),
+        ("--n-bootstrap (predict.n_bootstrap)", cfg.predict.n_bootstrap, 0, None),
+        ("--num-workers (runtime.num_workers)", cfg.runtime.num_workers, 0, None),
+        ("--inference-batch-size (runtime.inference_batch_size)", cfg.runtime.inference_batch_size, 1, None),
+        ("--interpret-n-steps (interpret.n_steps)", cfg.interpret.n_steps, 1, None),
+        ("--patch-size (extraction.patch_size)", cfg.extraction.patch_size, 1, None),
+        ("--stride (extraction.stride)", cfg.extraction.stride, 1, None),
+        ("--discarded-slices (extraction.discarded_slices)", cfg.extraction.discarded_slices, 0, None),
+        ("preprocess.n4_shrink_factor", cfg.preprocess.n4_shrink_factor, 1, None),
+    )
+    for option, count, low, high in integers:
+        if count < low or (high is not None and count > high):
+            fail(option, count, f"use an integer >= {low}" + (f" and <= {high}." if high is not None else "."))
+    # (option, value, low, low allowed, high or None, high allowed)
+    reals = (
+        ("--learning-rate (train.learning_rate)", cfg.train.learning_rate, 0.0, False, None, False),
+        ("--weight-decay (train.weight_decay)", cfg.train.weight_decay, 0.0, True, None, False),
+        ("--dropout (train.dropout)", cfg.train.dropout, 0.0, True, 1.0, False),
+        ("--early-stopping-tolerance (train.early_stopping_tolerance)", cfg.train.early_stopping_tolerance, 0.0,
+         True, None, False),
+        ("--test-size (split.test_size)", cfg.split.test_size, 0.0, True, None, False),
+        ("--validation-size (split.validation_size)", cfg.split.validation_size, 0.0, False, None, False),
+        ("--balance-p-threshold (split.balance_p_threshold)", cfg.split.balance_p_threshold, 0.0, True, 1.0, False),
+        ("--voting-threshold (predict.voting_threshold)", cfg.predict.voting_threshold, 0.0, True, 1.0, True),
+    )  # fmt: skip
+    for option, value, low_value, low_ok, high_value, high_ok in reals:
+        above = value > low_value or (low_ok and value == low_value)
+        below = high_value is None or value < high_value or (high_ok and value == high_value)
+        if not (math.isfinite(value) and above and below):
+            bounds = f"{'>=' if low_ok else '>'} {low_value}" + (
+                "" if high_value is None else f" and {'<=' if high_ok else '<'} {high_value}"
+            )
+            fail(option, value, f"use a finite number {bounds}.")
+    for option, size in (("--test-size (split.test_size)", cfg.split.test_size),
+                         ("--validation-size (split.validation_size)", cfg.split.validation_size)):  # fmt: skip
+        if size >= 1 and size != int(size):
+            fail(option, size, "a fraction of the participants (0 <= x < 1) or a whole count (x >= 1).")
+    if cfg.preprocess.crop_shape is not None and min(cfg.preprocess.crop_shape) < 1:
+        fail("--crop-shape (preprocess.crop_shape)", list(cfg.preprocess.crop_shape), "use three integers >= 1.")

@@ -65,10 +65,38 @@ def read_tsv(path: Path) -> pd.DataFrame:
 def _require_columns(table: pd.DataFrame, path: Path, columns: tuple[str, ...]) -> None:
     missing = [c for c in columns if c not in table.columns]
     if missing:
+        header = ", ".join(table.columns)
+        if len(table.columns) == 1 and any(sep in header for sep in (",", ";")):
+            raise DataError(
+                f"{path} is not tab-separated: its header is one column '{header}'. BIDS tables separate columns "
+                "with tabs; convert the file (e.g. save it as TSV, not CSV)."
+            )
         raise DataError(
-            f"{path} has no column {', '.join(missing)} (columns: {', '.join(table.columns)}). "
+            f"{path} has no column {', '.join(missing)} (columns: {header}). "
             "Add it: BIDS tables start with participant_id (and session_id in sessions.tsv)."
         )
+
+
+def _unlisted(pairs: pd.DataFrame, listed: set[str], path: Path) -> None:
+    """DataError for participants with outputs but no row in ``path``, naming ids that differ only in form."""
+    absent = sorted(set(pairs["participant_id"]) - listed, key=natural_key)
+    if not absent:
+        return
+
+    def number(participant_id: str) -> str:
+        bare = participant_id.removeprefix("sub-")
+        return (bare.lstrip("0") or "0") if bare.isdigit() else bare.lower()
+
+    by_form = {number(p): p for p in listed}
+    near = [f"{p} (listed as {by_form[number(p)]})" for p in absent if number(p) in by_form]
+    hint = (
+        f" The table spells some ids differently from the folders: {', '.join(near[:5])}; ids must match the "
+        "sub-<label> folder names exactly."
+        if near
+        else " Add a row for each."
+    )
+    shown = ", ".join(absent[:10]) + (f" ... ({len(absent)} in all)" if len(absent) > 10 else "")
+    raise DataError(f"{len(absent)} participant(s) with images have no row in {path}: {shown}.{hint}")
 
 
 def _check_unique(table: pd.DataFrame, path: Path, key: list[str]) -> None:
@@ -196,6 +224,11 @@ def load_labels(bids_dir: Path, cfg: LabelConfig, sessions: pd.DataFrame | None 
     session_table = _read_sessions(bids_dir)
 
     merged = _pairs(participants, session_table, sessions)
+    listed = set(participants["participant_id"]) | (
+        set(session_table["participant_id"]) if session_table is not None else set()
+    )
+    if cfg.task is not Task.RECONSTRUCTION:  # an autoencoder needs no label, hence no row
+        _unlisted(merged, listed, participants_path)
     if session_table is not None:
         renamed = session_table.rename(
             columns=lambda c: c if c in ("participant_id", "session_id") else f"sessions:{c}"
@@ -251,9 +284,11 @@ def load_labels(bids_dir: Path, cfg: LabelConfig, sessions: pd.DataFrame | None 
         present = sorted(set(table["label"]))
         absent = [c for c in cfg.classes if c not in present]
         if absent:
+            cased = [f"'{c}' is spelled '{p}'" for c in absent for p in present if p.lower() == c.lower()]
+            hint = f" Class names are case-sensitive: {', '.join(cased)}." if cased else ""
             raise DataError(
                 f"Class(es) {', '.join(absent)} of label '{cfg.label}' have no participant in {bids_dir} "
-                f"(present: {', '.join(present)}). Fix --classes."
+                f"(present: {', '.join(present)}).{hint} Fix --classes."
             )
         table = table[table["label"].isin(cfg.classes)].reset_index(drop=True)
     classes = sorted(set(table["label"]))

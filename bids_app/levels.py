@@ -6,10 +6,11 @@ import concurrent.futures as cf
 import logging
 import multiprocessing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bids_app import read_version
-from bids_app.config import AnalysisLevel, ExtractionMode, LabelConfig, RunConfig
+from bids_app.config import AnalysisLevel, ExtractionMode, GroupStage, LabelConfig, RunConfig
 from bids_app.derivatives import init_derivative
 from bids_app.errors import BidsAppError, DataError
 from bids_app.inputs.bids_query import (
@@ -25,16 +26,24 @@ from bids_app.provenance import RunContext, end_run, start_run
 
 if TYPE_CHECKING:
     from bids_app.data.tables import GroupTable, TensorIndex
-    from bids_app.maps import MapsLayout
+    from bids_app.maps import Maps, MapsLayout
+    from bids_app.maps.splits import Splits
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: RunConfig, argv: Sequence[str]) -> int:
     """Run the requested analysis level; returns the exit code."""
+    # Everything that can be refused without running is refused before the first byte is written.
     if cfg.analysis_level is AnalysisLevel.PARTICIPANT:
+        from bids_app.participant.job import check_extraction
+
         check_dataset(cfg.bids_dir)
         select_participants(cfg.bids_dir, cfg.participant_labels)  # exit 66 before any output is created
+        check_extraction(cfg)
+    else:
+        check_group_run(cfg)
+    check_output_dir(cfg.output_dir, cfg.bids_dir)
     init_derivative(cfg.output_dir, cfg.bids_dir, read_version())
     ctx = start_run(cfg, argv)
     code = 1
@@ -56,10 +65,9 @@ def run_participant(cfg: RunConfig, ctx: RunContext) -> int:
     from tqdm import tqdm
 
     from bids_app.inputs.bids_validator import validate_input
-    from bids_app.participant.job import check_extraction, process_participant
+    from bids_app.participant.job import process_participant
 
     participants = select_participants(cfg.bids_dir, cfg.participant_labels)
-    check_extraction(cfg)
     if not cfg.skip_bids_validation:
         validate_input(cfg.bids_dir, participants, list_participants(cfg.bids_dir))
     if cfg.preprocess.derivatives_dirs:
@@ -137,41 +145,73 @@ def run_group(cfg: RunConfig, ctx: RunContext) -> int:
 def _run_group(cfg: RunConfig, ctx: RunContext) -> int:
     from bids_app.config import DEFAULT_GROUP_STAGES, GroupStage
     from bids_app.data.tables import index_tensors, sample_shape
-    from bids_app.maps import Maps, MapsLayout
+    from bids_app.maps import Maps
     from bids_app.models import check_compatibility
-    from bids_app.runtime import check_device_name
-    from bids_app.tracking import Tracker, open_tracker
     from bids_app.training import distributed
-    from bids_app.training.stage import check_train_config, run_train_stage
 
     stages = cfg.stages or DEFAULT_GROUP_STAGES
-    check_device_name(cfg.runtime.device)
-    layout = MapsLayout(cfg.output_dir / "models" / cfg.train.model_name)
+    final = model_layout(cfg)
     training = GroupStage.TRAIN in stages
     maps: Maps | None = None
     if not training and (GroupStage.PREDICT in stages or GroupStage.INTERPRET in stages):
-        maps = Maps.open(layout.root)  # the model folder decides mode, task, labels and class order
+        maps = Maps.open(final.root)  # the model folder decides mode, task, labels and class order
         if maps.record.mode is not cfg.train.mode:
             log.info("Model %s was trained on %s tensors: predicting %s tensors (the model folder decides, not "
                      "--mode %s).", maps.name, maps.record.mode.value, maps.record.mode.value,
                      cfg.train.mode.value)  # fmt: skip
     mode = maps.record.mode if maps else cfg.train.mode
     labels_cfg = maps.record.config.labels if maps else cfg.labels
-    tensors = index_tensors(cfg.output_dir, mode)
+    split_done = distributed.broadcast_flag(final.splits_json.is_file())
+    new_split = GroupStage.SPLIT in stages and not (cfg.train.resume and split_done)
+    tensors = select_images(cfg, index_tensors(cfg.output_dir, mode), final if split_done and not new_split else None)
     table = group_table(cfg, tensors, labels_cfg, mode)
     log.info("Group level: %d image(s) of %d participant(s) with labels; stages %s", len(table),
              table["participant_id"].nunique(), ", ".join(s.value for s in stages))  # fmt: skip
-    if GroupStage.INTERPRET in stages:  # refuse bad options before the split stage writes anything
-        from bids_app.interpret.stage import check_interpret_config
-
-        check_interpret_config(cfg.interpret)
     if training:
-        check_train_config(cfg)
         check_compatibility(cfg.train.architecture, cfg.labels.task, mode, sample_shape(table, mode))
-    split_done = distributed.broadcast_flag(layout.splits_json.is_file())
-    new_split = GroupStage.SPLIT in stages and not (cfg.train.resume and split_done)
-    if new_split:
-        distributed.on_main(refuse_existing_maps, cfg, layout)
+    elif maps is not None:
+        maps.check_input_shape(sample_shape(table, mode), cfg.output_dir)
+    if cfg.train.resume and split_done and cfg.split.split_file is not None:
+        check_resumed_split(cfg, table, final)
+    # --overwrite builds the new model beside the old one, which stays whole until the new one is complete.
+    staged = cfg.overwrite and (new_split or training) and final.root.exists()
+    layout = staging_layout(final) if staged else final
+    if staged:
+        distributed.on_main(prepare_staging, layout, final, copy_split=not new_split)
+    try:
+        _run_group_stages(cfg, ctx, stages, table, tensors, layout, final, maps, new_split=new_split)
+    except BaseException:
+        if staged and distributed.is_main():
+            import shutil
+
+            shutil.rmtree(layout.root, ignore_errors=True)  # the old model was never touched
+            log.info("--overwrite: the run failed; %s is unchanged", final.root)
+        raise
+    log.info("Group level done: model folder %s", final.root)
+    return 0
+
+
+def _run_group_stages(
+    cfg: RunConfig,
+    ctx: RunContext,
+    stages: Sequence[GroupStage],
+    table: GroupTable,
+    tensors: TensorIndex,
+    layout: MapsLayout,
+    final: MapsLayout,
+    maps: Maps | None,
+    *,
+    new_split: bool,
+) -> None:
+    """Split, train, predict, interpret and report into ``layout`` (``final`` unless an --overwrite stages it)."""
+    from bids_app.config import GroupStage
+    from bids_app.maps import Maps
+    from bids_app.tracking import Tracker, open_tracker
+    from bids_app.training import distributed
+    from bids_app.training.stage import run_train_stage
+
+    training = GroupStage.TRAIN in stages
+    staged = layout.root != final.root
     tracker = distributed.on_main(open_tracker, cfg, layout, ctx.log_dir, new_maps=new_split)
     with (tracker or Tracker()).session() as tracker:
         if new_split:
@@ -196,15 +236,252 @@ def _run_group(cfg: RunConfig, ctx: RunContext) -> int:
                 from bids_app.interpret.stage import run_interpret_stage
 
                 run_interpret_stage(cfg, maps, table)
-            reported = GroupStage.PREDICT in stages or (GroupStage.INTERPRET in stages and layout.has_predictions())
+            if main and staged:
+                swap_in(layout, final)
+                maps = Maps.open(final.root) if maps is not None else None
+            reported = GroupStage.PREDICT in stages or (GroupStage.INTERPRET in stages and final.has_predictions())
             if main and maps is not None and reported:
                 from bids_app.reports.group import write_group_report
 
                 report = write_group_report(cfg.output_dir, maps)
                 tracker.log_report(report)
                 log.info("Group report: %s", report)
-    log.info("Group level done: model folder %s", layout.root)
-    return 0
+
+
+def model_layout(cfg: RunConfig) -> MapsLayout:
+    """The layout of the model folder this run names (``OUTPUT_DIR/models/<model_name>``)."""
+    from bids_app.maps import MapsLayout
+
+    return MapsLayout(cfg.output_dir / "models" / cfg.train.model_name)
+
+
+def staging_layout(final: MapsLayout) -> MapsLayout:
+    """Where an ``--overwrite`` run builds its model: a hidden sibling, swapped in once complete."""
+    from bids_app.maps import MapsLayout
+
+    return MapsLayout(final.root.parent / f".{final.root.name}.partial", home=final.root)
+
+
+def prepare_staging(layout: MapsLayout, final: MapsLayout, *, copy_split: bool) -> None:
+    """An empty staging folder (a killed run's leftover removed), with the model's split when it is kept."""
+    import shutil
+
+    shutil.rmtree(layout.root, ignore_errors=True)
+    layout.root.mkdir(parents=True)
+    if copy_split:
+        shutil.copytree(final.groups_dir, layout.groups_dir)
+    log.info("--overwrite: building the new model in %s; %s stays whole until it is complete", layout.root,
+             final.root)  # fmt: skip
+
+
+def swap_in(layout: MapsLayout, final: MapsLayout) -> None:
+    """Replace the old model folder by the completed new one (two renames; the old one is then deleted)."""
+    import shutil
+
+    old = final.root.parent / f".{final.root.name}.replaced"
+    shutil.rmtree(old, ignore_errors=True)
+    final.root.rename(old)
+    layout.root.rename(final.root)
+    shutil.rmtree(old, ignore_errors=True)
+    log.info("--overwrite: %s replaced by the new model", final.root)
+
+
+def check_output_dir(output_dir: Path, bids_dir: Path) -> None:
+    """Refuse an OUTPUT_DIR that belongs to another pipeline or was made from another BIDS_DIR.
+
+    bids_app writes ``dataset_description.json``, ``README.md`` and ``.bidsignore`` into OUTPUT_DIR and its
+    tensors under ``sub-*``: another tool's derivative, or the outputs of another dataset (whose participants are
+    probably also called ``sub-001``), would be overwritten.
+
+    Raises:
+        UsageError: the folder's description names another pipeline or another source dataset, or the folder
+            holds a README/.bidsignore but no description.
+    """
+    import json
+    import urllib.parse
+
+    from bids_app.derivatives import APP_NAME
+    from bids_app.errors import UsageError
+
+    description_path = output_dir / "dataset_description.json"
+    fix = f"Choose another OUTPUT_DIR (e.g. {output_dir.parent / 'bids_app'}) or an empty folder."
+    if not description_path.is_file():
+        foreign = [name for name in ("README.md", ".bidsignore", "README") if (output_dir / name).exists()]
+        if foreign:
+            raise UsageError(
+                f"OUTPUT_DIR {output_dir} holds {', '.join(foreign)} but no dataset_description.json: it is not a "
+                f"bids_app output and its files would be overwritten. {fix}"
+            )
+        return
+    try:
+        description = json.loads(description_path.read_text(encoding="utf-8"))
+        generated_by = [str(g.get("Name", "")) for g in description.get("GeneratedBy", [])]
+        raw_link = str(description.get("DatasetLinks", {}).get("raw", ""))
+    except (OSError, ValueError, AttributeError, TypeError):
+        raise UsageError(f"OUTPUT_DIR {output_dir} has an unreadable dataset_description.json. {fix}") from None
+    if generated_by[:1] != [APP_NAME]:
+        raise UsageError(
+            f"OUTPUT_DIR {output_dir} is the derivative of another pipeline (GeneratedBy: "
+            f"{', '.join(generated_by) or 'none'}); bids_app would overwrite its files. {fix}"
+        )
+    if raw_link.startswith("file:"):
+        recorded = Path(urllib.parse.unquote(urllib.parse.urlparse(raw_link).path))
+        if recorded != bids_dir.resolve() and recorded.is_dir():
+            raise UsageError(
+                f"OUTPUT_DIR {output_dir} holds the outputs of BIDS_DIR {recorded}, not of {bids_dir.resolve()}: "
+                f"their participants would be mixed (or replaced) and its models would read the wrong tensors. {fix}"
+            )
+        if recorded != bids_dir.resolve():
+            log.warning("OUTPUT_DIR %s was made from %s, which no longer exists; taking %s as its BIDS_DIR (moved?).",
+                        output_dir, recorded, bids_dir.resolve())  # fmt: skip
+
+
+def check_group_run(cfg: RunConfig) -> None:
+    """Refuse the group run's options before anything is written (exit 64/66 naming the option).
+
+    Covers the training, interpretation and prediction options, the device, the paths the run reads, and a
+    model folder this run would replace without ``--overwrite``.
+    """
+    from bids_app.config import DEFAULT_GROUP_STAGES, GroupStage
+    from bids_app.errors import InputMissingError, UsageError
+    from bids_app.runtime import check_device_name
+
+    stages = cfg.stages or DEFAULT_GROUP_STAGES
+    check_device_name(cfg.runtime.device)
+    if GroupStage.TRAIN in stages:
+        from bids_app.training.stage import check_train_config
+
+        check_train_config(cfg)
+    if GroupStage.INTERPRET in stages:
+        from bids_app.interpret.stage import check_interpret_config
+
+        check_interpret_config(cfg.interpret)
+    if cfg.predict.predict_from is not None:
+        from bids_app.prediction.stage import check_group_name
+
+        check_group_name(cfg.predict)
+    for path, option in (
+        (cfg.predict.predict_from, "--predict-from"),
+        (cfg.train.transfer_from, "--transfer-from"),
+        (cfg.split.split_file, "--split-file"),
+    ):
+        if path is not None and not path.exists():
+            raise InputMissingError(f"{option} {path} does not exist. Check the path.")
+    layout = model_layout(cfg)
+    trained = layout.trained_splits() if layout.root.is_dir() else []
+    if cfg.overwrite or cfg.train.resume:
+        return
+    if GroupStage.SPLIT in stages and layout.splits_json.is_file():
+        raise UsageError(
+            f"Model folder {layout.root} already exists. Pass --resume to continue it, --overwrite to redo it (the "
+            "old model stays whole until the new one is complete), or choose another --model-name."
+        )
+    if GroupStage.TRAIN in stages and trained:
+        raise UsageError(
+            f"Model folder {layout.root} already holds trained split(s) {trained}: --stages train would replace "
+            "them. Pass --overwrite to retrain (the old model stays whole until the new one is complete), --resume "
+            "to finish an interrupted training, or choose another --model-name."
+        )
+
+
+def check_resumed_split(cfg: RunConfig, table: GroupTable, layout: MapsLayout) -> None:
+    """``--resume`` continues the model's own split: a ``--split-file`` that says otherwise is refused."""
+    from bids_app.errors import UsageError
+    from bids_app.maps.splits import read_splits
+    from bids_app.split.files import load_split_file
+
+    assert cfg.split.split_file is not None
+    given, kept = load_split_file(cfg.split.split_file, table), read_splits(layout.groups_dir)
+
+    def sides(splits: Splits) -> list[frozenset[str]]:
+        return [frozenset(splits.test["participant_id"])] + [
+            frozenset(f.validation["participant_id"]) for f in sorted(splits.folds, key=lambda f: f.index)
+        ]
+
+    if sides(given) != sides(kept):
+        raise UsageError(
+            f"--resume continues the split of {layout.root}, but --split-file {cfg.split.split_file} puts "
+            "participants elsewhere. Drop --split-file to resume, or pass --overwrite to train on the new split."
+        )
+
+
+def select_images(cfg: RunConfig, table: TensorIndex, kept_split: MapsLayout | None) -> TensorIndex:
+    """The tensors ``--participant-label``, ``--session-label`` and ``--bids-filter-file`` select.
+
+    With an existing split (``kept_split``), a selection that leaves out images of that split is refused: the
+    split was drawn from them.
+
+    Raises:
+        InputMissingError: a selected participant has no labelled tensor in OUTPUT_DIR.
+        FilterError: the selection keeps no image.
+        UsageError: the selection leaves out images the kept split needs.
+    """
+    from bids_app.errors import FilterError, InputMissingError, UsageError
+
+    selected = table
+    if cfg.participant_labels:
+        wanted = {f"sub-{label}" for label in cfg.participant_labels}
+        absent = sorted(wanted - set(table["participant_id"]))
+        if absent:
+            raise InputMissingError(
+                f"--participant-label: {', '.join(absent)} have no {cfg.train.mode.value} tensor in "
+                f"{cfg.output_dir}. Run the participant level for them, or check the labels."
+            )
+        selected = selected[selected["participant_id"].isin(wanted)]
+    if cfg.session_labels:
+        selected = selected[selected["session_id"].isin({f"ses-{label}" for label in cfg.session_labels})]
+    for entity, value in cfg.bids_filters.get("t1w", {}).items():
+        selected = selected[[_entity_matches(Path(str(p)).name, entity, value) for p in selected["tensor_path"]]]
+    if selected is table:
+        return table
+    selected = selected.reset_index(drop=True)
+    if selected.empty:
+        raise FilterError(
+            f"--participant-label/--session-label/--bids-filter-file keep none of the {len(table)} image(s) of "
+            f"{cfg.output_dir}. Relax the selection."
+        )
+    log.info("Selection (--participant-label, --session-label, --bids-filter-file): %d of %d image(s) kept",
+             len(selected), len(table))  # fmt: skip
+    if kept_split is not None:
+        from bids_app.maps.splits import read_splits
+
+        splits = read_splits(kept_split.groups_dir)
+        needed = {*splits.test["participant_id"], *(p for f in splits.folds for p in f.train["participant_id"]),
+                  *(p for f in splits.folds for p in f.validation["participant_id"])}  # fmt: skip
+        left_out = sorted(needed - set(selected["participant_id"]))
+        if left_out:
+            raise UsageError(
+                f"The selection leaves out {len(left_out)} participant(s) of the split of {kept_split.root} (e.g. "
+                f"{', '.join(left_out[:3])}). Select them too, or draw a new split with --overwrite."
+            )
+    return selected
+
+
+# BIDS entity names as --bids-filter-file spells them (pybids) → their key in file names.
+_ENTITY_KEYS = {"subject": "sub", "session": "ses", "acquisition": "acq", "reconstruction": "rec", "run": "run",
+                "ceagent": "ce", "tracer": "trc", "space": "space"}  # fmt: skip
+
+
+def _entity_matches(file_name: str, entity: str, value: object) -> bool:
+    """Whether a tensor file's name satisfies one ``--bids-filter-file`` entity (None: absent, "*": present)."""
+    from bids_app.errors import ConfigError
+
+    key = _ENTITY_KEYS.get(entity)
+    if key is None:
+        raise ConfigError(
+            f"--bids-filter-file entity '{entity}' cannot select tensors at the group level. Use one of: "
+            f"{', '.join(sorted(_ENTITY_KEYS))}."
+        )
+    found = dict(part.split("-", 1) for part in file_name.split("_") if "-" in part)
+    present = found.get(key)
+    if value is None:
+        return present is None
+    if value == "*":
+        return present is not None
+    values = [str(v) for v in (value if isinstance(value, list) else [value])]
+    if present is None:
+        return False
+    return present in values or (present.isdigit() and any(v.isdigit() and int(v) == int(present) for v in values))
 
 
 def run_split(cfg: RunConfig, table: GroupTable, tensors: TensorIndex, layout: MapsLayout) -> None:
@@ -222,17 +499,6 @@ def run_split(cfg: RunConfig, table: GroupTable, tensors: TensorIndex, layout: M
     run_split_stage(cfg, table, layout.groups_dir, parent_table=parent_table, source=source)
 
 
-def refuse_existing_maps(cfg: RunConfig, layout: MapsLayout) -> None:
-    """A new split would orphan the models of an earlier one: demand --overwrite or --resume."""
-    from bids_app.errors import UsageError
-
-    if layout.splits_json.is_file() and not cfg.overwrite:
-        raise UsageError(
-            f"Model folder {layout.root} already exists. Pass --resume to continue it, --overwrite to redo it, "
-            "or choose another --model-name."
-        )
-
-
 def group_table(cfg: RunConfig, tensors: TensorIndex, labels_cfg: LabelConfig, mode: ExtractionMode) -> GroupTable:
     """Labels joined with the tensors the participant level produced for ``mode``."""
     from bids_app.errors import InputMissingError
@@ -245,6 +511,7 @@ def group_table(cfg: RunConfig, tensors: TensorIndex, labels_cfg: LabelConfig, m
         )
     labels = load_labels(cfg.bids_dir, labels_cfg, sessions=tensors[["participant_id", "session_id"]])
     table = labels.merge(tensors, on=["participant_id", "session_id"], how="inner", validate="one_to_one")
+    _say_what_the_participant_level_left_out(cfg, tensors, table)
     if table.empty:
         raise InputMissingError(
             f"No labelled image: the label table of {cfg.bids_dir} and the tensors of {cfg.output_dir} share no "
@@ -258,3 +525,24 @@ def group_table(cfg: RunConfig, tensors: TensorIndex, labels_cfg: LabelConfig, m
         log.info("Leaving out %d image(s) whose QC failed (--exclude-failed-qc)", len(keep) - sum(keep))
         table = table[keep].reset_index(drop=True)
     return table
+
+
+def _say_what_the_participant_level_left_out(cfg: RunConfig, tensors: TensorIndex, table: GroupTable) -> None:
+    """Warn about participants of BIDS_DIR with no tensor, and tensors whose image failed its latest run."""
+    from bids_app.inputs.bids_query import list_participants
+    from bids_app.participant.status import failed_images
+
+    everyone = list(cfg.participant_labels) or list_participants(cfg.bids_dir)
+    with_tensors = set(tensors["participant_id"])
+    missing = [f"sub-{label}" for label in everyone if f"sub-{label}" not in with_tensors]
+    if missing:
+        log.warning("%d of %d participant(s) of %s have no tensor in %s and are left out: %s%s. The participant "
+                    "level failed or was not run for them (see participant_status.tsv).",
+                    len(missing), len(everyone), cfg.bids_dir, cfg.output_dir,
+                    ", ".join(missing[:10]), " ..." if len(missing) > 10 else "")  # fmt: skip
+    failed = failed_images(cfg.output_dir)
+    stale = [(p, s) for p, s in zip(table["participant_id"], table["session_id"], strict=True) if (p, s) in failed]
+    for participant, session in stale[:10]:
+        log.warning("%s %s: its latest participant-level run failed (%s); the tensor used is from an earlier "
+                    "run. Fix the input and re-run the participant level for it.", participant, session,
+                    failed[(participant, session)])  # fmt: skip

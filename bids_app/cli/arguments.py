@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 from bids_app import read_version
 from bids_app.cli.options import CONFIG_KEYS, GROUP_TITLES, OPTIONS
-from bids_app.config import AnalysisLevel, RunConfig
+from bids_app.config import AnalysisLevel, RunConfig, check_config_values
 from bids_app.config_file import load_config_file, merge_nested, move_legacy_keys, resolve_config
 from bids_app.errors import AnalysisLevelError, ConfigError, InputMissingError, UsageError
 
@@ -198,4 +198,5 @@ def parse_config(argv: Sequence[str]) -> RunConfig:
     ):
         if path is not None:
             _check_writable_path(bids_dir, path.resolve(), what)
+    check_config_values(cfg)
     return cfg

@@ -39,9 +39,18 @@ REPORT_NAME = "report.html"
 
 @dataclasses.dataclass(frozen=True)
 class MapsLayout:
-    """Every path of one MAPS folder ``root``."""
+    """Every path of one MAPS folder ``root``.
+
+    ``home`` is where the folder will live when it differs from ``root``: an ``--overwrite`` run builds the new
+    model in a hidden sibling and renames it to ``home`` once complete; names shown to users follow ``home``.
+    """
 
     root: Path
+    home: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return (self.home or self.root).name
 
     @property
     def maps_json(self) -> Path:
@@ -232,13 +241,13 @@ def read_maps_json(maps_dir: Path, roots: Mapping[str, Path] | None = None) -> M
     maps_dir = Path(os.path.abspath(maps_dir))
     path = MapsLayout(maps_dir).maps_json
     try:
-        content = json.loads(path.read_text(encoding="utf-8"))
+        content = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
     except FileNotFoundError:
         raise DataError(
             f"{path} is missing, so {maps_dir} is not a trained model folder. Run the group level with "
             "--stages train first, or point to the right MAPS."
         ) from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError, a repeated key
         raise DataError(f"{path} is not readable JSON ({exc}). Re-run training to rewrite it.") from exc
     try:
         stored = content["roots"]
@@ -249,7 +258,7 @@ def read_maps_json(maps_dir: Path, roots: Mapping[str, Path] | None = None) -> M
         known = {"bids_app_version", "task", "mode", "architecture", "input_shape", "n_outputs", "label_encoding"}
         extra = {k: _resolved(v, resolved_roots) for k, v in content.items() if k not in known | {"roots", "config"}}
         encoding = content["label_encoding"]
-        return MapsRecord(
+        record = MapsRecord(
             version=str(content["bids_app_version"]),
             config=resolve_config(_resolved(content["config"], resolved_roots)),
             task=Task(content["task"]),
@@ -264,6 +273,35 @@ def read_maps_json(maps_dir: Path, roots: Mapping[str, Path] | None = None) -> M
         if isinstance(exc, BidsAppError):
             raise DataError(f"{path} holds an invalid configuration: {exc}") from exc
         raise DataError(f"{path} is incomplete or malformed ({exc!r}). Re-run training to rewrite it.") from exc
+    _check_record(record, path)
+    return record
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (json keeps the last one silently)."""
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ValueError(f"key(s) {', '.join(repeated)} given twice")
+    return dict(pairs)
+
+
+def _check_record(record: MapsRecord, path: Path) -> None:
+    """Refuse a record whose model description is inconsistent (a hand-edited or damaged ``maps.json``)."""
+    shape = record.input_shape
+    problems = []
+    if len(shape) not in (3, 4) or min(shape, default=0) < 1:
+        problems.append(f"input_shape {list(shape)} is not (channels, [depth,] height, width) with sides >= 1")
+    if record.n_outputs < 1:
+        problems.append(f"n_outputs is {record.n_outputs}")
+    if record.task is Task.CLASSIFICATION:
+        encoding = record.label_encoding or {}
+        if sorted(encoding.values()) != list(range(len(encoding))) or len(encoding) < 2:
+            problems.append(f"label_encoding {encoding} does not number two or more classes 0..n-1 once each")
+        elif len(encoding) != record.n_outputs:
+            problems.append(f"label_encoding has {len(encoding)} classes but n_outputs is {record.n_outputs}")
+    if problems:
+        raise DataError(f"{path} is inconsistent: {'; '.join(problems)}. Re-train the model (--overwrite).")
 
 
 def write_environment_json(maps_dir: Path, seed: int) -> None:
@@ -447,7 +485,7 @@ class Maps:
 
     @property
     def name(self) -> str:
-        return self.layout.root.name
+        return self.layout.name
 
     @property
     def class_names(self) -> list[str]:
@@ -476,6 +514,16 @@ class Maps:
                 + ". Run the group level with --stages train first."
             )
         return trained
+
+    def check_input_shape(self, shape: Sequence[int], where: Path) -> None:
+        """DataError unless the tensors of ``where`` have the sample shape the models were trained on."""
+        if tuple(shape) != tuple(self.record.input_shape):
+            raise DataError(
+                f"The {self.record.mode.value} tensors of {where} have sample shape {tuple(shape)}, but model "
+                f"{self.name} was trained on {tuple(self.record.input_shape)}: they were made with other "
+                "participant-level settings (crop, patch size, ROI masks...). Re-run the participant level with the "
+                "model's settings (its config.toml), or predict with a model trained on these tensors."
+            )
 
     def model_path(self, split: int, metric: str) -> Path:
         """``split-<k>/best-<metric>/model.safetensors``, checked to be safetensors (``find_model_path``)."""

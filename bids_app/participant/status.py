@@ -77,3 +77,23 @@ def rebuild_status_table(output_dir: Path) -> Path:
             lines.extend(path.read_text(encoding="utf-8").splitlines()[1:])
         atomic_write_text(table, "\n".join(lines) + "\n")
     return table
+
+
+def failed_images(output_dir: Path) -> dict[tuple[str, str], str]:
+    """``(participant_id, session_id) → message`` of the images whose latest participant-level run failed.
+
+    Read from the per-participant status files (``status/sub-*_status.tsv``); an image without a session is
+    keyed with session ``n/a``. Empty when no status file exists.
+    """
+    failed: dict[tuple[str, str], str] = {}
+    for path in sorted((output_dir / "status").glob("sub-*_status.tsv")):
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            continue
+        for line in lines[1:]:
+            fields = dict(zip(COLUMNS, line.split("\t"), strict=False))
+            if fields.get("status") == Outcome.FAILED:
+                key = (fields.get("participant_id", ""), fields.get("session_id") or "n/a")
+                failed.setdefault(key, fields.get("message", ""))
+    return failed

@@ -276,6 +276,9 @@ def run_predict_stage(cfg: RunConfig, maps: Maps, table: GroupTable, tracker: Tr
     folds = {fold.index: fold for fold in maps.splits.folds}
     if cfg.predict.predict_from is None:
         other_name, other = "test", rows_for(maps.splits.test, table, "test group")
+        if other.empty:
+            log.warning("Model %s has no test set (--test-size 0): only its validation groups are predicted, and "
+                        "their metrics are optimistic (the models were selected on them).", maps.name)  # fmt: skip
     else:
         other_name = check_group_name(cfg.predict)
         other = external_table(cfg.predict.predict_from, record.mode, record.config.labels)
@@ -287,6 +290,8 @@ def run_predict_stage(cfg: RunConfig, maps: Maps, table: GroupTable, tracker: Tr
         for metric in record.config.train.selection_metrics:
             model = maps.load_model(split, metric, device)
             for name, rows in ((VALIDATION_GROUP, validation), (other_name, other)):
+                if rows.empty:
+                    continue
                 dataset = TensorDataset(rows, record.mode, record.task, label_encoding=record.label_encoding)
                 findings = identity if name == other_name else ()
                 predictor.predict_group(model, split, metric, name, rows, dataset, findings)

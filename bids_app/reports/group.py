@@ -53,6 +53,7 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #f0f0f0; } td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; display: block; margin: 0.5em 0; }
 p.note { color: #555; font-size: 0.9em; } ul.links { columns: 4; font-size: 0.9em; }
+p.warning { background: #fff3cd; border: 1px solid #e0c060; padding: 0.5em 0.8em; }
 """
 
 
@@ -233,19 +234,20 @@ def _metric_table(metrics: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def _test_results(layout: MapsLayout, record: MapsRecord, split: int, metric: str) -> str:
-    folder = layout.group_dir(split, metric, TEST_GROUP)
-    prediction_path = folder / f"{TEST_GROUP}_image_level_prediction.tsv"
-    metrics_path = layout.metrics_tsv(split, metric, TEST_GROUP)
-    prediction = _read_tsv(prediction_path, "test predictions")
-    metrics = _read_tsv(metrics_path, "test metrics")
+def _test_results(layout: MapsLayout, record: MapsRecord, split: int, metric: str, group: str = TEST_GROUP) -> str:
+    """Predictions and metrics of one model on ``group`` (the test group, or validation without a test set)."""
+    folder = layout.group_dir(split, metric, group)
+    prediction_path = folder / f"{group}_image_level_prediction.tsv"
+    metrics_path = layout.metrics_tsv(split, metric, group)
+    prediction = _read_tsv(prediction_path, f"{group} predictions")
+    metrics = _read_tsv(metrics_path, f"{group} metrics")
     _required_columns(metrics, ("metric", "value", "ci_low", "ci_high"), metrics_path)
-    title = f"split {split}, model best-{metric}, test group ({len(prediction)} images)"
-    parts = [f"<h3>Test: model best-{html.escape(metric)}</h3>"]
+    title = f"split {split}, model best-{metric}, {group} group ({len(prediction)} images)"
+    parts = [f"<h3>{group.capitalize()}: model best-{html.escape(metric)}</h3>"]
     if record.task is Task.CLASSIFICATION:
         class_names = sorted(record.label_encoding or {}, key=(record.label_encoding or {}).__getitem__)
-        matrix_path = folder / f"{TEST_GROUP}_confusion_matrix.tsv"
-        matrix = _read_tsv(matrix_path, "test confusion matrix")
+        matrix_path = folder / f"{group}_confusion_matrix.tsv"
+        matrix = _read_tsv(matrix_path, f"{group} confusion matrix")
         _required_columns(matrix, ["true_label", *class_names], matrix_path)
         probas = [f"proba_{name}" for name in class_names]
         _required_columns(prediction, ["true_label", *probas], prediction_path)
@@ -380,11 +382,18 @@ def write_group_report(output_dir: Path, maps: Maps) -> Path:
         f"bids_app {html.escape(record.version)}.</p>"
     )
     sections = [header, _summary_section(layout, record.task)]
+    group = TEST_GROUP if len(maps.splits.test) else "validation"
+    if group != TEST_GROUP:
+        sections.append(
+            '<p class="warning">This model has no test set (--test-size 0). The results below are on each split\'s '
+            "validation group, on which the model was selected: they are optimistic, not an estimate of "
+            "performance on new participants.</p>"
+        )
     for split in splits:
         sections.append(f"<h2>Split {split}</h2><h3>Learning curves</h3>")
         sections.append(_learning_curves(layout, record, split))
         sections.append('<p class="note">Dashed lines: epochs of the selected models.</p>')
-        sections += [_test_results(layout, record, split, m) for m in record.config.train.selection_metrics]
+        sections += [_test_results(layout, record, split, m, group) for m in record.config.train.selection_metrics]
     if record.task is Task.CLASSIFICATION:
         sections.append(_saliency_section(output_dir, layout, record, splits))
     sections.append(_participant_links(output_dir, layout))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bids_app.config import RunConfig
+from bids_app.errors import DataError
 from bids_app.maps.splits import check_disjoint
 from bids_app.split import files, make
 
@@ -63,4 +64,12 @@ def run_split_stage(
         splits = make.make_splits(table, cfg.split, cfg.labels.task, cfg.seed, constraints=constraints)
     if source_pool is not None:
         check_disjoint(splits.test, source_pool, "the test set and the transfer source's training pool")
+    for fold in splits.folds:
+        for side, rows in (("training", fold.train), ("validation", fold.validation)):
+            if rows.empty:
+                where = f"--split-file {cfg.split.split_file}" if cfg.split.split_file else "the drawn split"
+                raise DataError(
+                    f"Split {fold.index} of {where} has an empty {side} set: a model cannot be trained and selected "
+                    "on it. Give every fold training and validation participants."
+                )
     files.write_splits(groups_dir, splits, table, cfg.split, extra_seen=source_pool)

@@ -211,15 +211,16 @@ class MlflowTracker(Tracker):
         run_id = None if new_maps else self._linked_run(link_path)
         if run_id is not None:
             return run_id
+        home = self.layout.home or self.layout.root
         tags = {
             "bids_app.version": read_version(),
-            "bids_app.maps_dir": str(self.layout.root.absolute()),
+            "bids_app.maps_dir": str(home.absolute()),
             "bids_app.bids_dir": str(cfg.bids_dir),
             "bids_app.seed": str(cfg.seed),
             "mlflow.source.name": "bids_app",
-            "mlflow.note.content": f"Model folder {self.layout.root}; the MAPS holds the complete record.",
+            "mlflow.note.content": f"Model folder {home}; the MAPS holds the complete record.",
         }
-        run = self.client.create_run(self.experiment_id, run_name=self.layout.root.name, tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=self.layout.name, tags=tags)
         params = [Param(key, value) for key, value in flatten_config(cfg).items()]
         for chunk in _chunks(params):
             self.client.log_batch(run.info.run_id, params=chunk)
@@ -257,10 +258,10 @@ class MlflowTracker(Tracker):
         link_path = self.layout.training_logs_dir(split) / LINK_FILE
         run_id = self._linked_run(link_path)
         if run_id is None:
-            tags = {"mlflow.parentRunId": self.maps_run, "bids_app.split.make": str(split)}
+            tags = {"mlflow.parentRunId": self.maps_run, "bids_app.split": str(split)}
             run_id = str(
                 self.client.create_run(
-                    self.experiment_id, run_name=f"{self.layout.root.name}-split-{split}", tags=tags
+                    self.experiment_id, run_name=f"{self.layout.name}-split-{split}", tags=tags
                 ).info.run_id
             )
             self.client.log_batch(
