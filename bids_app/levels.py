@@ -349,9 +349,11 @@ def check_group_run(cfg: RunConfig) -> None:
     stages = cfg.stages or DEFAULT_GROUP_STAGES
     check_device_name(cfg.runtime.device)
     if GroupStage.TRAIN in stages:
+        from bids_app.models import check_architecture
         from bids_app.training.stage import check_train_config
 
         check_train_config(cfg)
+        check_architecture(cfg.train.architecture, cfg.labels.task, cfg.train.mode)
     if GroupStage.INTERPRET in stages:
         from bids_app.interpret.stage import check_interpret_config
 

@@ -29,6 +29,7 @@ from bids_app.models.transfer import copy_conv_weights, freeze_all_but_last, gra
 __all__ = [
     "ArchitectureInfo",
     "build_model",
+    "check_architecture",
     "check_compatibility",
     "freeze_all_but_last",
     "grad_cam_layer",
@@ -167,6 +168,17 @@ def _check_size(info: ArchitectureInfo, task: Task, spatial: tuple[int, ...]) ->
             f"at least {needed} voxels along every axis. Use larger inputs (e.g. a larger patch_size) or an "
             f"architecture that fits {smallest} voxels: {alternatives}."
         )
+
+
+def check_architecture(name: str, task: Task, mode: ExtractionMode) -> None:
+    """What can be checked before any tensor is read: the name, the task, and 2D/3D against the mode.
+
+    Raises:
+        ConfigError: unknown name (with a did-you-mean), unsupported task, or a 2D/3D mismatch with the mode.
+    """
+    info = _lookup(name).info
+    _check_task(info, task)
+    _check_dims(info, task, (1,) * MODE_DIMS[mode], f"{mode.value} mode")
 
 
 def check_compatibility(name: str, task: Task, mode: ExtractionMode, input_shape: tuple[int, ...]) -> None:
