@@ -21,6 +21,7 @@ process never leaves a file that looks complete; shared files (dataset_descripti
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -63,37 +64,98 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+# errno values that mean "this output cannot be created here" (exit 73) rather than "the disk failed" (exit 74).
+_CANNOT_CREATE = {
+    errno.EROFS: "OUTPUT_DIR is on a read-only file system: mount it read-write or choose another OUTPUT_DIR.",
+    errno.EACCES: "Check the permissions of {folder} (the user running bids_app must be able to write there), "
+    "or choose another OUTPUT_DIR.",
+    errno.EPERM: "Check the permissions of {folder} (the user running bids_app must be able to write there), "
+    "or choose another OUTPUT_DIR.",
+    errno.ENOTDIR: "A file stands where a folder of the output should be: move it away or choose another OUTPUT_DIR.",
+    errno.EEXIST: "Something else stands at that path: move it away or choose another OUTPUT_DIR.",
+    errno.EISDIR: "A folder stands where a file of the output should be: move it away or choose another OUTPUT_DIR.",
+    errno.ENAMETOOLONG: "The path is too long for the file system: choose a shorter OUTPUT_DIR.",
+}
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def explain_write_error(exc: OSError, path: Path, action: str = "write") -> OutputError | IOFailure:
+    """The expected failure that an ``OSError`` raised while writing ``path`` (into OUTPUT_DIR) stands for.
+
+    Args:
+        exc: what the write raised; an ``OutputError`` or ``IOFailure`` is returned unchanged.
+        path: the file or folder that was being written (the final name, not a temporary's).
+        action: what failed, in the message: ``write`` (a file) or ``create folder``.
+
+    Returns:
+        ``OutputError`` (exit 73) for a permission denied, a read-only file system or something in the way;
+        ``IOFailure`` (exit 74) for a full disk or quota (``ENOSPC``, ``EDQUOT``), a device error (``EIO``) and
+        any other error. One line naming ``path``, the error and the fix.
+    """
+    if isinstance(exc, OutputError | IOFailure):
+        return exc
+    reason = exc.strerror or str(exc)
+    name = errno.errorcode.get(exc.errno) if exc.errno else None
+    what = f"{reason} ({name})" if name else reason
+    fix = _CANNOT_CREATE.get(exc.errno) if exc.errno else None
+    if fix is None and isinstance(exc, PermissionError):
+        fix = _CANNOT_CREATE[errno.EACCES]
+    if fix is not None:
+        return OutputError(f"Cannot {action} {path}: {what}. {fix.format(folder=Path(path).parent)}")
+    if exc.errno in _NO_SPACE:
+        return IOFailure(
+            f"Cannot {action} {path}: {what}. Check free space on the output disk (and the quota), free some, then "
+            "re-run (completed outputs are kept)."
+        )
+    return IOFailure(
+        f"Cannot {action} {path}: {what}. Check the output disk (free space, file size limits, device errors in the "
+        "system log), then re-run (completed outputs are kept)."
+    )
+
+
+@contextlib.contextmanager
+def naming_write_errors(path: Path, action: str = "write") -> Iterator[None]:
+    """Turn an ``OSError`` of the block into ``explain_write_error(exc, path, action)`` (ours pass unchanged)."""
+    try:
+        yield
+    except (OutputError, IOFailure):
+        raise
+    except OSError as exc:
+        raise explain_write_error(exc, path, action) from exc
+
+
+def make_dirs(folder: Path) -> None:
+    """``folder.mkdir(parents=True, exist_ok=True)``; OutputError or IOFailure naming ``folder`` if it fails."""
+    with naming_write_errors(folder, "create folder"):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
     The temporary name keeps the final suffixes (``.nii.gz``, ``.npy``) so writers that infer the format
     from the name behave. On any exception the temporary file is removed and ``path`` is untouched.
+
+    Raises:
+        OutputError: the folder or the file cannot be created (permissions, read-only file system).
+        IOFailure: the disk is full or failed (an ``OSError`` raised by the block included).
     """
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(
-            f"Cannot create folder {path.parent}: {exc.strerror}. Check the output path and its permissions."
-        ) from exc
+    make_dirs(path.parent)
     suffix = "".join(path.suffixes)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
+    with naming_write_errors(path):
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+        os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OutputError | IOFailure):
-            raise
-        if isinstance(exc, PermissionError):
-            raise OutputError(f"Cannot write {path}: {exc.strerror}. Check the output permissions.") from exc
-        raise IOFailure(f"I/O error writing {path}: {exc}. Check free space on the output disk.") from exc
+        with naming_write_errors(path):
+            yield tmp
+            os.chmod(tmp, _file_mode())
+            os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
 
 
@@ -115,6 +177,8 @@ def remove_stale_temporaries(folder: Path, min_age_s: float = 0.0, recursive: bo
                 stale.append(path)
         except FileNotFoundError:  # its writer renamed it meanwhile
             continue
+        except OSError as exc:
+            raise explain_write_error(exc, path, "remove the stale temporary") from exc
     return stale
 
 
@@ -253,10 +317,7 @@ sidecar), QC records (`qc/`) and per-participant HTML reports. Group level: mode
 
 def init_derivative(output_dir: Path, bids_dir: Path, version: str) -> None:
     """Create OUTPUT_DIR's shared files (idempotent; concurrent callers write identical bytes)."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"Cannot create output folder {output_dir}: {exc.strerror}. Choose a writable path.") from exc
+    make_dirs(output_dir)
     source_description = None
     src = bids_dir / "dataset_description.json"
     if src.is_file():

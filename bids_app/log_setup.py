@@ -1,6 +1,7 @@
 """Where log records go: the console (stderr) and a run's log file, in the main process and its workers.
 
-Standard library only, so the entry points (``cli``, ``search``) can set logging up before any heavy import.
+Light imports only (the standard library, ``derivatives``), so the entry points (``cli``, ``search``) can set logging
+up before any heavy import.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from bids_app.derivatives import explain_write_error, naming_write_errors
 
 CONSOLE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 WORKER_FILE_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
@@ -51,9 +54,51 @@ def configure_logging(verbose: int) -> None:
     root.propagate = False
 
 
+class _RunLogFileHandler(logging.FileHandler):
+    """A run's log file that, once it cannot be written (a full disk), says so once and stops writing.
+
+    ``logging`` would otherwise print a "--- Logging error ---" traceback to the console for every record.
+    """
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            self._give_up(error)
+        else:
+            super().handleError(record)
+
+    def flush(self) -> None:
+        if not self.failed:
+            super().flush()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError as exc:  # the last records could not be flushed
+            if not self.failed:
+                self._give_up(exc)
+
+    def _give_up(self, error: OSError) -> None:
+        self.failed = True
+        message = explain_write_error(error, Path(self.baseFilename))
+        sys.stderr.write(f"{message} The run goes on, logging to the console only.\n")
+
+
 def attach_log_file(path: str | Path, worker: bool = False) -> logging.FileHandler:
-    """Append every ``bids_app`` record to ``path`` (a run's ``bids_app.log``); workers also name their process."""
-    handler = logging.FileHandler(path, encoding="utf-8")
+    """Append every ``bids_app`` record to ``path`` (a run's ``bids_app.log``); workers also name their process.
+
+    Raises:
+        OutputError, IOFailure: the file cannot be opened for appending (read-only OUTPUT_DIR, permissions,
+            a full disk), naming ``path``.
+    """
+    with naming_write_errors(Path(path)):
+        handler = _RunLogFileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(WORKER_FILE_FORMAT if worker else CONSOLE_FORMAT))
     handler.setLevel(logging.DEBUG)
     logging.getLogger("bids_app").addHandler(handler)

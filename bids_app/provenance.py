@@ -20,7 +20,7 @@ from typing import Any
 from bids_app import read_version
 from bids_app.config import AnalysisLevel, RunConfig
 from bids_app.config_file import dump_config
-from bids_app.derivatives import CONTAINER_ENV, atomic_write_json, atomic_write_text
+from bids_app.derivatives import CONTAINER_ENV, atomic_write_json, atomic_write_text, make_dirs
 from bids_app.log_setup import attach_log_file
 
 log = logging.getLogger(__name__)
@@ -58,13 +58,18 @@ def make_run_id(level: str, labels: Sequence[str]) -> str:
 
 
 def start_run(cfg: RunConfig, argv: Sequence[str]) -> RunContext:
-    """Create the run's log folder, attach a file handler, write command line, config and environment."""
+    """Create the run's log folder, attach a file handler, write command line, config and environment.
+
+    Raises:
+        OutputError, IOFailure: the log folder or one of its files cannot be written (read-only OUTPUT_DIR,
+            permissions, a full disk), naming the path.
+    """
     run_id = make_run_id(cfg.analysis_level.value, cfg.participant_labels)
     rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID")
     if rank and os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) != "1":
         run_id += f"_rank-{rank}"  # each process of a distributed group run keeps its own log folder
     log_dir = cfg.output_dir / "logs" / run_id
-    log_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(log_dir)
     log_file = log_dir / "bids_app.log"
     attach_log_file(log_file)
     atomic_write_text(log_dir / "command.txt", shlex.join(["bids_app", *argv]) + "\n")

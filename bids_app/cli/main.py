@@ -2,20 +2,38 @@
 
 This module stays light: it imports neither torch nor ants nor pybids, so ``--help`` and ``--version``
 answer instantly. ``arguments`` parses the command line into a ``RunConfig``; this module configures logging,
-calls ``levels`` and maps every ``BidsAppError`` to its documented exit code.
+calls ``levels`` and maps every ``BidsAppError`` to its documented exit code, as well as the ``OSError`` of a
+read-only file system, a full disk or a device error that a writer let through (73 or 74, one line).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from bids_app.cli.arguments import parse_config
-from bids_app.errors import BidsAppError
+from bids_app.derivatives import explain_write_error
+from bids_app.errors import BidsAppError, IOFailure, OutputError
 from bids_app.log_setup import configure_logging
 
 log = logging.getLogger("bids_app")
+
+
+def explain_environment_error(exc: OSError) -> OutputError | IOFailure | None:
+    """An ``OSError`` only the machine causes (read-only file system, full disk or quota, device error) that a
+    writer let through, as the error it stands for; None for any other (a bug keeps its traceback)."""
+    where = Path(exc.filename) if exc.filename else Path("(a file of the output)")
+    if exc.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+        return explain_write_error(exc, where)
+    if exc.errno == errno.EIO:
+        return IOFailure(
+            f"I/O error on {where}: {exc.strerror} (EIO). Check the disk (device errors in the system log), then "
+            "re-run (completed outputs are kept)."
+        )
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,6 +49,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BidsAppError as exc:
         log.error("%s", exc)
         return exc.exit_code
+    except OSError as exc:
+        explained = explain_environment_error(exc)
+        if explained is None:
+            raise
+        log.debug("Where the I/O error was raised:", exc_info=True)
+        log.error("%s", explained)
+        return explained.exit_code
     except KeyboardInterrupt:
         log.error("Interrupted; completed outputs are kept, partial files were not renamed into place.")
         return 130

@@ -140,6 +140,10 @@ class TensorDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
         """Per-sample encoded targets ``(n_samples,)`` (None in reconstruction)."""
         return None if self._targets is None else self._targets[self._row]
 
+    def sample_tensor_path(self, index: int) -> str:
+        """The tensor file sample ``index`` is read from."""
+        return self.paths[self._rows[index]]
+
     def __len__(self) -> int:
         return int(self._row.size)
 

@@ -1,7 +1,8 @@
 """The index of extracted tensors in an output folder, and the joins of split tables onto it.
 
 ``index_tensors`` lists the trusted tensors of one mode with a single directory walk (one row per image, columns
-``INDEX_COLUMNS``); ``sample_shape`` checks that their samples share one shape; ``encode_labels`` maps class names
+``INDEX_COLUMNS``); ``verify_tensors`` checks their bytes against the checksums their sidecars recorded;
+``sample_shape`` checks that their samples share one shape; ``encode_labels`` maps class names
 to indices; ``rows_for`` joins a split table's images onto the labelled index; ``external_table`` indexes
 another participant-level output (a group to predict) with the labels its raw dataset holds. ``data.dataset``
 turns such rows into samples.
@@ -9,8 +10,10 @@ turns such rows into samples.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 import logging
+import os
 import re
 import urllib.parse
 from collections.abc import Sequence
@@ -20,7 +23,8 @@ from typing import TypeAlias
 import pandas as pd
 
 from bids_app.config import ExtractionMode, LabelConfig
-from bids_app.errors import DataError, InputMissingError
+from bids_app.derivatives import file_sha256
+from bids_app.errors import DataError, InputMissingError, IOFailure
 from bids_app.extraction.storage import read_sidecar
 from bids_app.labels import NA as MISSING
 from bids_app.labels import NO_SESSION
@@ -48,6 +52,8 @@ GroupTable: TypeAlias = pd.DataFrame
 LabelTable: TypeAlias = pd.DataFrame
 """Label-table rows without tensors (``labels.TABLE_COLUMNS``), e.g. one side of a split."""
 _NAME = re.compile(r"^sub-(?P<sub>[A-Za-z0-9]+)(?:_ses-(?P<ses>[A-Za-z0-9]+))?_")
+MAX_HASH_THREADS = 8  # hashlib and file reads release the GIL: threads hash several tensors at once
+N_NAMED = 5  # bad files named in one message
 
 
 def index_tensors(output_dir: Path, mode: ExtractionMode, suffix: str = "T1w") -> TensorIndex:
@@ -108,6 +114,59 @@ def index_tensors(output_dir: Path, mode: ExtractionMode, suffix: str = "T1w") -
             "level."
         )
     return table.sort_values(["participant_id", "session_id"], ignore_index=True)
+
+
+def verify_tensors(table: GroupTable) -> None:
+    """Check every row's tensor file against the ``TensorSHA256`` its sidecar recorded when it was written.
+
+    Files are hashed in 1 MiB chunks, several at once. A tensor written by a bids_app that recorded no checksum
+    is accepted; one warning counts all such tensors.
+
+    Args:
+        table: rows with ``tensor_path`` (and ``participant_id``, which names the participants to re-run).
+
+    Raises:
+        DataError: a tensor's bytes differ from its recorded checksum (zeroed, swapped, edited): up to
+            ``N_NAMED`` files are named, with the participant-level command that extracts them again.
+        InputMissingError: a tensor or its sidecar no longer exists.
+        IOFailure: a tensor cannot be read.
+    """
+    paths = list(dict.fromkeys(str(p) for p in table["tensor_path"]))
+    recorded = {path: str(read_sidecar(Path(path)).get("TensorSHA256") or "") for path in paths}
+    unrecorded = [path for path in paths if not recorded[path]]
+    checked = [path for path in paths if recorded[path]]
+    with cf.ThreadPoolExecutor(max(1, min(MAX_HASH_THREADS, os.cpu_count() or 1, len(checked)))) as pool:
+        actual = dict(zip(checked, pool.map(_tensor_sha256, checked), strict=True))
+    if unrecorded:
+        log.warning(
+            "%d tensor(s) have no TensorSHA256 in their sidecar (written by an older bids_app) and are used "
+            "unchecked, e.g. %s. Re-run the participant level with --overwrite to record their checksums.",
+            len(unrecorded),
+            unrecorded[0],
+        )
+    changed = [path for path in checked if actual[path] != recorded[path]]
+    if not changed:
+        return
+    named = "; ".join(
+        f"{path} changed since it was extracted (sha256 {actual[path][:12]}…, recorded {recorded[path][:12]}…)"
+        for path in changed[:N_NAMED]
+    )
+    more = f"; and {len(changed) - N_NAMED} more" if len(changed) > N_NAMED else ""
+    by_path = dict(zip(table["tensor_path"].astype(str), table["participant_id"].astype(str), strict=True))
+    labels = " ".join(dict.fromkeys(by_path[path].removeprefix("sub-") for path in changed))
+    raise DataError(
+        f"{len(changed)} tensor(s) differ from the checksum recorded when they were written: {named}{more}. "
+        f"Re-run the participant level with --overwrite --participant-label {labels} to extract them again."
+    )
+
+
+def _tensor_sha256(path: str) -> str:
+    try:
+        return file_sha256(Path(path))
+    except FileNotFoundError:
+        raise InputMissingError(f"Tensor {path} does not exist. Re-run the participant level for this image.") from None
+    except OSError as exc:
+        raise IOFailure(f"Cannot read tensor {path}: {exc}. Check the disk, then re-run.") from exc
 
 
 def encode_labels(labels: Sequence[str], classes: Sequence[str] = ()) -> dict[str, int]:

@@ -5,12 +5,15 @@ so a data loader reads only the pages of the part (patch, slice, region) it inde
 
 Write order makes an interrupted write detectable: an existing sidecar is removed first, the tensor is
 renamed into place, and only then is the sidecar (``"Complete": true`` as its last key, ``Shape`` and
-``Dtype`` describing the tensor) renamed into place. A tensor whose sidecar is missing, incomplete or
-disagrees with the file is not trusted.
+``Dtype`` describing the tensor, ``TensorSHA256`` the file's bytes) renamed into place. A tensor whose sidecar
+is missing, incomplete or disagrees with the file's shape or dtype is not trusted; its checksum is compared by
+``data.tables.verify_tensors`` (once per group run: hashing every read would cost too much).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 from collections.abc import Mapping
@@ -19,19 +22,24 @@ from typing import Any
 
 import numpy as np
 
-from bids_app.derivatives import atomic_path, atomic_write_json, sidecar_path
-from bids_app.errors import DataError, InputMissingError, IOFailure, OutputError
+from bids_app.derivatives import atomic_path, atomic_write_json, naming_write_errors, sidecar_path
+from bids_app.errors import DataError, InputMissingError, IOFailure
 
 STORED_DTYPES = ("float32", "float16")
+SIDECAR_KEYS_SET_HERE = ("TensorSHA256", "Shape", "Dtype", "Complete")
 
 
 def write_tensor(path: Path, array: np.ndarray, sidecar: Mapping[str, Any]) -> None:
     """Write ``array`` to ``path`` (``.npy``) and its sidecar, each atomically, sidecar last.
 
+    The sidecar records ``TensorSHA256``, the sha256 of the ``.npy`` file's bytes, computed from the bytes as
+    they are written (the file is not read back): ``data.tables.verify_tensors`` compares it with the file.
+
     Args:
         path: destination ``.npy`` (see ``derivatives.tensor_path``).
         array: float32 or float16 tensor, e.g. ``(n_parts, 1, ...)``.
-        sidecar: metadata (mode, parameters, sources...); ``Shape``, ``Dtype`` and ``Complete`` are set here.
+        sidecar: metadata (mode, parameters, sources...); ``TensorSHA256``, ``Shape``, ``Dtype`` and ``Complete``
+            are set here.
 
     Raises:
         ValueError: ``array`` is not float32/float16 (a programming error).
@@ -41,20 +49,35 @@ def write_tensor(path: Path, array: np.ndarray, sidecar: Mapping[str, Any]) -> N
     if array.dtype.name not in STORED_DTYPES:
         raise ValueError(f"tensors are stored as {' or '.join(STORED_DTYPES)}, got dtype {array.dtype}")
     json_path = sidecar_path(path)
-    try:
+    with naming_write_errors(json_path):
         # Otherwise a kill after the new tensor lands would pair it with the old, complete sidecar.
         json_path.unlink(missing_ok=True)
-    except PermissionError as exc:
-        raise OutputError(f"Cannot replace {json_path}: {exc.strerror}. Check output permissions.") from exc
+    contiguous = np.ascontiguousarray(array)
+    digest = hashlib.sha256()
     with atomic_path(path) as tmp, tmp.open("wb") as handle:
-        np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
+        for block in _npy_blocks(contiguous):
+            digest.update(block)
+            handle.write(block)
         handle.flush()
         os.fsync(handle.fileno())
-    content = {key: value for key, value in sidecar.items() if key not in ("Shape", "Dtype", "Complete")}
+    content = {key: value for key, value in sidecar.items() if key not in SIDECAR_KEYS_SET_HERE}
+    content["TensorSHA256"] = digest.hexdigest()
     content["Shape"] = [int(v) for v in array.shape]
     content["Dtype"] = array.dtype.name
     content["Complete"] = True
     atomic_write_json(json_path, content)
+
+
+def _npy_blocks(array: np.ndarray) -> tuple[bytes, memoryview]:
+    """The bytes of ``np.save(file, array)``: the ``.npy`` header, then the C-ordered data (not copied)."""
+    header = io.BytesIO()
+    fields = np.lib.format.header_data_from_array_1_0(array)
+    try:
+        np.lib.format.write_array_header_1_0(header, fields)
+    except ValueError:  # a header over 64 KiB (never for our shapes): format 2.0, as np.save would choose
+        header = io.BytesIO()
+        np.lib.format.write_array_header_2_0(header, fields)
+    return header.getvalue(), array.reshape(-1).view(np.uint8).data
 
 
 def read_sidecar(path: Path) -> dict[str, Any]:

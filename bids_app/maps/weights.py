@@ -6,6 +6,8 @@ of it is deserialised; ``maps`` decides where the files live.
 
 from __future__ import annotations
 
+import os
+import re
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,16 +21,34 @@ if TYPE_CHECKING:
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".tar", ".pkl", ".pickle", ".ckpt", ".bin")
 MAX_SAFETENSORS_HEADER = 100_000_000  # bytes; the format's own limit
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust's std::io::Error prints an errno
 
 
 def save_model(path: Path, model: nn.Module) -> None:
-    """Write ``model``'s state dict to ``path`` with safetensors, atomically (tied tensors saved once)."""
+    """Write ``model``'s state dict to ``path`` with safetensors, atomically (tied tensors saved once).
+
+    Raises:
+        OutputError, IOFailure: the file cannot be written (permissions; a full disk), naming ``path``.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import save_model as save_safetensors
 
     # One metadata key only: safetensors writes the metadata from a hash map, so with two keys their order,
     # hence the file's bytes, changed from one process to the next. The version is in the model folder's record.
     with atomic_path(path) as tmp:
-        save_safetensors(model, str(tmp), metadata={"format": "pt"}, force_contiguous=True)  # channels_last models
+        try:
+            save_safetensors(model, str(tmp), metadata={"format": "pt"}, force_contiguous=True)  # channels_last
+        except SafetensorError as exc:
+            code = _os_error_code(exc)
+            if code is None:  # not an I/O failure: a programming error keeps its traceback
+                raise
+            raise OSError(code, os.strerror(code), str(tmp)) from exc  # atomic_path names ``path``
+
+
+def _os_error_code(exc: Exception) -> int | None:
+    """The errno of an I/O failure reported by safetensors' Rust writer (``... (os error 28)``), else None."""
+    match = _OS_ERROR.search(str(exc))
+    return int(match.group(1)) if match else None
 
 
 def check_safetensors(path: Path) -> None:

@@ -15,9 +15,10 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 import pandas as pd
@@ -132,7 +133,11 @@ def save_checkpoint(
     state: TrainingState,
     config_hash: str,
 ) -> None:
-    """Write the full training state after epoch ``state.epoch`` to ``path`` atomically."""
+    """Write the full training state after epoch ``state.epoch`` to ``path`` atomically.
+
+    Raises:
+        OutputError, IOFailure: the checkpoint cannot be written (permissions; a full disk).
+    """
     content = {
         "format_version": FORMAT_VERSION,
         "config_hash": config_hash,
@@ -152,8 +157,36 @@ def save_checkpoint(
             "history": state.history,
         },
     }
-    with atomic_path(path) as tmp:
-        torch.save(content, tmp)
+    with atomic_path(path) as tmp, tmp.open("wb") as handle:
+        writer = _KeepWriteError(handle)
+        try:
+            torch.save(content, cast(BinaryIO, writer))
+        except RuntimeError as exc:
+            if writer.error is None:
+                raise
+            # torch's zip writer reports a failed write as "unexpected pos N vs M": keep the errno (ENOSPC...)
+            # so that atomic_path reports a full disk with the checkpoint's name.
+            raise OSError(writer.error.errno, writer.error.strerror, str(tmp)) from exc
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+class _KeepWriteError:
+    """The file ``torch.save`` writes to, keeping the first ``OSError`` of a write (torch swallows it)."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 def load_checkpoint(path: Path, config_hash: str) -> dict[str, Any]:

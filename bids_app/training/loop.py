@@ -2,12 +2,15 @@
 
 Losses are reported as means over samples: the per-sample losses of every batch are summed and divided by
 the number of samples, so a smaller last batch weighs exactly its share (a mean of batch means would not).
+A batch with a non-finite (NaN, infinite) per-sample loss stops the epoch with a ``DataError`` naming its
+images, before the optimizer steps: one NaN tensor would otherwise turn every weight into NaN.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bids_app.config import Task
-from bids_app.errors import ConfigError, TemporaryFailure
+from bids_app.errors import ConfigError, DataError, TemporaryFailure
+from bids_app.labels import NO_SESSION
 
 LOSSES: dict[Task, tuple[str, ...]] = {  # the first is the task's default
     Task.CLASSIFICATION: ("cross_entropy",),
@@ -125,6 +129,9 @@ def train_epoch(loop: Loop, loader: DataLoader[Any], desc: str = "train") -> flo
     In a process group ``loop.model`` is a ``DistributedDataParallel`` whose gradients are averaged over ranks
     at each optimizer step only (micro-batches in between run under ``no_sync``); the returned loss is the
     global per-sample mean (sums and counts all-reduced), the padding items of the sampler left out.
+
+    Raises:
+        DataError: a sample's loss is not finite (see ``stop_on_non_finite``); on every rank of a process group.
     """
     from bids_app.training import distributed
 
@@ -135,7 +142,7 @@ def train_epoch(loop: Loop, loader: DataLoader[Any], desc: str = "train") -> flo
     n_samples = len(loader.dataset)  # type: ignore[arg-type]
     n_real = distributed.real_sample_count(n_samples, distributed.rank(), distributed.world_size())
     total, count, seen = 0.0, 0, 0
-    for step, (x, y, _) in enumerate(_progress(loader, desc)):
+    for step, (x, y, index) in enumerate(_progress(loader, desc)):
         x = x.to(loop.device, non_blocking=True, memory_format=loop.memory_format)
         y = y.to(loop.device, non_blocking=True)
         stepping = (step + 1) % loop.accumulation_steps == 0 or step + 1 == n_batches
@@ -149,9 +156,13 @@ def train_epoch(loop: Loop, loader: DataLoader[Any], desc: str = "train") -> flo
             seen += len(x)
             total += float(losses.detach()[:keep].double().sum())
             count += keep
+            finite = bool(torch.isfinite(losses.detach()).all())  # padding items too: every rank checks its batch
         else:
-            total += float(losses.detach().double().sum())
+            batch_total = float(losses.detach().double().sum())
+            total += batch_total
             count += len(x)
+            finite = math.isfinite(batch_total)  # NaN or infinite iff a sample's loss is
+        stop_on_non_finite(finite, losses, x, index, loader.dataset, "training", desc)
         if stepping:
             loop.scaler.step(loop.optimizer)
             loop.scaler.update()
@@ -172,6 +183,9 @@ def validate(loop: Loop, loader: DataLoader[Any], task: Task, desc: str = "valid
     Returns:
         ``{"loss": ..., <metric>: ...}`` with the names of ``metrics.metric_names(task)`` (``roc_auc`` in
         classification, computed from the softmax scores).
+
+    Raises:
+        DataError: a sample's loss is not finite (see ``stop_on_non_finite``); on every rank of a process group.
     """
     from bids_app.metrics import compute_metrics, mean_of_columns, reconstruction_metrics_per_image
     from bids_app.training import distributed
@@ -192,8 +206,11 @@ def validate(loop: Loop, loader: DataLoader[Any], task: Task, desc: str = "valid
                 out = loop.model(x)
             out = out.float()
             losses = loop.loss_fn(out, y)
-            total += float(losses.double().sum())
+            batch_total = float(losses.double().sum())
+            total += batch_total
             count += len(x)
+            finite = math.isfinite(batch_total) if not sharded else bool(torch.isfinite(losses).all())
+            stop_on_non_finite(finite, losses, x, index, loader.dataset, "validation", desc)
             if sharded:
                 indices.append(np.asarray(index, dtype=np.float64))
                 sample_losses.append(losses.double().cpu().numpy())
@@ -222,6 +239,75 @@ def validate(loop: Loop, loader: DataLoader[Any], task: Task, desc: str = "valid
     else:
         result.update(mean_of_columns(**{name: np.concatenate(v) for name, v in per_image.items()}))
     return result
+
+
+def stop_on_non_finite(
+    finite: bool, losses: torch.Tensor, x: torch.Tensor, index: torch.Tensor, dataset: Any, phase: str, desc: str
+) -> None:
+    """Raise a ``DataError`` naming the images of the samples whose loss is not finite, on every rank.
+
+    In a process group the ranks agree first (one all-reduced flag per batch), so a NaN on one rank stops them
+    all at the same batch instead of leaving the others waiting in the next collective; the offending samples
+    of every rank are gathered, so every rank raises the same message.
+
+    Args:
+        finite: whether every loss of this rank's batch is finite.
+        losses: this rank's per-sample losses ``(B,)``.
+        x: this rank's inputs ``(B, C, ...)``: an input holding NaN or Inf is named as the cause.
+        index: sample numbers ``(B,)`` of ``dataset`` (a ``data.dataset.TensorDataset``).
+        dataset: names the samples (``sample_table``, ``sample_tensor_path``).
+        phase, desc: ``training`` or ``validation``, and where (the progress bar's ``epoch 3 train``).
+    """
+    from bids_app.training import distributed
+
+    if distributed.world_size() > 1:
+        finite = distributed.all_reduce_sums([0.0 if finite else 1.0])[0] == 0.0
+    if finite:
+        return
+    with torch.no_grad():
+        flat = x.detach().reshape(len(x), -1)
+        columns = (
+            torch.as_tensor(index).reshape(-1).double().cpu(),
+            torch.isnan(flat).any(dim=1).double().cpu(),
+            torch.isinf(flat).any(dim=1).double().cpu(),
+            torch.isnan(losses.detach()).double().cpu(),
+        )
+        bad = ~torch.isfinite(losses.detach()).cpu()
+        rows = torch.stack(columns, dim=1)[bad].numpy()
+    raise non_finite_error(distributed.gather_rows(rows), dataset, f"{phase} loss", desc)
+
+
+def non_finite_error(rows: np.ndarray, dataset: Any, what: str, desc: str) -> DataError:
+    """The message for samples with a non-finite loss.
+
+    Args:
+        rows: ``(n, 4)``: sample number, input holds NaN, input holds Inf, loss is NaN (else infinite).
+        dataset: ``sample_table`` (participant_id, session_id) and ``sample_tensor_path`` name the samples.
+        what, desc: the loss (``training loss``) and where (``epoch 3 train``).
+    """
+    kind = "NaN" if rows[:, 3].any() else "infinite"
+    causes = rows[(rows[:, 1] > 0) | (rows[:, 2] > 0)]
+    images: dict[str, str] = {}
+    labels: dict[str, None] = {}
+    for number, nan, inf, _ in causes if len(causes) else rows:
+        sample = dataset.sample_table.iloc[int(number)]
+        session = "" if sample["session_id"] == NO_SESSION else f" {sample['session_id']}"
+        name = f"{sample['participant_id']}{session} ({dataset.sample_tensor_path(int(number))})"
+        images[name] = " and ".join(value for value, flag in (("NaN", nan), ("Inf", inf)) if flag)
+        labels[str(sample["participant_id"]).removeprefix("sub-")] = None
+    named = "; ".join(f"{name}: {held}" if held else name for name, held in list(images.items())[:5])
+    more = f"; and {len(images) - 5} more" if len(images) > 5 else ""
+    if len(causes):
+        return DataError(
+            f"Non-finite {what} ({kind}) at {desc}: the tensors of {len(images)} image(s) hold NaN or Inf values: "
+            f"{named}{more}. Check those images (an empty or constant image gives NaN once normalised), then "
+            f"extract them again with the participant level and --overwrite --participant-label "
+            f"{' '.join(labels)}, or leave them out of the label table and re-split."
+        )
+    return DataError(
+        f"Non-finite {what} ({kind}) at {desc} for {len(images)} image(s) whose tensors are finite: {named}{more}. "
+        "Training diverged: lower --learning-rate, train without --amp, or check the labels."
+    )
 
 
 def _gather_samples(columns: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
