@@ -3,11 +3,17 @@
 pybids walks the whole dataset when indexing; on large cohorts that takes minutes. The layout here is built
 with an ``ignore`` regex that keeps other participants' folders unvisited, and can persist its SQLite index
 (``--bids-database-dir``).
+
+pybids reads entities (subject, session, datatype, acquisition...) with regexes searched over each file's
+*absolute* path, so a folder above the dataset root named ``pet``, ``anat``, ``sub-01`` or ``ses-x`` would give
+every file that datatype, subject or session. The layout here uses pybids' own configurations with each
+entity pattern anchored after the dataset root (:func:`rooted_config`): only the path inside the dataset counts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import re
@@ -87,9 +93,27 @@ def participant_ignore_regex(labels: Iterable[str]) -> re.Pattern[str]:
     return re.compile(rf"^/sub-(?!({alternatives})(/|$))")
 
 
+def rooted_config(name: str, root: Path) -> dict[str, Any]:
+    """pybids' configuration ``name`` (``"bids"``, ``"derivatives"``) with every entity read inside ``root`` only.
+
+    Each entity pattern is searched after ``root`` and its separator instead of anywhere in the absolute path:
+    the folders above the dataset root never give a file an entity.
+    """
+    from bids.config import get_option
+
+    config: dict[str, Any] = json.loads(Path(get_option("config_paths")[name]).read_text(encoding="utf-8"))
+    inside_root = "^" + re.escape(str(root).rstrip("/\\")) + r"(?=[/\\]).*?"
+    for entity in config["entities"]:
+        if entity.get("pattern"):
+            entity["pattern"] = f"{inside_root}(?:{entity['pattern']})"
+    return config
+
+
 def build_layout(root: Path, labels: Sequence[str], database_dir: Path | None = None, derivative: bool = False) -> Any:
-    """A pybids layout of ``root`` that indexes only ``labels``' folders."""
+    """A pybids layout of ``root`` that indexes only ``labels``' folders, its entities read inside ``root`` only."""
     from bids import BIDSLayout, BIDSLayoutIndexer
+
+    root = Path(root).absolute()  # the prefix of the paths pybids matches entities against
 
     ignore: list[Any] = [
         participant_ignore_regex(labels),
@@ -101,10 +125,18 @@ def build_layout(root: Path, labels: Sequence[str], database_dir: Path | None = 
         re.compile(r"/\."),
     ]
     indexer = BIDSLayoutIndexer(validate=False, ignore=ignore)
-    kwargs: dict[str, Any] = {"indexer": indexer, "validate": False, "is_derivative": derivative}
+    configs = ["bids", "derivatives"] if derivative else ["bids"]
+    kwargs: dict[str, Any] = {
+        "indexer": indexer,
+        "validate": False,
+        "is_derivative": derivative,
+        "config": [rooted_config(name, root) for name in configs],
+    }
     if database_dir is not None:
         tag = "-".join(labels) if len(labels) <= 5 else f"{len(labels)}subjects"
-        kwargs["database_path"] = database_dir / f"{root.name}_{tag}"
+        # the index holds absolute paths and root-anchored patterns: one per dataset location, not per folder name
+        location = hashlib.sha256(str(root).encode()).hexdigest()[:8]
+        kwargs["database_path"] = database_dir / f"{root.name}_{location}_{tag}"
     log.debug("Indexing %s for participants %s", root, ", ".join(labels))
     return BIDSLayout(root, **kwargs)
 
@@ -167,7 +199,43 @@ def query_raw_images(cfg: RunConfig, participants: Sequence[str], kind: str = "t
             )
     if not records and kind == "t1w":
         raise_nothing_selected(cfg, participants, kind)
+    if kind == "t1w":
+        warn_sessions_without_t1w(cfg, participants, records, "raw")
     return records
+
+
+def warn_sessions_without_t1w(
+    cfg: RunConfig, participants: Sequence[str], records: Sequence[ImageRecord], source: str
+) -> None:
+    """One WARNING per session folder of BIDS_DIR (``--session-label`` ones) that no T1w record covers.
+
+    Every image of a participant/session hangs on its T1w (PET is registered to it), so such a session is
+    skipped; ``source`` (``"raw"``, ``"preprocessed"``) says which T1w was looked for.
+    """
+    covered = {(r.participant_label, r.session_label) for r in records}
+    where = (
+        f"with the active filters {json.dumps(cfg.bids_filters.get('t1w', {}))}"
+        if source == "raw"
+        else f"in {', '.join(map(str, cfg.preprocess.derivatives_dirs))}"
+    )
+    for participant in participants:
+        for folder in sorted((cfg.bids_dir / f"sub-{participant}").glob("ses-*")):
+            session = folder.name.removeprefix("ses-")
+            if not folder.is_dir() or (participant, session) in covered:
+                continue
+            if cfg.session_labels and session not in cfg.session_labels:
+                continue
+            held = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+            log.warning(
+                "No T1w for sub-%s ses-%s: skipped (no %s T1w %s; %s holds %s). Add the T1w or exclude the session "
+                "with --session-label or --bids-filter-file.",
+                participant,
+                session,
+                source,
+                where,
+                folder,
+                ", ".join(f"{name}/" for name in held) or "no image folder",
+            )
 
 
 def raise_nothing_selected(cfg: RunConfig, participants: Sequence[str], kind: str) -> None:
@@ -226,7 +294,10 @@ def query_preprocessed_images(cfg: RunConfig, participants: Sequence[str], kind:
             ", ".join(map(str, cfg.preprocess.derivatives_dirs)),
             cfg.preprocess.template_space,
         )
-    return _pick_preprocessed(candidates)
+    chosen = _pick_preprocessed(candidates)
+    if kind == "t1w":
+        warn_sessions_without_t1w(cfg, participants, chosen, "preprocessed")
+    return chosen
 
 
 def _in_template_space(entities: dict[str, Any], cfg: RunConfig, user: dict[str, Any]) -> bool:

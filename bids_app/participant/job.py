@@ -147,6 +147,7 @@ class ParticipantJob:
             log.info("sub-%s %s: preprocessed image up to date, skipped", self.label, record.path.name)
             image = nib.load(path)
             self._remember_transform(record)
+            self._warn_failed_qc(record, existing.get("QC", {}))
             self.report_entries.append((record, image, existing.get("QC", {})))
             return image, {**provenance, "Source": path, "SourceSHA256": existing["SHA256"]}, True
 
@@ -178,8 +179,30 @@ class ParticipantJob:
         }
         atomic_write_json(qc_path(out, self.label, record.session_label, record.suffix, extra), qc_record)
         atomic_write_json(sidecar_path(path), self._preproc_sidecar(record, pre_hash, sha, qc))
+        self._warn_failed_qc(record, qc)
         self.report_entries.append((record, image, qc))
         return image, {**provenance, "Source": path, "SourceSHA256": sha}, False
+
+    def _warn_failed_qc(self, record: ImageRecord, qc: dict[str, Any]) -> None:
+        """One WARNING line for an image that fails the QC rule: it is processed, but its registration is suspect."""
+        from bids_app.preprocess.qc import qc_passes, qc_rule
+
+        if qc_passes(qc, record.suffix):
+            return
+        key, threshold = qc_rule(record.suffix)
+        log.warning(
+            "sub-%s%s %s: QC failed: %s = %s (rule for %s: %s >= %g). The image is processed; check its "
+            "registration in %s; the group level leaves it out with --exclude-failed-qc.",
+            self.label,
+            f" ses-{record.session_label}" if record.session_label else "",
+            record.path.name,
+            key,
+            qc.get(key, "missing"),
+            record.suffix,
+            key,
+            threshold,
+            report_path(self.cfg.output_dir, self.label),
+        )
 
     def _preprocess_hash(self, record: ImageRecord, raw_sha: str) -> str:
         """What the preprocessed image depends on: the input's bytes and the settings that act on its kind."""
