@@ -6,6 +6,7 @@ Programming errors are left alone so they keep their traceback.
 | exit | class                 | meaning                                            |
 |------|-----------------------|----------------------------------------------------|
 | 1    | BidsAppError          | unspecified failure                                |
+| 1    | ToolFailure           | an external tool crashed (not a finding on data)   |
 | 16   | BidsValidationError   | input failed BIDS validation                       |
 | 17   | AnalysisLevelError    | unknown analysis level                             |
 | 18   | FilterError           | entity filters selected no files                   |
@@ -24,6 +25,12 @@ class BidsAppError(Exception):
     """Base of every expected bids_app failure."""
 
     exit_code: int = 1
+
+
+class ToolFailure(BidsAppError, RuntimeError):
+    """An external tool bids_app runs (e.g. ``bids-validator-deno``) failed to run: no verdict on the data."""
+
+    exit_code = 1
 
 
 class BidsValidationError(BidsAppError):

@@ -144,7 +144,7 @@ def run_group(cfg: RunConfig, ctx: RunContext) -> int:
 
 def _run_group(cfg: RunConfig, ctx: RunContext) -> int:
     from bids_app.config import DEFAULT_GROUP_STAGES, GroupStage
-    from bids_app.data.tables import index_tensors, sample_shape
+    from bids_app.data.tables import index_tensors, sample_shape, verify_tensors
     from bids_app.maps import Maps
     from bids_app.models import check_compatibility
     from bids_app.training import distributed
@@ -171,6 +171,9 @@ def _run_group(cfg: RunConfig, ctx: RunContext) -> int:
         check_compatibility(cfg.train.architecture, cfg.labels.task, mode, sample_shape(table, mode))
     elif maps is not None:
         maps.check_input_shape(sample_shape(table, mode), cfg.output_dir)
+        maps.check_tensors_unchanged(table, cfg.output_dir)
+    if training or GroupStage.PREDICT in stages or GroupStage.INTERPRET in stages:
+        verify_tensors(table)  # every tensor read from here on is the one its sidecar vouches for
     if cfg.train.resume and split_done and cfg.split.split_file is not None:
         check_resumed_split(cfg, table, final)
     # --overwrite builds the new model beside the old one, which stays whole until the new one is complete.

@@ -80,12 +80,13 @@ def nothing_lost(world: dict[str, Any]):
 # -- names that would become paths ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["../../bids/sub-001/model", "..", "../m2", "a/b", "/tmp/bids_app_abs_model", ".m1"])
-def test_model_name_that_is_a_path(name: str, world: dict[str, Any], untouched, capsys) -> None:
+@pytest.mark.parametrize("name", ["../../bids/sub-001/model", "..", "../m2", "a/b", "<absolute>", ".m1"])
+def test_model_name_that_is_a_path(name: str, world: dict[str, Any], tmp_path: Path, untouched, capsys) -> None:
+    name = str(tmp_path / "elsewhere") if name == "<absolute>" else name
     code, err = run(group_args(world["dataset"], world["out"], "--model-name", name), capsys)
     assert code == 64
     assert f"Invalid --model-name (train.model_name) {name!r}: a name, not a path" in errors_of(err)
-    assert not Path("/tmp/bids_app_abs_model").exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_model_name_that_is_a_path_in_a_config_file(world: dict[str, Any], tmp_path: Path, untouched, capsys) -> None:
@@ -95,7 +96,7 @@ def test_model_name_that_is_a_path_in_a_config_file(world: dict[str, Any], tmp_p
     assert code == 64 and "Invalid --model-name (train.model_name)" in errors_of(err)
 
 
-HOSTILE = ["..", "../x", "x/y", "/tmp/bids_app_abs", "x/../y", "x\\y", ".", " x", ""]
+HOSTILE = ["..", "../x", "x/y", "/abs/x", "x/../y", "x\\y", ".", " x", ""]
 LABEL_OPTIONS = {  # option → what else the run needs for the option to be used
     "--model-name": [],
     "--group-name": ["--stages", "predict", "--model-name", "m1", "--predict-from", "<out>"],
@@ -416,3 +417,21 @@ def test_a_tampered_model_record_is_refused(edit, message, world: dict[str, Any]
         assert message in errors_of(err)
     finally:
         record.write_text(original)
+
+
+def test_a_model_notices_that_its_tensors_were_made_again(world: dict[str, Any], tmp_path: Path, capsys) -> None:
+    """The participant level re-run with other settings rewrites tensors the model was trained on: refused."""
+    from tests.conftest import TINY_CROP
+
+    dataset, out = world["dataset"], tmp_path / "out"
+    shutil.copytree(world["out"], out)
+    participant = [str(dataset.bids_dir), str(out), "participant", "-d", str(dataset.derivative_dir), "--template",
+                   str(dataset.template_path), "--crop-shape", *TINY_CROP, "--modes", "image",
+                   "--skip-bids-validation", "--participant-label", "003", "--normalization", "zscore"]  # fmt: skip
+    assert main(participant) == 0
+    maps = out / "models" / "m1"
+    before = listing(maps)
+    code, err = run(group_args(dataset, out, "--model-name", "m1", "--stages", "predict"), capsys)
+    assert code == 65
+    assert "are not the ones model m1 was made with: sub-003 ses-M000, sub-003 ses-M012" in errors_of(err)
+    assert listing(maps) == before

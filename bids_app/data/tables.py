@@ -39,6 +39,7 @@ INDEX_COLUMNS = (
     "sample_shape",
     "source_sha256",
     "raw_source_sha256",
+    "tensor_sha256",
 )
 UNLABELLED = "n/a"
 
@@ -102,6 +103,7 @@ def index_tensors(output_dir: Path, mode: ExtractionMode, suffix: str = "T1w") -
                 "sample_shape": shape if mode is ExtractionMode.IMAGE else shape[1:],
                 "source_sha256": sidecar.get("SourceSHA256", ""),
                 "raw_source_sha256": sidecar.get("RawSourceSHA256", ""),
+                "tensor_sha256": sidecar.get("TensorSHA256", ""),
             }
         )
     table = pd.DataFrame(rows, columns=list(INDEX_COLUMNS))

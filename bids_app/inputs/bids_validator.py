@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from bids_app.errors import BidsValidationError, InputMissingError
+from bids_app.errors import BidsValidationError, InputMissingError, ToolFailure
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,14 @@ def run_validator(root: Path, extra_args: Sequence[str] = ()) -> ValidationResul
                 )
             )
     except json.JSONDecodeError:
-        if proc.returncode != 0:
-            issues.append(ValidationIssue("VALIDATOR_FAILED", "error", str(root), proc.stderr.strip()[:500]))
+        # No report: the validator itself failed (crashed, killed, out of memory), which says nothing about the
+        # dataset; calling it "failed validation" (16) would send the user to fix valid data.
+        said = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1][:300]
+        raise ToolFailure(
+            f"bids-validator-deno did not run to the end on {root} (exit {proc.returncode}: {said}); this is not a "
+            "verdict on the dataset. Re-run; if it keeps failing, pass --skip-bids-validation and validate the "
+            "dataset separately."
+        ) from None
     return ValidationResult(proc.returncode, tuple(issues))
 
 

@@ -525,6 +525,30 @@ class Maps:
                 "model's settings (its config.toml), or predict with a model trained on these tensors."
             )
 
+    def check_tensors_unchanged(self, table: pd.DataFrame, where: Path) -> None:
+        """DataError when tensors of ``table`` differ from those of the same images the model was made with.
+
+        The model folder records the sha256 of every tensor it was split, trained and selected on; a re-run of
+        the participant level with other settings, or another BIDS_DIR's participants of the same names, writes
+        other tensors under the same paths. A model folder written before this record existed is not checked.
+        """
+        recorded: dict[str, str] = self.record.extra.get("tensor_sha256") or {}
+        if not recorded or "tensor_sha256" not in table.columns:
+            return
+        changed = [
+            f"{p} {s}"
+            for p, s, sha in zip(table["participant_id"], table["session_id"], table["tensor_sha256"], strict=True)
+            if recorded.get(f"{p} {s}") not in (None, sha)
+        ]
+        if changed:
+            shown = ", ".join(changed[:5]) + (f" ... ({len(changed)} in all)" if len(changed) > 5 else "")
+            raise DataError(
+                f"The {self.record.mode.value} tensors of {len(changed)} image(s) in {where} are not the ones model "
+                f"{self.name} was made with: {shown}. The participant level wrote them again since (other settings "
+                "or another dataset). Restore them, re-run the participant level with the model's settings, or "
+                "re-train the model (--overwrite)."
+            )
+
     def model_path(self, split: int, metric: str) -> Path:
         """``split-<k>/best-<metric>/model.safetensors``, checked to be safetensors (``find_model_path``)."""
         return find_model_path(self.root, split, metric)

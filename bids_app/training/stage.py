@@ -94,6 +94,12 @@ def prepare_maps(cfg: RunConfig, layout: MapsLayout, table: GroupTable) -> Maps:
         "n_outputs": len(encoding) if encoding else 1,
         "label_encoding": encoding,
         "selection_level": "image" if tc.mode is ExtractionMode.IMAGE else tc.mode.value,
+        # What the models were trained and selected on: a later run notices when these tensors changed.
+        "tensor_sha256": {
+            f"{p} {s}": sha
+            for p, s, sha in zip(table["participant_id"], table["session_id"], table["tensor_sha256"], strict=True)
+            if sha
+        },
     }
     if tc.transfer_from is not None:
         extra["transfer_source"] = transfer_source.describe_source(tc.transfer_from, tc.n_unfrozen_layers)

@@ -19,6 +19,7 @@ import dataclasses
 import gzip
 import logging
 import math
+import os
 import re
 import shutil
 import struct
@@ -377,3 +378,22 @@ def test_session_without_t1w_is_logged_for_raw_input(world: dict[str, Any], tmp_
                                 "--session-label or --bids-filter-file.")  # fmt: skip
     assert messages[1].startswith("No T1w for sub-003 ses-M012: skipped (")
     assert "sub-003/ses-M012 holds no image folder)" in messages[1]
+
+
+def test_a_crashing_validator_is_a_tool_failure_not_a_finding(
+    world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """A validator that dies without a report says nothing about the dataset: exit 1, not 16 (failed validation)."""
+    fake = tmp_path / "bin" / "bids-validator-deno"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho \"thread 'main' panicked at deno/runtime\" >&2\nexit 101\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "out"
+    args = [a for a in participant_args(world["dataset"], out, "--participant-label", "001")
+            if a != "--skip-bids-validation"]  # fmt: skip
+    code, err = run(args, capsys)
+    assert code == 1
+    assert "bids-validator-deno did not run to the end on" in errors_of(err)
+    assert "(exit 101: thread 'main' panicked at deno/runtime); this is not a verdict on the dataset" in err
+    assert "failed BIDS validation" not in err
