@@ -369,3 +369,17 @@ def bids_uri(bids_dir: Path, path: Path) -> str | None:
     except ValueError:
         return None
     return f"bids:raw:{relative.as_posix()}"
+
+
+def explain_environment_error(exc: OSError) -> OutputError | IOFailure | None:
+    """An ``OSError`` only the machine causes (read-only file system, full disk or quota, device error) that a
+    writer let through, as the error it stands for; None for any other (a bug keeps its traceback)."""
+    where = Path(exc.filename) if exc.filename else Path("(a file of the output)")
+    if exc.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+        return explain_write_error(exc, where)
+    if exc.errno == errno.EIO:
+        return IOFailure(
+            f"I/O error on {where}: {exc.strerror} (EIO). Check the disk (device errors in the system log), then "
+            "re-run (completed outputs are kept)."
+        )
+    return None

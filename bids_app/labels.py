@@ -82,6 +82,7 @@ def _unlisted(pairs: pd.DataFrame, listed: set[str], path: Path) -> None:
     absent = sorted(set(pairs["participant_id"]) - listed, key=natural_key)
     if not absent:
         return
+    rows = pairs[pairs["participant_id"].isin(absent)]
 
     def number(participant_id: str) -> str:
         bare = participant_id.removeprefix("sub-")
@@ -95,8 +96,7 @@ def _unlisted(pairs: pd.DataFrame, listed: set[str], path: Path) -> None:
         if near
         else " Add a row for each."
     )
-    shown = ", ".join(absent[:10]) + (f" ... ({len(absent)} in all)" if len(absent) > 10 else "")
-    raise DataError(f"{len(absent)} participant(s) with images have no row in {path}: {shown}.{hint}")
+    raise DataError(f"{len(absent)} participant(s) with images have no row in {path}: {_list_rows(rows)}.{hint}")
 
 
 def _check_unique(table: pd.DataFrame, path: Path, key: list[str]) -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from bids_app import read_version
 from bids_app.config import AnalysisLevel, ExtractionMode, GroupStage, LabelConfig, RunConfig
-from bids_app.derivatives import init_derivative
+from bids_app.derivatives import explain_environment_error, init_derivative
 from bids_app.errors import BidsAppError, DataError
 from bids_app.inputs.bids_query import (
     ImageRecord,
@@ -52,6 +52,12 @@ def run(cfg: RunConfig, argv: Sequence[str]) -> int:
     except BidsAppError as exc:
         code = exc.exit_code
         raise
+    except OSError as exc:  # a read-only or full disk under a writer that let the OSError through
+        explained = explain_environment_error(exc)
+        if explained is None:
+            raise
+        code = explained.exit_code
+        raise explained from exc
     finally:
         try:
             end_run(ctx, code)

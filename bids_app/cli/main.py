@@ -8,32 +8,16 @@ read-only file system, a full disk or a device error that a writer let through (
 
 from __future__ import annotations
 
-import errno
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from bids_app.cli.arguments import parse_config
-from bids_app.derivatives import explain_write_error
-from bids_app.errors import BidsAppError, IOFailure, OutputError
+from bids_app.derivatives import explain_environment_error
+from bids_app.errors import BidsAppError
 from bids_app.log_setup import configure_logging
 
 log = logging.getLogger("bids_app")
-
-
-def explain_environment_error(exc: OSError) -> OutputError | IOFailure | None:
-    """An ``OSError`` only the machine causes (read-only file system, full disk or quota, device error) that a
-    writer let through, as the error it stands for; None for any other (a bug keeps its traceback)."""
-    where = Path(exc.filename) if exc.filename else Path("(a file of the output)")
-    if exc.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
-        return explain_write_error(exc, where)
-    if exc.errno == errno.EIO:
-        return IOFailure(
-            f"I/O error on {where}: {exc.strerror} (EIO). Check the disk (device errors in the system log), then "
-            "re-run (completed outputs are kept)."
-        )
-    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -158,7 +158,9 @@ def test_maps_create_writes_the_record_and_environment(tmp_path: Path) -> None:
 
 
 def test_root_outside_the_maps_stays_absolute(tmp_path: Path) -> None:
-    cfg = dataclasses.replace(make_config(tmp_path), output_dir=tmp_path / "elsewhere")
+    base = make_config(tmp_path)  # a regression model: no label encoding
+    cfg = dataclasses.replace(base, output_dir=tmp_path / "elsewhere",
+                              labels=dataclasses.replace(base.labels, task=Task.REGRESSION))  # fmt: skip
     maps_dir = tmp_path / "models" / "m"
     maps.write_maps_json(maps_dir, cfg, {"input_shape": [1, 4, 4], "n_outputs": 1, "label_encoding": None})
     content = json.loads(MapsLayout(maps_dir).maps_json.read_text())
