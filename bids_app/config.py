@@ -114,6 +114,7 @@ class LabelConfig:
     task: Task = Task.CLASSIFICATION
     classes: tuple[str, ...] = ()  # empty: every class present
     baseline_only: bool = False
+    positive_class: str | None = None  # sensitivity, specificity, PPV, NPV are for this class; None: see metrics
 
 
 @dataclasses.dataclass(frozen=True)

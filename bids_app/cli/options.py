@@ -150,6 +150,13 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
         ("--no-test-baseline-only",),
         {"action": BoolFlag, "help": "keep only baseline sessions in the test set (default on)"},
     ),
+    (
+        F,
+        "positive_class",
+        "labels.positive_class",
+        (),
+        {"metavar": "CLASS", "help": "the class sensitivity, specificity, PPV and NPV are computed for"},
+    ),
     (F, "balance_p_threshold", "split.balance_p_threshold", (), {"type": float, "help": "age/sex tests p > this"}),
     (F, "max_attempts", "split.max_attempts", (), {"type": int, "help": "bounded number of split draws"}),
     (F, "parent_label", "split.parent_label", (), {"metavar": "COLUMN", "help": "transfer-safe nested split"}),
