@@ -1,9 +1,11 @@
 """Regenerate boutiques/bids_app.json from the CLI parser: `make descriptor` (tests/test_containers.py checks it)."""
 
+import enum
 import json
 from pathlib import Path
 
-from bids_app.cli.arguments import build_parser
+from bids_app.cli.arguments import build_parser, config_default
+from bids_app.cli.options import CONFIG_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSION = (ROOT / "version").read_text().strip()
@@ -43,6 +45,36 @@ EXTRA_HELP = {
     "balance_p_threshold": "split balance: age and sex tests must have p above this",
     "max_attempts": "bounded number of split draws to reach balance",
     "validation_size": "validation fraction when --n-splits is 1",
+}
+# Ranges of the numeric options, as bids_app.config.check_config_values enforces them (tests/test_containers.py
+# checks each bound against it): dest -> (minimum, exclusive, maximum or None, exclusive).
+RANGES = {
+    "seed": (0, False, 2**32 - 1, False),
+    "nprocs": (1, False, None, False),
+    "omp_nthreads": (1, False, None, False),
+    "epochs": (1, False, None, False),
+    "batch_size": (1, False, None, False),
+    "accumulation_steps": (1, False, None, False),
+    "lr_plateau_patience": (0, False, None, False),
+    "early_stopping_patience": (0, False, None, False),
+    "n_splits": (1, False, None, False),
+    "max_attempts": (1, False, None, False),
+    "n_bootstrap": (0, False, None, False),
+    "num_workers": (0, False, None, False),
+    "inference_batch_size": (1, False, None, False),
+    "interpret_n_steps": (1, False, None, False),
+    "patch_size": (1, False, None, False),
+    "stride": (1, False, None, False),
+    "discarded_slices": (0, False, None, False),
+    "crop_shape": (1, False, None, False),
+    "learning_rate": (0, True, None, False),
+    "weight_decay": (0, False, None, False),
+    "dropout": (0, False, 1, True),
+    "early_stopping_tolerance": (0, False, None, False),
+    "test_size": (0, False, None, False),
+    "validation_size": (0, True, None, False),
+    "balance_p_threshold": (0, False, 1, True),
+    "voting_threshold": (0, False, 1, False),
 }
 INFO_ONLY = {"help", "version", "list_architectures"}
 BOOL_HELP = {
@@ -174,8 +206,23 @@ for a in p._actions:
         entry["list"] = True
         entry["min-list-entries"] = a.nargs
         entry["max-list-entries"] = a.nargs
-    if entry["type"] == "Number":
-        entry["minimum"] = 0  # every count, size, rate and seed of the CLI is non-negative
+    if a.dest in RANGES:
+        low, low_exclusive, high, high_exclusive = RANGES[a.dest]
+        entry["minimum"] = low
+        if low_exclusive:
+            entry["exclusive-minimum"] = True
+        if high is not None:
+            entry["maximum"] = high
+            if high_exclusive:
+                entry["exclusive-maximum"] = True
+    default = config_default(a.dest) if a.dest in CONFIG_KEYS else None
+    if default is not None and default != () and entry["type"] != "Flag":
+        values = list(default) if isinstance(default, tuple) else default
+        entry["default-value"] = (
+            [v.value if isinstance(v, enum.Enum) else v for v in values]
+            if isinstance(values, list)
+            else (values.value if isinstance(values, enum.Enum) else values)
+        )
     inputs.append(entry)
     cmd.append(key)
 
@@ -199,6 +246,52 @@ desc = {
             "optional": False,
             "path-template": "[OUTPUT_DIR]/dataset_description.json",
             "description": "Written at the end of every run; names the app version and container (GeneratedBy).",
+        },
+        {
+            "id": "participant_reports",
+            "name": "Participant reports",
+            "optional": True,
+            "list": True,
+            "path-template": "[OUTPUT_DIR]/sub-*/sub-*_report.html",
+            "description": "Participant level: one HTML report per participant (registration figures, QC).",
+        },
+        {
+            "id": "participant_status",
+            "name": "Participant status table",
+            "optional": True,
+            "path-template": "[OUTPUT_DIR]/participant_status.tsv",
+            "description": "Participant level: what each participant and session reached, and why one failed.",
+        },
+        {
+            "id": "model_folder",
+            "name": "Model folder (MAPS)",
+            "optional": True,
+            "path-template": "[OUTPUT_DIR]/models/[MODEL_NAME]",
+            "description": "Group level: the model folder of --model-name (default 'model'): splits, weights, "
+            "predictions, metrics.",
+        },
+        {
+            "id": "maps_json",
+            "name": "Model record",
+            "optional": True,
+            "path-template": "[OUTPUT_DIR]/models/[MODEL_NAME]/maps.json",
+            "description": "Group level: the model folder's record (resolved configuration, classes, input shape).",
+        },
+        {
+            "id": "model_report",
+            "name": "Model report",
+            "optional": True,
+            "path-template": "[OUTPUT_DIR]/models/[MODEL_NAME]/report.html",
+            "description": "Group level: the HTML report of training curves, metrics and their intervals.",
+        },
+        {
+            "id": "metrics_tables",
+            "name": "Metric tables",
+            "optional": True,
+            "list": True,
+            "path-template": "[OUTPUT_DIR]/models/[MODEL_NAME]/split-*/best-*/*/*_image_level_metrics.tsv",
+            "description": "Group level: image-level metrics with bootstrap intervals, per split, selection "
+            "metric and group (validation, test, or --group-name).",
         },
     ],
     "error-codes": [

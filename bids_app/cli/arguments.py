@@ -8,6 +8,8 @@ pandas) because ``--help`` and ``--version`` go through it; ``cli`` and ``search
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import enum
 import json
 import re
 import sys
@@ -16,12 +18,25 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from bids_app import read_version
-from bids_app.cli.options import CONFIG_KEYS, GROUP_TITLES, OPTIONS
-from bids_app.config import AnalysisLevel, RunConfig, check_config_values
+from bids_app.cli.options import (
+    ALLOWED_NAMES,
+    CONFIG_KEYS,
+    DEFAULT_TEXT,
+    GROUP_TITLES,
+    OPTIONS,
+    SELECTION_METRIC_NAMES,
+)
+from bids_app.config import DEFAULT_GROUP_STAGES, AnalysisLevel, PreprocessConfig, RunConfig, check_config_values
 from bids_app.config_file import load_config_file, merge_nested, move_legacy_keys, resolve_config
 from bids_app.errors import AnalysisLevelError, ConfigError, InputMissingError, UsageError
 
 LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
+TEMPLATE_LABEL_RE = re.compile(r"^tpl-([A-Za-z0-9]+)_")
+# Templates whose tpl- label is not their space: the generator's 4 mm template (bids_app.synthetic, written from
+# nilearn's MNI152 2009a symmetric and documented as that space) keeps the default space.
+TEMPLATE_SPACE_OF_LABEL = {"tiny": PreprocessConfig().template_space}
+# Defaults that an empty value stands for.
+EMPTY_MEANS: dict[str, Any] = {"stages": DEFAULT_GROUP_STAGES}
 
 
 class BidsAppParser(argparse.ArgumentParser):
@@ -61,8 +76,59 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for title, dest, _, extra, kwargs in OPTIONS:
         flags = [f"--{dest.replace('_', '-')}"] + ([f"--{dest}"] if "_" in dest else [])
+        kwargs = {**kwargs, "help": option_help(dest, kwargs.get("help", ""))}
         groups[title].add_argument(*extra, *flags, dest=dest, default=argparse.SUPPRESS, **kwargs)
     return parser
+
+
+def config_default(dest: str) -> Any:
+    """The configuration default of option ``dest``, read from the config dataclasses (``CONFIG_KEYS``)."""
+    section, _, name = CONFIG_KEYS[dest].partition(".")
+    if section == "run":
+        owner: Any = RunConfig
+    else:
+        (field,) = [f for f in dataclasses.fields(RunConfig) if f.name == section]
+        owner = field.default_factory()  # type: ignore[operator]
+    (field,) = [f for f in dataclasses.fields(owner) if f.name == name]
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default  # type: ignore[operator]
+
+
+def format_default(value: Any) -> str:
+    """A default as a user types it: ``0.0001``, ``image patch slice``, ``on``/``off``, ``none``."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple | list):
+        return " ".join(format_default(v) for v in value) if value else "none"
+    return str(value)
+
+
+def default_text(dest: str) -> str:
+    """What option ``dest`` is when not given: ``DEFAULT_TEXT`` for a None or empty default, else its value."""
+    value = config_default(dest)
+    if value is None or value == ():
+        value = EMPTY_MEANS.get(dest, value)
+    if (value is None or value == ()) and dest in DEFAULT_TEXT:
+        return DEFAULT_TEXT[dest]
+    return format_default(value)
+
+
+def option_help(dest: str, text: str) -> str:
+    """``text`` plus the allowed names and the default of option ``dest`` (escaped for argparse's % format)."""
+    parts = [text] if text else []
+    if dest in ALLOWED_NAMES:
+        parts.append(f"one or more of: {', '.join(ALLOWED_NAMES[dest])}")
+    if dest == "selection_metrics":
+        parts.append("by task: " + "; ".join(f"{task.value}: {', '.join(names)}"
+                                              for task, names in SELECTION_METRIC_NAMES.items()))  # fmt: skip
+    if dest == "architecture":
+        parts[-1] = parts[-1].replace("one or more of", "one of")
+    return (", ".join(parts) + f" (default: {default_text(dest)})").replace("%", "%%")
 
 
 class _ListArchitectures(argparse.Action):
@@ -165,6 +231,27 @@ def _check_writable_path(bids_dir: Path, path: Path, what: str) -> None:
         )
 
 
+def _with_template_space(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the space of a ``--template`` whose space was not given, read from its ``tpl-<label>_`` name.
+
+    Raises:
+        UsageError: a template whose file name gives no space label (its outputs would carry a wrong space-).
+    """
+    template = cfg.preprocess.template_path
+    if template is None:
+        return cfg
+    match = TEMPLATE_LABEL_RE.match(template.name)
+    if match is None:
+        raise UsageError(
+            f"--template {template} has no space label: its outputs would be named space-"
+            f"{cfg.preprocess.template_space} although the image may be in another space. Pass --template-space "
+            "LABEL (e.g. --template-space MNI152NLin2009cAsym), set preprocess.template_space in --config, or name "
+            "the file tpl-<label>_T1w.nii.gz."
+        )
+    space = TEMPLATE_SPACE_OF_LABEL.get(match.group(1), match.group(1))
+    return dataclasses.replace(cfg, preprocess=dataclasses.replace(cfg.preprocess, template_space=space))
+
+
 def parse_config(argv: Sequence[str]) -> RunConfig:
     """Parse ``argv`` into the resolved RunConfig (raises BidsAppError subclasses, or exits for --help)."""
     args = build_parser().parse_args(argv)
@@ -191,6 +278,8 @@ def parse_config(argv: Sequence[str]) -> RunConfig:
     if "bids_filter_file" in vars(args):
         nested["bids_filters"] = _read_filter_file(args.bids_filter_file)
     cfg = resolve_config(nested)
+    if "template_space" not in nested.get("preprocess", {}):
+        cfg = _with_template_space(cfg)
     for path, what in (
         (cfg.work_dir, "--work-dir"),
         (cfg.bids_database_dir, "--bids-database-dir"),

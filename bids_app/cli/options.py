@@ -24,6 +24,19 @@ class BoolFlag(argparse.Action):
         setattr(namespace, self.dest, not (option_string or "").startswith("--no-"))
 
 
+# Names users type, kept here (no torch, numpy or scipy) so that --help can list them; tests/cli/test_help.py
+# checks them against the real registries (models.list_architectures, data.augment, metrics.metric_names,
+# interpret.saliency.SaliencyMethod).
+ARCHITECTURE_NAMES = ("conv4_fc3", "conv5_fc3", "conv_autoencoder", "resnet3d", "small_autoencoder", "small_cnn")
+AUGMENTATION_NAMES = ("affine", "flip", "intensity_scaling", "gaussian_noise")
+INTERPRET_METHOD_NAMES = ("gradients", "grad_cam", "integrated_gradients")
+SELECTION_METRIC_NAMES = {
+    Task.CLASSIFICATION: ("loss", "balanced_accuracy", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1",
+                          "mcc", "roc_auc"),
+    Task.REGRESSION: ("loss", "mae", "rmse", "r2"),
+    Task.RECONSTRUCTION: ("loss", "mae", "rmse", "psnr", "ssim"),
+}  # fmt: skip
+
 S, R = "input selection", "run control"
 P, F = "participant level: preprocessing and extraction", "group level: labels, splits, training, prediction"
 M = "group level: runtime (how the machine is used; never what a model learns)"
@@ -69,7 +82,7 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
             "help": "already preprocessed inputs: BIDS derivative datasets or a Clinica CAPS",
         },
     ),
-    (R, "work_dir", "run.work_dir", ("-w",), {"type": Path, "help": "intermediate files (default: $TMPDIR)"}),
+    (R, "work_dir", "run.work_dir", ("-w",), {"type": Path, "help": "intermediate files"}),
     (R, "nprocs", "run.nprocs", (), {"type": int, "help": "participants processed in parallel"}),
     (R, "omp_nthreads", "run.omp_nthreads", (), {"type": int, "help": "threads per process (ANTs, torch)"}),
     (R, "seed", "run.seed", (), {"type": int, "help": "the one seed: splits, initialisation, sampling, augmentation"}),
@@ -83,7 +96,7 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
         {
             "nargs": "+",
             "choices": [s.value for s in GroupStage],
-            "help": "group-level stages to run (default: all that apply)",
+            "help": "group-level stages to run",
         },
     ),
     (
@@ -94,18 +107,31 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
         {
             "type": Path,
             "metavar": "PATH",
-            "help": "registration template (default: MNI152 2009a symmetric, 1 mm, shipped by nilearn)",
+            "help": "registration template; give its space with --template-space unless its file name starts with "
+            "tpl-<label>_ (the space is then <label>)",
         },
     ),
-    (P, "template_space", "preprocess.template_space", (), {"metavar": "LABEL", "help": "space label of --template"}),
+    (
+        P,
+        "template_space",
+        "preprocess.template_space",
+        (),
+        {"metavar": "LABEL", "help": "space label of --template (the space- entity of the outputs)"},
+    ),
     (
         P,
         "crop_shape",
         "preprocess.crop_shape",
         (),
-        {"nargs": 3, "type": int, "metavar": ("X", "Y", "Z"), "help": "crop in template voxels (default 169 208 179)"},
+        {"nargs": 3, "type": int, "metavar": ("X", "Y", "Z"), "help": "crop in template voxels"},
     ),
-    (P, "registration", "preprocess.registration", (), {"choices": ["AffineFast", "Affine"]}),
+    (
+        P,
+        "registration",
+        "preprocess.registration",
+        (),
+        {"choices": ["AffineFast", "Affine"], "help": "ANTs affine registration"},
+    ),
     (
         P,
         "pet_tracer",
@@ -113,12 +139,30 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
         (),
         {"nargs": "+", "metavar": "TRACER", "help": "also process PET with these tracers"},
     ),
-    (P, "suvr_reference_mask", "preprocess.suvr_reference_mask", (), {"type": Path, "metavar": "PATH"}),
-    (P, "modes", "extraction.modes", (), {"nargs": "+", "choices": [m.value for m in ExtractionMode]}),
-    (P, "patch_size", "extraction.patch_size", (), {"type": int, "help": "cubic patch edge in voxels (50)"}),
-    (P, "stride", "extraction.stride", (), {"type": int, "help": "patch stride in voxels (50)"}),
-    (P, "slice_direction", "extraction.slice_direction", (), {"choices": [d.value for d in SliceDirection]}),
-    (P, "discarded_slices", "extraction.discarded_slices", (), {"type": int, "help": "dropped at both ends (20)"}),
+    (
+        P,
+        "suvr_reference_mask",
+        "preprocess.suvr_reference_mask",
+        (),
+        {"type": Path, "metavar": "PATH", "help": "binary SUVR reference-region mask in template space"},
+    ),
+    (
+        P,
+        "modes",
+        "extraction.modes",
+        (),
+        {"nargs": "+", "choices": [m.value for m in ExtractionMode], "help": "tensors to extract"},
+    ),
+    (P, "patch_size", "extraction.patch_size", (), {"type": int, "help": "cubic patch edge in voxels"}),
+    (P, "stride", "extraction.stride", (), {"type": int, "help": "patch stride in voxels"}),
+    (
+        P,
+        "slice_direction",
+        "extraction.slice_direction",
+        (),
+        {"choices": [d.value for d in SliceDirection], "help": "axis orthogonal to the slices"},
+    ),
+    (P, "discarded_slices", "extraction.discarded_slices", (), {"type": int, "help": "slices dropped at both ends"}),
     (
         P,
         "roi_mask",
@@ -131,12 +175,18 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
         "roi_crop",
         "extraction.roi_crop",
         ("--no-roi-crop",),
-        {"action": BoolFlag, "help": "crop regions to their bounding box (default) or keep the full frame"},
+        {"action": BoolFlag, "help": "crop regions to their bounding box, or keep the full frame (--no-roi-crop)"},
     ),
-    (P, "normalization", "extraction.normalization", (), {"choices": ["minmax", "zscore", "none"]}),
-    (P, "tensor_dtype", "extraction.dtype", (), {"choices": ["float32", "float16"]}),
+    (
+        P,
+        "normalization",
+        "extraction.normalization",
+        (),
+        {"choices": ["minmax", "zscore", "none"], "help": "per-image intensity normalisation"},
+    ),
+    (P, "tensor_dtype", "extraction.dtype", (), {"choices": ["float32", "float16"], "help": "tensor type"}),
     (F, "label", "labels.label", (), {"metavar": "COLUMN", "help": "column of participants.tsv or sessions.tsv"}),
-    (F, "task", "labels.task", (), {"choices": [t.value for t in Task]}),
+    (F, "task", "labels.task", (), {"choices": [t.value for t in Task], "help": "what the model predicts"}),
     (F, "classes", "labels.classes", (), {"nargs": "+", "metavar": "CLASS", "help": "restrict to these classes"}),
     (F, "baseline_only", "labels.baseline_only", (), {"action": "store_true", "help": "first session only"}),
     (F, "test_size", "split.test_size", (), {"type": float, "help": "test subjects: fraction (<1) or count"}),
@@ -148,7 +198,10 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
         "test_baseline_only",
         "split.test_baseline_only",
         ("--no-test-baseline-only",),
-        {"action": BoolFlag, "help": "keep only baseline sessions in the test set (default on)"},
+        {
+            "action": BoolFlag,
+            "help": "keep only baseline sessions in the test set, or every session (--no-test-baseline-only)",
+        },
     ),
     (
         F,
@@ -161,21 +214,39 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
     (F, "max_attempts", "split.max_attempts", (), {"type": int, "help": "bounded number of split draws"}),
     (F, "parent_label", "split.parent_label", (), {"metavar": "COLUMN", "help": "transfer-safe nested split"}),
     (F, "model_name", "train.model_name", (), {"metavar": "NAME", "help": "model folder under OUTPUT_DIR/models/"}),
-    (F, "architecture", "train.architecture", (), {"metavar": "NAME", "help": "see --list-architectures"}),
+    (
+        F,
+        "architecture",
+        "train.architecture",
+        (),
+        {"metavar": "NAME", "help": "network; --list-architectures describes each"},
+    ),
     (F, "mode", "train.mode", (), {"choices": [m.value for m in ExtractionMode], "help": "tensors to train on"}),
-    (F, "epochs", "train.epochs", (), {"type": int}),
-    (F, "batch_size", "train.batch_size", (), {"type": int}),
-    (F, "learning_rate", "train.learning_rate", (), {"type": float}),
-    (F, "optimizer", "train.optimizer", (), {"choices": ["adam", "adamw", "sgd"]}),
-    (F, "weight_decay", "train.weight_decay", (), {"type": float}),
-    (F, "dropout", "train.dropout", (), {"type": float}),
+    (F, "epochs", "train.epochs", (), {"type": int, "help": "maximum training epochs"}),
+    (F, "batch_size", "train.batch_size", (), {"type": int, "help": "samples per training batch"}),
+    (F, "learning_rate", "train.learning_rate", (), {"type": float, "help": "optimiser learning rate"}),
+    (F, "optimizer", "train.optimizer", (), {"choices": ["adam", "adamw", "sgd"], "help": "optimiser"}),
+    (F, "weight_decay", "train.weight_decay", (), {"type": float, "help": "L2 penalty"}),
+    (F, "dropout", "train.dropout", (), {"type": float, "help": "dropout probability"}),
     (F, "accumulation_steps", "train.accumulation_steps", (), {"type": int, "help": "gradient accumulation"}),
-    (F, "loss", "train.loss", (), {"help": "regression: mse, l1 or huber (default: the task's)"}),
+    (F, "loss", "train.loss", (), {"help": "regression: mse, l1 or huber"}),
     (F, "lr_plateau_patience", "train.lr_plateau_patience", (), {"type": int, "help": "ReduceLROnPlateau (0 off)"}),
     (F, "early_stopping_patience", "train.early_stopping_patience", (), {"type": int, "help": "0: off"}),
-    (F, "early_stopping_tolerance", "train.early_stopping_tolerance", (), {"type": float}),
+    (
+        F,
+        "early_stopping_tolerance",
+        "train.early_stopping_tolerance",
+        (),
+        {"type": float, "help": "smallest improvement that resets early stopping"},
+    ),
     (F, "augmentations", "train.augmentations", (), {"nargs": "+", "metavar": "NAME", "help": "training set only"}),
-    (F, "class_weighted_sampling", "train.class_weighted_sampling", (), {"action": "store_true"}),
+    (
+        F,
+        "class_weighted_sampling",
+        "train.class_weighted_sampling",
+        (),
+        {"action": "store_true", "help": "sample training examples inversely to their class frequency"},
+    ),
     (F, "splits", "train.splits", (), {"nargs": "+", "type": int, "metavar": "K", "help": "train only these"}),
     (F, "n_unfrozen_layers", "train.n_unfrozen_layers", (), {"type": int, "help": "transfer: layers trained"}),
     (
@@ -186,7 +257,13 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
         {"nargs": "+", "metavar": "METRIC", "help": "one best model kept per metric"},
     ),
     (F, "resume", "train.resume", (), {"action": "store_true", "help": "continue an interrupted training"}),
-    (F, "transfer_from", "train.transfer_from", (), {"type": Path, "metavar": "MAPS"}),
+    (
+        F,
+        "transfer_from",
+        "train.transfer_from",
+        (),
+        {"type": Path, "metavar": "MAPS", "help": "initialise from another model folder"},
+    ),
     (
         F,
         "predict_from",
@@ -197,8 +274,14 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
     (F, "group_name", "predict.group_name", (), {"metavar": "NAME", "help": "name of the predicted group"}),
     (F, "allow_leak", "predict.allow_leak", (), {"action": "store_true", "help": "predict despite a leak"}),
     (F, "voting_threshold", "predict.voting_threshold", (), {"type": float, "help": "drop weaker parts"}),
-    (F, "n_bootstrap", "predict.n_bootstrap", (), {"type": int, "help": "bootstrap resamples (1000)"}),
-    (F, "inverse_mae_voting", "predict.inverse_mae_voting", (), {"action": "store_true"}),
+    (F, "n_bootstrap", "predict.n_bootstrap", (), {"type": int, "help": "bootstrap resamples"}),
+    (
+        F,
+        "inverse_mae_voting",
+        "predict.inverse_mae_voting",
+        (),
+        {"action": "store_true", "help": "regression: weight parts by 1 / validation MAE"},
+    ),
     (
         F,
         "exclude_failed_qc",
@@ -214,7 +297,7 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
         {
             "nargs": "+",
             "metavar": "METHOD",
-            "choices": ["gradients", "grad_cam", "integrated_gradients"],
+            "choices": INTERPRET_METHOD_NAMES,
             "help": "saliency methods for --stages interpret",
         },
     ),
@@ -225,8 +308,8 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
         (),
         {"choices": ["predicted", "true"], "help": "explain the predicted or the true class"},
     ),
-    (F, "interpret_group", "interpret.group_name", (), {"metavar": "NAME", "help": "group to explain (test)"}),
-    (F, "interpret_n_steps", "interpret.n_steps", (), {"type": int, "help": "integrated-gradients steps (32)"}),
+    (F, "interpret_group", "interpret.group_name", (), {"metavar": "NAME", "help": "group to explain"}),
+    (F, "interpret_n_steps", "interpret.n_steps", (), {"type": int, "help": "integrated-gradients steps"}),
     (
         F,
         "track",
@@ -234,8 +317,8 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
         (),
         {"choices": [b.value for b in TrackingBackend], "help": "mirror the group level in a local MLflow store"},
     ),
-    (F, "track_dir", "tracking.store_dir", (), {"type": Path, "metavar": "DIR", "help": "default OUTPUT_DIR/mlruns"}),
-    (F, "track_experiment", "tracking.experiment", (), {"metavar": "NAME", "help": "MLflow experiment (bids_app)"}),
+    (F, "track_dir", "tracking.store_dir", (), {"type": Path, "metavar": "DIR", "help": "MLflow file store"}),
+    (F, "track_experiment", "tracking.experiment", (), {"metavar": "NAME", "help": "MLflow experiment"}),
     (M, "device", "runtime.device", (), {"metavar": "DEVICE", "help": "auto, cpu, cuda or cuda:<index>"}),
     (
         M,
@@ -273,3 +356,32 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
     ),
 )
 CONFIG_KEYS = {dest: key for _, dest, key, _, _ in OPTIONS}
+# What a default of None or an empty list means, where "none" would not say it; every other default is read
+# from the config dataclasses (bids_app/config.py) when the parser is built.
+DEFAULT_TEXT = {
+    "participant_label": "every participant",
+    "session_label": "every session",
+    "bids_database_dir": "a fresh index per run",
+    "derivatives": "none: preprocess from BIDS_DIR",
+    "work_dir": "$TMPDIR",
+    "template": "MNI152 2009a symmetric, 1 mm, shipped by nilearn",
+    "crop_shape": "none: the template frame",
+    "pet_tracer": "none: T1w only",
+    "suvr_reference_mask": "none: the whole brain",
+    "classes": "every class present",
+    "split_file": "none: a seeded split",
+    "positive_class": "the second class in sorted order",
+    "loss": "the task's: cross_entropy for classification, mse otherwise",
+    "splits": "every split",
+    "n_unfrozen_layers": "all: fine-tune everything",
+    "transfer_from": "none: random initialisation",
+    "predict_from": "none: predict the test split",
+    "group_name": "none: the test split",
+    "track_dir": "OUTPUT_DIR/mlruns",
+}
+# Allowed names listed in the help of options whose values argparse does not check (or hides behind a metavar).
+ALLOWED_NAMES = {
+    "architecture": ARCHITECTURE_NAMES,
+    "augmentations": AUGMENTATION_NAMES,
+    "interpret_methods": INTERPRET_METHOD_NAMES,
+}

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from bids_app.config import SECTIONS, RunConfig, Task
+from bids_app.config import DEFAULT_GROUP_STAGES, SECTIONS, GroupStage, RunConfig, Task
 from bids_app.config_file import config_to_nested, merge_nested, resolve_config
 from bids_app.derivatives import atomic_write_json, atomic_write_text
 from bids_app.errors import BidsAppError, ConfigError, InputMissingError, UsageError
@@ -235,12 +235,31 @@ def _validation_metric(maps: Maps, split: int, selection: str, metric: str) -> f
     return None if row.empty else float(row["value"].iloc[0])
 
 
+def _trial_is_complete(maps: Maps, expected: Sequence[int], selection: str) -> bool:
+    """Whether every expected split finished training (``summary.json``) and, when predict ran, predicted.
+
+    Completeness is read from the model folder, never from a metric value: a validation metric may be n/a (one
+    validation participant, one class) for a trial that trained and predicted normally.
+    """
+    cfg = maps.record.config
+    predicts = GroupStage.PREDICT in (cfg.stages or DEFAULT_GROUP_STAGES)
+    group = cfg.predict.group_name if cfg.predict.predict_from is not None and cfg.predict.group_name else "test"
+    return all(
+        maps.layout.summary_json(k).is_file()
+        and (not predicts or maps.layout.prediction_tsv(k, selection, group).is_file())
+        for k in expected
+    )
+
+
 def summarize(output_dir: Path, name: str, metric: str | None = None) -> pd.DataFrame:
     """Rank the trials of search ``name`` on a validation metric and write ``models/<name>-search_summary.tsv``.
 
     Only ``split-<k>/best-<selection>/validation/validation_image_level_metrics.tsv`` is read (``selection`` is
-    the trial's first selection metric); test-set results never influence the ranking. A trial is ``complete``
-    when every split it trains has that file; only complete trials are ranked, by the mean over splits.
+    the trial's first selection metric); test-set results never influence the ranking. A trial's status comes
+    from its model folder: ``complete`` when every split it trains finished training and predicted, ``partial``
+    when some did, ``missing`` otherwise. Only complete trials whose metric is finite on every split are ranked,
+    by the mean over splits; a complete trial whose validation metric is n/a on some split (e.g. a validation
+    group of one participant) keeps an empty rank, and ``n_splits`` counts the splits with a finite value.
 
     Args:
         output_dir: the group level's output folder.
@@ -265,7 +284,7 @@ def summarize(output_dir: Path, name: str, metric: str | None = None) -> pd.Data
     for trial in record["trials"]:
         maps_dir = models_dir / trial["model_name"]
         row: dict[str, Any] = {"trial": trial["trial"], "model_name": trial["model_name"], "status": "missing",
-                               "selection_metric": None}  # fmt: skip
+                               "selection_metric": None, "rankable": False}  # fmt: skip
         values: list[float] = []
         if Maps.exists(maps_dir):
             trial_maps = Maps.open(maps_dir)
@@ -274,9 +293,13 @@ def summarize(output_dir: Path, name: str, metric: str | None = None) -> pd.Data
             selection = cfg.train.selection_metrics[0]
             expected = cfg.train.splits or tuple(range(cfg.split.n_splits))
             found = [_validation_metric(trial_maps, k, selection, metric) for k in expected]
-            values = [v for v in found if v is not None and not math.isnan(v)]
+            values = [v for v in found if v is not None and math.isfinite(v)]
             row["selection_metric"] = selection
-            row["status"] = "complete" if len(values) == len(expected) else ("partial" if values else "missing")
+            if _trial_is_complete(trial_maps, expected, selection):
+                row["status"] = "complete"
+                row["rankable"] = len(values) == len(expected)
+            elif trial_maps.layout.trained_splits():
+                row["status"] = "partial"
         row["n_splits"] = len(values)
         row["mean"] = float(np.mean(values)) if values else math.nan
         row["std"] = float(np.std(values)) if values else math.nan
@@ -284,14 +307,15 @@ def summarize(output_dir: Path, name: str, metric: str | None = None) -> pd.Data
     metric = metric or "balanced_accuracy"
     table = pd.DataFrame(rows).rename(columns={"mean": f"validation_{metric}_mean", "std": f"validation_{metric}_std"})
     complete = table["status"] == "complete"
-    score = table[f"validation_{metric}_mean"].where(complete)
+    score = table[f"validation_{metric}_mean"].where(complete & table.pop("rankable").astype(bool))
     table["rank"] = score.rank(ascending=not higher_is_better(metric), method="min")
     table = table.sort_values(["rank", "trial"], na_position="last", kind="stable").reset_index(drop=True)
     table = table[["rank", *[c for c in table.columns if c != "rank"]]]
     table["rank"] = table["rank"].astype("Int64")
     summary_path = models_dir / f"{name}-search_summary.tsv"
     atomic_write_text(summary_path, table.to_csv(sep="\t", index=False, na_rep="n/a"))
-    log.info("Search '%s': %d/%d trial(s) complete; summary %s", name, int(complete.sum()), len(table), summary_path)
+    log.info("Search '%s': %d/%d trial(s) complete, %d ranked; summary %s", name, int(complete.sum()), len(table),
+             int(table["rank"].notna().sum()), summary_path)  # fmt: skip
     return table
 
 

@@ -245,3 +245,26 @@ def test_another_space_under_the_same_name_is_refused(searched, tmp_path: Path) 
     result = run_search(*args)
     assert result.returncode == 64
     assert "full-search.json" in result.stderr
+
+
+def test_a_trained_trial_with_an_na_validation_metric_is_complete_but_unranked(searched, tmp_path: Path) -> None:
+    """One validation participant gives an n/a balanced accuracy: the trial trained and predicted, so it is
+    complete; it is not ranked, since no finite value exists to rank it on. A split without summary.json is not."""
+    _, out, _ = searched
+    copy = tmp_path / "out"
+    (copy / "models").mkdir(parents=True)
+    for name in ("full-search.json", "full-trial-0", "full-trial-1"):
+        source = out / "models" / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, copy / "models" / name)
+    path = copy / "models/full-trial-0/split-1/best-loss/validation/validation_image_level_metrics.tsv"
+    table = read_tsv(path)
+    table.loc[table["metric"] == "balanced_accuracy", "value"] = "n/a"
+    table.to_csv(path, sep="\t", index=False)
+    ranked = summarize(copy, "full").set_index("trial")
+    assert ranked.loc[0, "status"] == "complete"
+    assert pd.isna(ranked.loc[0, "rank"]) and ranked.loc[0, "n_splits"] == 1
+    assert ranked.loc[1, "status"] == "complete" and ranked.loc[1, "rank"] == 1
+
+    (copy / "models/full-trial-1/split-0/training_logs/summary.json").unlink()
+    ranked = summarize(copy, "full").set_index("trial")
+    assert ranked.loc[1, "status"] == "partial" and pd.isna(ranked.loc[1, "rank"])
