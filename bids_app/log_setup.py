@@ -37,6 +37,27 @@ class _CurrentStderrHandler(logging.StreamHandler):
     def stream(self, value: Any) -> None:  # StreamHandler.__init__ and setStream assign it; stderr wins
         pass
 
+    def emit(self, record: logging.LogRecord) -> None:
+        """Print ``record`` on a line of its own, below the progress bars on the console.
+
+        A tqdm bar leaves the cursor at the end of its line, so a record written there would continue the bar's
+        line. ``tqdm.write`` clears the active bars, prints the record on its own line and redraws the bars
+        below it; with no active bar (off a terminal they are disabled) it only prints. ``tqdm`` is imported
+        here only once something else has, since no bar exists before that.
+        """
+        if "tqdm" not in sys.modules:
+            super().emit(record)
+            return
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except RecursionError:  # as logging's own handlers do: a recursion is a bug to see, not a record lost
+            raise
+        except Exception:
+            self.handleError(record)
+
 
 def configure_logging(verbose: int) -> None:
     """Console logging for the whole ``bids_app`` logger tree; per-run files are added by ``attach_log_file``.

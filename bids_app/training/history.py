@@ -29,6 +29,18 @@ def write_history(path: Path, history: Sequence[dict[str, Any]]) -> None:
     atomic_write_text(path, pd.DataFrame(history).to_csv(sep="\t", index=False, na_rep=NA, lineterminator="\n"))
 
 
+def tensorboard_tag(column: str) -> str:
+    """The TensorBoard tag of a ``training.tsv`` column: ``<quantity>/<set>``, so that one chart overlays the sets.
+
+    ``train_loss`` → ``loss/train``, ``validation_loss`` → ``loss/validation``, ``validation_<metric>`` →
+    ``<metric>/validation``; other columns (``learning_rate``) keep their name.
+    """
+    for prefix, split_set in (("train_", "train"), ("validation_", "validation")):
+        if column.startswith(prefix):
+            return f"{column.removeprefix(prefix)}/{split_set}"
+    return column
+
+
 class EpochLog:
     """The records of one split's epochs ``start_epoch ..`` (a resumed run purges later TensorBoard steps).
 
@@ -56,8 +68,7 @@ class EpochLog:
         with naming_write_errors(self.events_dir, _EVENTS):
             for name, value in row.items():
                 if name != "epoch":
-                    tag = name.replace("_", "/", 1) if name.startswith("validation_") else name
-                    self.writer.add_scalar(tag, value, row["epoch"])
+                    self.writer.add_scalar(tensorboard_tag(name), value, row["epoch"])
             self.writer.flush()
         self.tracker.log_epoch(self.split, row)
 

@@ -144,7 +144,7 @@ def test_each_task_logs_every_epoch_and_keeps_best_per_metric(
         model = maps.load_model(maps_dir, 0, metric)
         assert sum(p.numel() for p in model.parameters()) > 0
     assert not layout.tmp_dir(0).exists()
-    assert list(layout.tensorboard_dir(0).glob("events.out.tfevents.*"))
+    assert_tensorboard_overlays(layout.tensorboard_dir(0), log, metrics)
     summary = json.loads(layout.summary_json(0).read_text())
     assert summary["epochs_completed"] == 3 and summary["n_validation_images"] == N_IMAGES - N_TRAIN
     n_parts = {ExtractionMode.IMAGE: 1, ExtractionMode.SLICE: 5, ExtractionMode.PATCH: 4}[mode]
@@ -157,6 +157,24 @@ def test_each_task_logs_every_epoch_and_keeps_best_per_metric(
         ]
     )
     assert record.label_encoding == ({"AD": 0, "CN": 1} if task is Task.CLASSIFICATION else None)
+
+
+def assert_tensorboard_overlays(events_dir: Path, log: pd.DataFrame, metrics: tuple[str, ...]) -> None:
+    """The event files hold ``training.tsv``'s values under ``<quantity>/<set>`` tags: one chart per quantity."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert list(events_dir.glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(events_dir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {"loss/train": "train_loss", "learning_rate": "learning_rate"}
+    expected |= {f"{metric}/validation": f"validation_{metric}" for metric in metrics}
+    assert "loss/validation" in tags and expected.keys() <= tags
+    assert not {tag for tag in tags if tag.startswith(("train", "validation"))}, tags
+    for tag, column in expected.items():
+        scalars = events.Scalars(tag)
+        assert [s.step for s in scalars] == log["epoch"].tolist()
+        assert [s.value for s in scalars] == pytest.approx(log[column].tolist(), rel=1e-6)
 
 
 def test_validation_loss_is_the_mean_over_samples(tmp_path: Path) -> None:
