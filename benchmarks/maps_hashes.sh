@@ -11,7 +11,7 @@ export PYTHONHASHSEED=0 OMP_NUM_THREADS=1
 bids_app-generate "$BIDS" --n-subjects 12 --n-sessions 1 --preset tiny --seed 7 --effect-size 0.7 \
   --preprocessed derivative >/dev/null
 common=(--seed 5 --batch-size 2 --epochs 2 --n-splits 2 --test-size 3 --n-bootstrap 50)
-bids_app "$BIDS" "$OUT" participant -d "$BIDS/derivatives/preproc" --template "$BIDS/code/template/tpl-tiny_T1w.nii.gz" \
+bids_app "$BIDS" "$OUT" participant -d "$BIDS/derivatives/preproc" --template "$BIDS/code/template/tpl-MNI152NLin2009aSym_res-4mm_T1w.nii.gz" \
   --crop-shape 40 48 40 --modes image slice roi --discarded-slices 4 \
   --roi-mask "hippocampus=$BIDS/code/template/roi-hippocampus_mask.nii.gz" --seed 5 >>"$WORK/log.txt" 2>&1
 bids_app "$BIDS" "$OUT" group --label diagnosis --mode roi --architecture small_cnn --model-name roi_cls \

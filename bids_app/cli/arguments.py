@@ -26,15 +26,12 @@ from bids_app.cli.options import (
     OPTIONS,
     SELECTION_METRIC_NAMES,
 )
-from bids_app.config import DEFAULT_GROUP_STAGES, AnalysisLevel, PreprocessConfig, RunConfig, check_config_values
+from bids_app.config import DEFAULT_GROUP_STAGES, AnalysisLevel, RunConfig, check_config_values
 from bids_app.config_file import load_config_file, merge_nested, move_legacy_keys, resolve_config
 from bids_app.errors import AnalysisLevelError, ConfigError, InputMissingError, UsageError
 
 LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
 TEMPLATE_LABEL_RE = re.compile(r"^tpl-([A-Za-z0-9]+)_")
-# Templates whose tpl- label is not their space: the generator's 4 mm template (bids_app.synthetic, written from
-# nilearn's MNI152 2009a symmetric and documented as that space) keeps the default space.
-TEMPLATE_SPACE_OF_LABEL = {"tiny": PreprocessConfig().template_space}
 # Defaults that an empty value stands for.
 EMPTY_MEANS: dict[str, Any] = {"stages": DEFAULT_GROUP_STAGES}
 
@@ -248,7 +245,7 @@ def _with_template_space(cfg: RunConfig) -> RunConfig:
             "LABEL (e.g. --template-space MNI152NLin2009cAsym), set preprocess.template_space in --config, or name "
             "the file tpl-<label>_T1w.nii.gz."
         )
-    space = TEMPLATE_SPACE_OF_LABEL.get(match.group(1), match.group(1))
+    space = match.group(1)
     return dataclasses.replace(cfg, preprocess=dataclasses.replace(cfg.preprocess, template_space=space))
 
 

@@ -4,8 +4,10 @@ It writes a raw BIDS dataset that passes ``bids-validator-deno``: ``dataset_desc
 ``participants.tsv``/``.json`` (diagnosis AD/CN, age, sex), ``sessions.json`` and per participant
 ``sub-<p>_sessions.tsv`` (age and diagnosis per session), ``sub-<p>/ses-<s>/anat/*_T1w.nii.gz`` (+ JSON),
 optionally ``pet/*_trc-FDG_pet.nii.gz``, and under ``code/template/`` the atrophy-region mask
-``roi-hippocampus_mask.nii.gz`` (plus, for ``tiny``, the 4 mm template ``tpl-tiny_T1w.nii.gz`` and its
-``tpl-tiny_label-GM_probseg.nii.gz``). Template-space images can also be written as a BIDS derivative
+``roi-hippocampus_mask.nii.gz`` (plus, for ``tiny``, the 4 mm template
+``tpl-MNI152NLin2009aSym_res-4mm_T1w.nii.gz`` and its ``..._label-GM_probseg.nii.gz``: nilearn's MNI152 2009a
+symmetric template resampled to 4 mm, named so that its space label reads from the file name).
+Template-space images can also be written as a BIDS derivative
 (``derivatives/preproc/sub-<p>/ses-<s>/anat/*_space-MNI152NLin2009aSym_desc-preproc_T1w.nii.gz``, which
 validates as its own root) or as a Clinica CAPS (``derivatives/caps/subjects/sub-<p>/ses-<s>/t1_linear/
 *_space-MNI152NLin2009cSym_desc-Crop_res-1x1x1_T1w.nii.gz``); the validator skips ``derivatives/`` of a raw
@@ -46,8 +48,8 @@ PRESET_VOXEL_MM = {"tiny": 4, "realistic": 1}
 PREPROCESSED_KINDS = ("derivative", "caps")
 CAPS_SPACE = "MNI152NLin2009cSym"
 TEMPLATE_DIR = Path("code") / "template"
-TINY_TEMPLATE_NAME = "tpl-tiny_T1w.nii.gz"
-TINY_GM_NAME = "tpl-tiny_label-GM_probseg.nii.gz"
+TINY_TEMPLATE_NAME = "tpl-MNI152NLin2009aSym_res-4mm_T1w.nii.gz"
+TINY_GM_NAME = "tpl-MNI152NLin2009aSym_res-4mm_label-GM_probseg.nii.gz"
 ROI_MASK_NAME = "roi-hippocampus_mask.nii.gz"
 MAX_EFFECT_SIZE = 0.9
 MAX_SESSIONS = 20

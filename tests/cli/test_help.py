@@ -125,7 +125,7 @@ def test_a_template_without_a_space_label_is_a_usage_error_before_anything_is_wr
         ("my_template.nii.gz", ["--template-space", "MNI152NLin6Asym"], "MNI152NLin6Asym"),
         ("tpl-foo_T1w.nii.gz", ["--template-space", "bar"], "bar"),
         # the generator's 4 mm template is MNI152NLin2009aSym resampled (bids_app.synthetic)
-        ("tpl-tiny_T1w.nii.gz", [], "MNI152NLin2009aSym"),
+        ("tpl-MNI152NLin2009aSym_res-4mm_T1w.nii.gz", [], "MNI152NLin2009aSym"),
     ],
 )
 def test_the_template_space_comes_from_the_flag_or_the_tpl_label(
@@ -144,13 +144,14 @@ def test_a_config_file_setting_the_space_counts_as_given(tmp_path: Path) -> None
     assert cfg.preprocess.template_space == "MNI152NLin6Asym"
 
 
-def test_the_generator_template_name_is_the_one_mapped_to_the_default_space() -> None:
-    from bids_app.cli.arguments import TEMPLATE_LABEL_RE, TEMPLATE_SPACE_OF_LABEL
+def test_the_generator_template_names_its_own_space() -> None:
+    """The generator's 4 mm template is nilearn's MNI152 2009a symmetric resampled: its file name says so."""
+    from bids_app.cli.arguments import TEMPLATE_LABEL_RE
     from bids_app.synthetic.dataset import TINY_TEMPLATE_NAME
     from bids_app.template import DEFAULT_SPACE
 
     match = TEMPLATE_LABEL_RE.match(TINY_TEMPLATE_NAME)
-    assert match is not None and {match.group(1): DEFAULT_SPACE} == TEMPLATE_SPACE_OF_LABEL
+    assert match is not None and match.group(1) == DEFAULT_SPACE
 
 
 # --- Boutiques descriptor ----------------------------------------------------------------------------------

@@ -260,7 +260,7 @@ def cli_run(bids_dir: Path, out: Path) -> int:
     from bids_app.cli.main import main
 
     return main([str(bids_dir), str(out), "participant", "-d", str(bids_dir / "derivatives" / "preproc"),
-                 "--pet-tracer", "FDG", "--template", str(bids_dir / "code" / "template" / "tpl-tiny_T1w.nii.gz"),
+                 "--pet-tracer", "FDG", "--template", str(next((bids_dir / "code/template").glob("tpl-*_T1w.nii.gz"))),
                  "--crop-shape", *TINY_CROP, "--modes", "image", "--skip-bids-validation"])  # fmt: skip
 
 

@@ -85,9 +85,9 @@ def test_file_tree_and_counts(tiny: GeneratedDataset) -> None:
     assert tiny.sessions == ("M000", "M012")
     for name in ("dataset_description.json", "README", "participants.tsv", "participants.json", "sessions.json"):
         assert (root / name).is_file(), name
-    assert tiny.template_path == root / "code/template/tpl-tiny_T1w.nii.gz"
+    assert tiny.template_path == root / "code/template/tpl-MNI152NLin2009aSym_res-4mm_T1w.nii.gz"
     assert tiny.roi_mask_path == root / "code/template/roi-hippocampus_mask.nii.gz"
-    assert (root / "code/template/tpl-tiny_label-GM_probseg.nii.gz").is_file()
+    assert (root / "code/template/tpl-MNI152NLin2009aSym_res-4mm_label-GM_probseg.nii.gz").is_file()
     assert len(list(root.glob("sub-*/ses-*/anat/*_T1w.nii.gz"))) == 12
     assert len(list(root.glob("sub-*/ses-*/anat/*_T1w.json"))) == 12
     assert len(list(root.glob("sub-*/ses-*/pet/*_trc-FDG_pet.nii.gz"))) == 12
