@@ -8,9 +8,16 @@ Metric names are the snake_case keys users type as selection metrics (``--select
 - reconstruction: ``mae``, ``rmse``, ``psnr``, ``ssim``;
 - every task: ``loss`` (computed by the caller, not here).
 
+Small groups (``small_group_warning``): a group with fewer than ``MIN_PARTICIPANTS_PER_CLASS`` (10) participants
+in some class (classification), or fewer than ``MIN_PARTICIPANTS`` (20) participants (regression,
+reconstruction), has bootstrap intervals too wide, and too unstable, to mean much.
+
 Conventions for classification (labels are integer class indices ``0 .. n_classes - 1``):
 
-- Binary: the positive class is index 1. Sensitivity, specificity, PPV, NPV and F1 are those of class 1.
+- Binary: sensitivity, specificity, PPV, NPV and F1 are those of the positive class, index 1 by default (the
+  second class name in sorted order unless ``labels.classes`` fixes the order); ``positive_class`` (the
+  ``--positive-class`` option, resolved by ``positive_class_index``) chooses the other. Balanced accuracy,
+  accuracy, MCC and ROC AUC do not depend on it.
 - Multiclass: sensitivity, specificity, PPV, NPV and F1 are **macro averages** of the one-vs-rest value of each
   class; balanced accuracy is the mean per-class recall (= macro sensitivity); MCC is Gorodkin's multiclass
   R_K (equal to the binary MCC for two classes); ROC AUC is the macro average of the one-vs-rest AUCs.
@@ -22,7 +29,7 @@ Conventions for classification (labels are integer class indices ``0 .. n_classe
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -45,6 +52,15 @@ CLASSIFICATION_METRICS = (
 REGRESSION_METRICS = ("mae", "rmse", "r2")
 RECONSTRUCTION_METRICS = ("mae", "rmse", "psnr", "ssim")
 LOWER_IS_BETTER = frozenset({"loss", "mae", "rmse"})
+ONE_VS_REST_METRICS = frozenset({"sensitivity", "specificity", "ppv", "npv", "f1"})  # depend on the positive class
+DEFAULT_POSITIVE_INDEX = 1
+# With fewer participants, a 95 % interval spans most of the metric's range and moves with one participant.
+MIN_PARTICIPANTS_PER_CLASS = 10
+MIN_PARTICIPANTS = 20
+SMALL_GROUP_RULE = (
+    f"fewer than {MIN_PARTICIPANTS_PER_CLASS} participants in some class (classification) or fewer than "
+    f"{MIN_PARTICIPANTS} participants (regression, reconstruction)"
+)
 
 # SSIM constants of Wang et al. (2004), "Image quality assessment: from error visibility to structural similarity".
 SSIM_SIGMA = 1.5  # Gaussian window standard deviation, voxels
@@ -73,6 +89,63 @@ def higher_is_better(metric: str) -> bool:
     if metric not in known:
         raise ConfigError(f"Unknown metric '{metric}'. Known metrics: {', '.join(sorted(known))}.")
     return metric not in LOWER_IS_BETTER
+
+
+def positive_class_index(class_names: Sequence[str], positive_class: str | None) -> int:
+    """Index of the positive class of a binary task: ``positive_class`` by name, or index 1 when None.
+
+    Raises:
+        ConfigError: ``positive_class`` is not one of ``class_names``, or there are not exactly two classes.
+    """
+    if positive_class is None:
+        return DEFAULT_POSITIVE_INDEX
+    if positive_class not in class_names:
+        raise ConfigError(
+            f"Unknown positive class '{positive_class}' (labels.positive_class, --positive-class). "
+            f"The classes are: {', '.join(class_names)}."
+        )
+    if len(class_names) != 2:
+        raise ConfigError(
+            f"--positive-class {positive_class} applies to two classes; this task has {len(class_names)} "
+            f"({', '.join(class_names)}), whose sensitivity and specificity are macro averages over every class."
+        )
+    return list(class_names).index(positive_class)
+
+
+def describe_positive_class(class_names: Sequence[str], positive_class: str | None) -> str:
+    """One sentence saying which class sensitivity/specificity/PPV/NPV are for (for logs and reports)."""
+    if len(class_names) != 2:
+        return (
+            "sensitivity/specificity/PPV/NPV are macro averages of every class' one-vs-rest value "
+            f"({len(class_names)} classes)"
+        )
+    name = class_names[positive_class_index(class_names, positive_class)]
+    if positive_class is None:
+        return (
+            f"sensitivity/specificity are for class {name} (the default: the second class of "
+            f"{', '.join(class_names)}; choose with --positive-class)"
+        )
+    return f"sensitivity/specificity are for class {name} (--positive-class {name})"
+
+
+def small_group_warning(task: Task, participants_per_class: Mapping[str, int], n_participants: int) -> str | None:
+    """Why a group is too small for its metrics to mean much (``SMALL_GROUP_RULE``), or None.
+
+    Args:
+        task: the task (classification counts participants per class).
+        participants_per_class: classification: every class of the model → number of distinct participants with a
+            labelled image of that class (0 for an absent class); ignored otherwise.
+        n_participants: distinct participants of the group.
+    """
+    if task is Task.CLASSIFICATION:
+        small = {name: n for name, n in participants_per_class.items() if n < MIN_PARTICIPANTS_PER_CLASS}
+        if not small:
+            return None
+        counts = ", ".join(f"{name}: {n}" for name, n in participants_per_class.items())
+        return f"small group: {n_participants} participant(s) ({counts}), confidence intervals too wide to mean much"
+    if n_participants >= MIN_PARTICIPANTS:
+        return None
+    return f"small group: {n_participants} participant(s), confidence intervals too wide to mean much"
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -144,7 +217,11 @@ def _mcc(matrix: np.ndarray) -> float:
 
 
 def classification_metrics(
-    y_true: ArrayLike, y_pred: ArrayLike, y_score: ArrayLike | None = None, n_classes: int | None = None
+    y_true: ArrayLike,
+    y_pred: ArrayLike,
+    y_score: ArrayLike | None = None,
+    n_classes: int | None = None,
+    positive_class: int = DEFAULT_POSITIVE_INDEX,
 ) -> dict[str, float]:
     """Classification metrics (see the module docstring for the binary/multiclass conventions).
 
@@ -154,6 +231,7 @@ def classification_metrics(
         y_score: optional class probabilities, ``(n, n_classes)``; for two classes ``(n,)`` is read as the
             probability of class 1. Adds ``roc_auc`` when given.
         n_classes: number of classes; default: inferred from the labels and scores (at least 2).
+        positive_class: binary only: the index of the class sensitivity, specificity, PPV, NPV and F1 are for.
 
     Returns:
         ``{balanced_accuracy, accuracy, sensitivity, specificity, ppv, npv, f1, mcc[, roc_auc]}``; ``nan``
@@ -181,7 +259,9 @@ def classification_metrics(
         "f1": [_ratio(2 * tp[k], 2 * tp[k] + fp[k] + fn[k]) for k in range(n_classes)],
     }
     if n_classes == 2:
-        summary = {name: values[1] for name, values in per_class.items()}
+        if positive_class not in (0, 1):
+            raise ValueError(f"positive_class must be 0 or 1 for two classes, got {positive_class}")
+        summary = {name: values[positive_class] for name, values in per_class.items()}
         balanced = (summary["sensitivity"] + summary["specificity"]) / 2
     else:
         summary = {name: float(np.mean(values)) for name, values in per_class.items()}

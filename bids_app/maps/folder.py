@@ -102,6 +102,15 @@ class MapsLayout:
         """Image-level metrics of that model on one group, with their bootstrap intervals (labelled groups)."""
         return self.group_dir(split, metric, group) / f"{group}_image_level_metrics.tsv"
 
+    @property
+    def summary_dir(self) -> Path:
+        """Metrics summarised across the trained splits."""
+        return self.root / "summary"
+
+    def split_summary_tsv(self, group: str, metric: str) -> Path:
+        """Every metric of the ``best-<metric>`` models on ``group``: mean, sd and value of each split."""
+        return self.summary_dir / f"{group}_best-{metric}_metrics_across_splits.tsv"
+
     def training_logs_dir(self, split: int) -> Path:
         return self.split_dir(split) / "training_logs"
 

@@ -7,8 +7,11 @@ Outputs of ``predict_group`` under ``<maps>/split-<k>/best-<metric>/<group>/``:
   (classification); reconstruction: ``mae``, ``rmse``, ``psnr``, ``ssim`` instead (means over the parts);
 - ``<group>_<mode>_level_prediction.tsv`` (patch, slice, roi): the same per part, with ``part_id``;
 - ``<group>_image_level_metrics.tsv`` (labelled groups): ``metric``, ``value``, ``ci_low``, ``ci_high``
-  (95 % percentile bootstrap over images, seeded);
+  (95 % percentile bootstrap over images, seeded), ``n_images``, ``n_participants``, ``positive_class``
+  (classification) and ``warning`` (``files.metric_table``; the small-group rule is ``metrics.SMALL_GROUP_RULE``);
 - ``<group>_confusion_matrix.tsv`` (labelled classification): rows true class, columns predicted class;
+- ``<maps>/summary/<group>_best-<metric>_metrics_across_splits.tsv`` with several trained splits: each
+  metric's mean and sd over splits and its value per split (``files.split_summary_table``);
 - ``leak_warning.json`` when a leak was allowed with ``allow_leak`` (written by ``leakage.enforce_no_leak``).
 
 Soft-voting weights (``voting.py``) are computed once per split and selection metric from the validation
@@ -33,8 +36,13 @@ from bids_app.config import PredictConfig, RunConfig, RuntimeConfig, Task
 from bids_app.derivatives import atomic_write_text
 from bids_app.errors import ConfigError, DataError
 from bids_app.maps import Maps
-from bids_app.metrics import RECONSTRUCTION_METRICS, reconstruction_metrics_per_image
-from bids_app.prediction.files import format_tsv, write_group_outputs
+from bids_app.metrics import (
+    RECONSTRUCTION_METRICS,
+    SMALL_GROUP_RULE,
+    describe_positive_class,
+    reconstruction_metrics_per_image,
+)
+from bids_app.prediction.files import format_tsv, write_group_outputs, write_split_summary
 from bids_app.prediction.leakage import (
     LeakFinding,
     check_identity_leaks,
@@ -229,7 +237,16 @@ class Predictor:
             image = vote_validation(parts, task, n_classes, threshold, inverse_mae)
         else:
             image = soft_vote(parts, read_voting_weights(weights_path), task, n_classes)
-        write_group_outputs(out_dir, group_name, dataset.mode.value, parts, image, task, names, options.n_bootstrap)
+        positive = record.config.labels.positive_class
+        warning = write_group_outputs(
+            out_dir, group_name, dataset.mode.value, parts, image, task, names, options.n_bootstrap, positive
+        )
+        if warning is not None:
+            log.warning("Group '%s' of split %d (best-%s): %s (rule: %s).", group_name, split, metric, warning,
+                        SMALL_GROUP_RULE)  # fmt: skip
+            if group_name == VALIDATION_GROUP:
+                log.warning("Split %d: the epoch of best-%s was selected on this small validation group, so the "
+                            "model selection itself is unreliable.", split, metric)  # fmt: skip
         log.info("Group '%s': %d image(s), %d part(s) predicted into %s", group_name, len(image), len(parts), out_dir)
 
 
@@ -272,6 +289,12 @@ def run_predict_stage(cfg: RunConfig, maps: Maps, table: GroupTable, tracker: Tr
 
     tracker = tracker or Tracker()
     record = maps.record
+    positive = record.config.labels.positive_class
+    if cfg.labels.positive_class not in (None, positive):
+        log.warning("--positive-class %s ignored: the model %s was trained with positive class %s, and its record "
+                    "decides.", cfg.labels.positive_class, maps.name, positive or "(default)")  # fmt: skip
+    if record.task is Task.CLASSIFICATION:
+        log.info("Model %s: %s.", maps.name, describe_positive_class(maps.class_names, positive))
     trained = maps.trained_splits(cfg.train.splits)
     folds = {fold.index: fold for fold in maps.splits.folds}
     if cfg.predict.predict_from is None:
@@ -296,4 +319,20 @@ def run_predict_stage(cfg: RunConfig, maps: Maps, table: GroupTable, tracker: Tr
                 findings = identity if name == other_name else ()
                 predictor.predict_group(model, split, metric, name, rows, dataset, findings)
                 tracker.log_group(split, metric, name)
+    write_split_summaries(maps, (VALIDATION_GROUP, other_name))
     tracker.log_prediction_means()
+
+
+def write_split_summaries(maps: Maps, groups: Sequence[str]) -> None:
+    """With several trained splits, each group's and selection metric's metrics summarised across splits.
+
+    Written to ``MapsLayout.split_summary_tsv`` (``files.split_summary_table`` for the columns) from the metric
+    TSVs of every trained split that has one.
+    """
+    layout, splits = maps.layout, maps.trained_splits()
+    for group in groups:
+        for metric in maps.record.config.train.selection_metrics:
+            path = layout.split_summary_tsv(group, metric)
+            paths = {split: layout.metrics_tsv(split, metric, group) for split in splits}
+            if write_split_summary(path, paths) is not None:
+                log.info("Group '%s', best-%s: metrics across %d splits in %s", group, metric, len(splits), path)

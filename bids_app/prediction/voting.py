@@ -32,6 +32,7 @@ import pandas as pd
 from bids_app.config import Task
 from bids_app.errors import ConfigError, InputMissingError
 from bids_app.metrics import (
+    DEFAULT_POSITIVE_INDEX,
     RECONSTRUCTION_METRICS,
     bootstrap_intervals,
     classification_metrics,
@@ -255,9 +256,11 @@ def read_voting_weights(path: Path) -> pd.DataFrame:
 
 
 def image_metrics(
-    image: pd.DataFrame, task: Task, n_classes: int, n_bootstrap: int
+    image: pd.DataFrame, task: Task, n_classes: int, n_bootstrap: int, positive_class: int = DEFAULT_POSITIVE_INDEX
 ) -> tuple[pd.DataFrame, np.ndarray | None]:
     """Metrics of labelled images with 95 % bootstrap intervals (images resampled), and the confusion matrix.
+
+    ``positive_class`` is the index of the class a binary task's sensitivity, specificity, PPV, NPV and F1 are for.
 
     Returns:
         (``metric, value, ci_low, ci_high`` table, ``(K, K)`` confusion matrix or None).
@@ -268,7 +271,7 @@ def image_metrics(
         true = image["true_label"].to_numpy().astype(np.int64)
         pred = image["predicted_label"].to_numpy().astype(np.int64)
         arrays = [true, pred, image[proba_columns(n_classes)].to_numpy(dtype=float)]
-        metric_fn = functools.partial(classification_metrics, n_classes=n_classes)
+        metric_fn = functools.partial(classification_metrics, n_classes=n_classes, positive_class=positive_class)
         matrix = confusion_matrix(true, pred, n_classes)
     elif task is Task.REGRESSION:
         arrays = [image["true_label"].to_numpy(dtype=float), image["predicted"].to_numpy(dtype=float)]

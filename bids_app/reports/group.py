@@ -2,7 +2,9 @@
 
 The page shows what a reader needs to judge a trained MAPS without opening its TSVs: the data and its
 split demographics, the learning curves of every split, the test group's results (confusion matrix, ROC
-curve or true-versus-predicted scatter, and the metric table with its 95 % bootstrap intervals), the mean
+curve or true-versus-predicted scatter, and the metric table with its 95 % bootstrap intervals, its n, the
+class sensitivity/specificity are for, and a warning banner for a small group), a warning when a model was
+selected on a small validation group, the metrics' mean ± sd across splits (several splits), the mean
 saliency maps when the interpret stage ran, and links to the participants' preprocessing reports.
 
 Figures are PNGs embedded as base64 ``data:`` URIs and the CSS is inline, so the file opens offline and can
@@ -31,6 +33,7 @@ from bids_app.derivatives import atomic_write_text, report_path
 from bids_app.errors import DataError, InputMissingError
 from bids_app.maps import Maps, MapsLayout, MapsRecord
 from bids_app.maps.splits import TEST_TSV
+from bids_app.metrics import SMALL_GROUP_RULE, describe_positive_class, positive_class_index
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TEST_GROUP = "test"
+VALIDATION_GROUP = "validation"
 FIGURE_DPI = 100
 MAX_UNDERLAY_IMAGES = 10  # preprocessed images averaged under the saliency maps
 SALIENCY_FLOOR = 0.5  # map values below this fraction of the map's largest |value| are not drawn
@@ -175,7 +179,9 @@ def _learning_curves(layout: MapsLayout, record: MapsRecord, split: int) -> str:
     return _img(figure, f"learning curves split {split}")
 
 
-def _confusion_and_roc(prediction: pd.DataFrame, matrix: pd.DataFrame, class_names: list[str], title: str) -> str:
+def _confusion_and_roc(
+    prediction: pd.DataFrame, matrix: pd.DataFrame, class_names: list[str], title: str, positive: str
+) -> str:
     from sklearn.metrics import auc, roc_curve
 
     figure = _new_figure(9.0, 3.8)
@@ -190,7 +196,7 @@ def _confusion_and_roc(prediction: pd.DataFrame, matrix: pd.DataFrame, class_nam
     cm_ax.set_ylabel("true")
     cm_ax.set_title("confusion matrix", fontsize=10)
     labelled = prediction[prediction["true_label"].notna()]
-    positives = class_names[1:] if len(class_names) == 2 else class_names
+    positives = [positive] if len(class_names) == 2 else class_names
     for name in positives:
         is_positive = (labelled["true_label"].astype(str) == name).to_numpy()
         if is_positive.all() or not is_positive.any():
@@ -251,12 +257,81 @@ def _test_results(layout: MapsLayout, record: MapsRecord, split: int, metric: st
         _required_columns(matrix, ["true_label", *class_names], matrix_path)
         probas = [f"proba_{name}" for name in class_names]
         _required_columns(prediction, ["true_label", *probas], prediction_path)
-        parts.append(_confusion_and_roc(prediction, matrix, class_names, title))
+        positive = class_names[positive_class_index(class_names, record.config.labels.positive_class)]
+        parts.append(_confusion_and_roc(prediction, matrix, class_names, title, positive))
     elif record.task is Task.REGRESSION:
         _required_columns(prediction, ("true_label", "predicted_label"), prediction_path)
         parts.append(_scatter(prediction, title))
     parts.append(_table(_metric_table(metrics)))
+    parts.append(_metric_notes(metrics, record))
     return "".join(parts)
+
+
+def _first(metrics: pd.DataFrame, column: str) -> object | None:
+    """The value of a column that every row of a metric TSV repeats (None when absent or ``n/a``)."""
+    if column not in metrics.columns or metrics.empty or pd.isna(metrics[column].iloc[0]):
+        return None
+    return metrics[column].iloc[0]
+
+
+def _metric_notes(metrics: pd.DataFrame, record: MapsRecord) -> str:
+    """The n behind a metric table, the class its one-vs-rest metrics are for, and its small-group banner."""
+    notes = []
+    n_images, n_participants = _first(metrics, "n_images"), _first(metrics, "n_participants")
+    if n_images is not None and n_participants is not None:
+        notes.append(f"n = {int(float(str(n_images)))} images of {int(float(str(n_participants)))} participants")
+    if record.task is Task.CLASSIFICATION:
+        encoding = record.label_encoding or {}
+        notes.append(
+            describe_positive_class(sorted(encoding, key=encoding.__getitem__), record.config.labels.positive_class)
+        )
+    text = f'<p class="note">{html.escape("; ".join(notes))}.</p>' if notes else ""
+    warning = _first(metrics, "warning")
+    if warning is not None:
+        text += f'<p class="warning">{html.escape(str(warning))} (rule: {html.escape(SMALL_GROUP_RULE)}).</p>'
+    return text
+
+
+def _selection_warning(layout: MapsLayout, record: MapsRecord, split: int) -> str:
+    """A banner when a model of ``split`` was selected on a small validation group (its metric TSV says so)."""
+    banners = []
+    for metric in record.config.train.selection_metrics:
+        path = layout.metrics_tsv(split, metric, VALIDATION_GROUP)
+        if not path.is_file():
+            continue
+        warning = _first(_read_tsv(path, "validation metrics"), "warning")
+        if warning is not None:
+            banners.append(
+                f'<p class="warning">Split {split}, best-{html.escape(metric)}: the selected epoch was chosen on a '
+                f"small validation group ({html.escape(str(warning))}), so the model selection itself is "
+                "unreliable.</p>"
+            )
+    return "".join(banners)
+
+
+def _split_summary_section(layout: MapsLayout, record: MapsRecord, group: str) -> str:
+    """Mean ± sd over splits of each metric (``summary/`` TSVs written by the predict stage), when present."""
+    parts = []
+    for metric in record.config.train.selection_metrics:
+        path = layout.split_summary_tsv(group, metric)
+        if not path.is_file():
+            continue
+        summary = _read_tsv(path, "metrics across splits")
+        _required_columns(summary, ("metric", "n_splits", "mean", "sd"), path)
+        splits = [c for c in summary.columns if str(c).startswith("split-")]
+        shown = pd.DataFrame(
+            {
+                "metric": summary["metric"],
+                "mean ± sd": [f"{_cell(m)} ± {_cell(d)}" for m, d in zip(summary["mean"].astype(float),
+                                                                         summary["sd"].astype(float), strict=True)],
+                **{c: summary[c].astype(float) for c in splits},
+            }
+        )  # fmt: skip
+        parts.append(f"<h3>{group.capitalize()}: model best-{html.escape(metric)}</h3>{_table(shown)}")
+    if not parts:
+        return ""
+    note = "Mean and sample standard deviation over the splits where a metric is defined; one column per split."
+    return f'<h2>Across splits</h2>{"".join(parts)}<p class="note">{note}</p>'
 
 
 def _load_volume(path: Path) -> np.ndarray:
@@ -382,7 +457,7 @@ def write_group_report(output_dir: Path, maps: Maps) -> Path:
         f"bids_app {html.escape(record.version)}.</p>"
     )
     sections = [header, _summary_section(layout, record.task)]
-    group = TEST_GROUP if len(maps.splits.test) else "validation"
+    group = TEST_GROUP if len(maps.splits.test) else VALIDATION_GROUP
     if group != TEST_GROUP:
         sections.append(
             '<p class="warning">This model has no test set (--test-size 0). The results below are on each split\'s '
@@ -394,6 +469,8 @@ def write_group_report(output_dir: Path, maps: Maps) -> Path:
         sections.append(_learning_curves(layout, record, split))
         sections.append('<p class="note">Dashed lines: epochs of the selected models.</p>')
         sections += [_test_results(layout, record, split, m, group) for m in record.config.train.selection_metrics]
+        sections.append(_selection_warning(layout, record, split))
+    sections.append(_split_summary_section(layout, record, group))
     if record.task is Task.CLASSIFICATION:
         sections.append(_saliency_section(output_dir, layout, record, splits))
     sections.append(_participant_links(output_dir, layout))

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 def check_train_config(cfg: RunConfig) -> None:
     """Reject invalid training options before anything is written (ConfigError naming the option)."""
     from bids_app.data.augment import build_augmentation
-    from bids_app.metrics import metric_names
+    from bids_app.metrics import metric_names, positive_class_index
     from bids_app.runtime import autocast_dtype, resolve_device
     from bids_app.training.loop import LOSSES, OPTIMIZERS
 
@@ -65,6 +65,8 @@ def check_train_config(cfg: RunConfig) -> None:
     ):
         if value < low:
             raise ConfigError(f"{name if '.' in name else 'train.' + name} is {value}; use an integer >= {low}.")
+    if task is Task.CLASSIFICATION and cfg.labels.classes and cfg.labels.positive_class is not None:
+        positive_class_index(cfg.labels.classes, cfg.labels.positive_class)  # the classes are known without data
     autocast_dtype(resolve_device(cfg.runtime.device), cfg.runtime.amp)  # CUDA asked for but absent, or AMP on a CPU
     build_augmentation(tc.augmentations, tc.mode, cfg.extraction.slice_direction)
 
@@ -89,6 +91,10 @@ def prepare_maps(cfg: RunConfig, layout: MapsLayout, table: GroupTable) -> Maps:
     )
     if encoding is not None and len(encoding) < 2:
         raise DataError(f"Classification needs at least two classes; the labels hold {list(encoding)}.")
+    if encoding is not None and cfg.labels.positive_class is not None:
+        from bids_app.metrics import positive_class_index
+
+        positive_class_index(list(encoding), cfg.labels.positive_class)  # ConfigError naming the classes
     extra: dict[str, Any] = {
         "input_shape": list(input_shape),
         "n_outputs": len(encoding) if encoding else 1,
