@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bids_app import read_version
-from bids_app.config import AnalysisLevel, ExtractionMode, GroupStage, LabelConfig, RunConfig
+from bids_app.config import AnalysisLevel, ExtractionMode, GroupStage, LabelConfig, RunConfig, Task
 from bids_app.derivatives import explain_environment_error, init_derivative
 from bids_app.errors import BidsAppError, DataError
 from bids_app.inputs.bids_query import (
@@ -175,6 +175,10 @@ def _run_group(cfg: RunConfig, ctx: RunContext) -> int:
              table["participant_id"].nunique(), ", ".join(s.value for s in stages))  # fmt: skip
     if training:
         check_compatibility(cfg.train.architecture, cfg.labels.task, mode, sample_shape(table, mode))
+        if cfg.labels.positive_class is not None and cfg.labels.task is Task.CLASSIFICATION:
+            from bids_app.metrics import positive_class_index
+
+            positive_class_index(sorted(set(table["label"].astype(str))), cfg.labels.positive_class)
     elif maps is not None:
         maps.check_input_shape(sample_shape(table, mode), cfg.output_dir)
         maps.check_tensors_unchanged(table, cfg.output_dir)

@@ -408,7 +408,11 @@ def reconstruction_metrics(x_true: ArrayLike, x_pred: ArrayLike) -> dict[str, fl
 
 
 def compute_metrics(
-    task: Task, y_true: ArrayLike, y_pred: ArrayLike, y_score: ArrayLike | None = None
+    task: Task,
+    y_true: ArrayLike,
+    y_pred: ArrayLike,
+    y_score: ArrayLike | None = None,
+    positive_class: int = DEFAULT_POSITIVE_INDEX,
 ) -> dict[str, float]:
     """The metrics of ``task`` (the caller adds ``loss``).
 
@@ -417,11 +421,12 @@ def compute_metrics(
         y_true: class indices ``(n,)``, targets ``(n,)``/``(n, k)`` or reference images ``(n, C, ...)``.
         y_pred: predicted class indices, values or reconstructions, same shape as ``y_true``.
         y_score: class probabilities ``(n, n_classes)`` (classification only; adds ``roc_auc``).
+        positive_class: index of the class of sensitivity, specificity, PPV, NPV (binary classification).
     """
     if task is Task.CLASSIFICATION:
         n_rows = np.asarray(y_true).shape[0]
         n_classes = None if y_score is None else max(2, np.asarray(y_score).reshape(n_rows, -1).shape[1])
-        return classification_metrics(y_true, y_pred, y_score, n_classes=n_classes)
+        return classification_metrics(y_true, y_pred, y_score, n_classes=n_classes, positive_class=positive_class)
     if task is Task.REGRESSION:
         return regression_metrics(y_true, y_pred)
     return reconstruction_metrics(y_true, y_pred)

@@ -94,6 +94,8 @@ class Loop:
     """The torch objects one split's training works with.
 
     Attributes:
+        positive_class: the class index that sensitivity, specificity, PPV and NPV of validation refer to
+            (``labels.positive_class``), so a model selected on them is selected for that class.
         amp_dtype: autocast dtype (float16 on CUDA) or None without AMP.
         accumulation_steps: batches whose gradients are summed before one optimizer step.
         memory_format: the layout of input batches on the device, that of the model's weights
@@ -109,6 +111,7 @@ class Loop:
     amp_dtype: torch.dtype | None
     accumulation_steps: int = 1
     memory_format: torch.memory_format = torch.preserve_format
+    positive_class: int = 1  # binary classification: index of the class of sensitivity, specificity, PPV, NPV
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
@@ -233,7 +236,11 @@ def validate(loop: Loop, loader: DataLoader[Any], task: Task, desc: str = "valid
     result = {"loss": total / count if count else float("nan")}
     if task is Task.CLASSIFICATION:
         scores = np.concatenate(outputs)
-        result.update(compute_metrics(task, np.concatenate(truths), scores.argmax(axis=1), y_score=scores))
+        result.update(
+            compute_metrics(
+                task, np.concatenate(truths), scores.argmax(axis=1), y_score=scores, positive_class=loop.positive_class
+            )
+        )
     elif task is Task.REGRESSION:
         result.update(compute_metrics(task, np.concatenate(truths), np.concatenate(outputs)))
     else:

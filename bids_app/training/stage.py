@@ -189,6 +189,7 @@ def train_split(
     from bids_app.data.augment import build_augmentation
     from bids_app.data.dataset import TensorDataset
     from bids_app.data.sampling import make_loader, mix_seed
+    from bids_app.metrics import positive_class_index
     from bids_app.provenance import seed_everything
     from bids_app.runtime import autocast_dtype, batch_memory_format, resolve_device, set_memory_format
     from bids_app.training import distributed
@@ -271,6 +272,9 @@ def train_split(
             amp_dtype=autocast_dtype(device, rt.amp),
             accumulation_steps=tc.accumulation_steps,
             memory_format=memory_format,
+            positive_class=positive_class_index(maps.class_names, cfg.labels.positive_class)
+            if len(maps.class_names) == 2
+            else 1,
         )
         if tc.lr_plateau_patience > 0:
             loop.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(loop.optimizer, patience=tc.lr_plateau_patience)
