@@ -6,7 +6,7 @@ set -euo pipefail
 DEMO=${1:-demo}
 BIDS=$DEMO/bids
 OUT=$DEMO/bids/derivatives/bids_app
-N_SUBJECTS=${N_SUBJECTS:-12}
+N_SUBJECTS=${N_SUBJECTS:-20}
 NPROCS=${NPROCS:-2}
 start=$SECONDS
 
@@ -18,9 +18,9 @@ echo "== 2/4 participant level: t1-linear + image/slice/roi tensors ($NPROCS par
 bids_app "$BIDS" "$OUT" participant --nprocs "$NPROCS" --omp-nthreads 1 --modes image slice roi \
   --roi-mask "hippocampus=$BIDS/code/template/roi-hippocampus_mask.nii.gz" --seed 42
 
-echo "== 3/4 group level: subject-level split, then a 3D CNN on the medial-temporal ROI, test predictions"
+echo "== 3/4 group level: subject-level split (4 folds + a held-out test set), a 3D CNN on the medial-temporal ROI"
 bids_app "$BIDS" "$OUT" group --label diagnosis --task classification --mode roi \
-  --architecture conv4_fc3 --epochs 40 --batch-size 4 --learning-rate 0.003 --n-splits 1 --test-size 0.25 \
+  --architecture conv4_fc3 --epochs 40 --batch-size 8 --n-splits 4 --test-size 0.2 \
   --model-name demo_cnn --seed 42 --track mlflow
 
 echo "== 4/4 validating the derivative dataset"
@@ -34,8 +34,16 @@ echo "  participant reports: $(ls "$OUT"/sub-*/sub-*_report.html | head -n 1) (o
 echo "  status table       : $OUT/participant_status.tsv"
 echo "  model folder (MAPS): $maps"
 echo "  group report       : $maps/report.html"
-for f in "$maps"/split-0/best-*/test/test_image_level_metrics.tsv; do
-  [ -f "$f" ] && { echo "  test metrics       : $f"; column -t "$f" | head -n 6; }
+for group in validation test; do
+  f=$maps/summary/${group}_best-loss_metrics_across_splits.tsv
+  [ -f "$f" ] && { echo "  $group metrics over the 4 splits (mean, sd, per split): $f"; column -t "$f" | head -n 4; }
 done
+f=$maps/split-0/best-loss/test/test_image_level_metrics.tsv
+if [ -f "$f" ]; then
+  echo "  split 0 test metrics with n and 95 % CI: $f"
+  cut -f1-7 "$f" | column -t | head -n 4
+  warning=$(awk -F'\t' 'NR == 2 { print $8 }' "$f")
+  if [ -n "$warning" ] && [ "$warning" != "n/a" ]; then echo "  warning            : $warning"; fi
+fi
 echo "  run logs           : $OUT/logs/"
 echo "  MLflow store       : $OUT/mlruns (browse with the full mlflow package: docs/tracking.md)"
