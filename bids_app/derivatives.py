@@ -24,6 +24,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from bids_app.errors import IOFailure, OutputError
+
+log = logging.getLogger(__name__)
 
 APP_NAME = "bids_app"
 CODE_URL = "https://github.com/bids-apps/bids_app"
@@ -313,6 +316,54 @@ sidecar), QC records (`qc/`) and per-participant HTML reports. Group level: mode
 `models/`. `logs/<run-id>/` holds each run's log, resolved configuration and environment record; pass its
 `config.toml` to `--config` to re-run. Non-BIDS files are listed in `.bidsignore`.
 """
+
+
+def check_output_dir(output_dir: Path, bids_dir: Path) -> None:
+    """Refuse an OUTPUT_DIR that belongs to another pipeline or was made from another BIDS_DIR.
+
+    bids_app writes ``dataset_description.json``, ``README.md`` and ``.bidsignore`` into OUTPUT_DIR and its
+    tensors under ``sub-*``: another tool's derivative, or the outputs of another dataset (whose participants are
+    probably also called ``sub-001``), would be overwritten.
+
+    Raises:
+        UsageError: the folder's description names another pipeline or another source dataset, or the folder
+            holds a README/.bidsignore but no description.
+    """
+    import urllib.parse
+
+    from bids_app.errors import UsageError
+
+    description_path = output_dir / "dataset_description.json"
+    fix = f"Choose another OUTPUT_DIR (e.g. {output_dir.parent / 'bids_app'}) or an empty folder."
+    if not description_path.is_file():
+        foreign = [name for name in ("README.md", ".bidsignore", "README") if (output_dir / name).exists()]
+        if foreign:
+            raise UsageError(
+                f"OUTPUT_DIR {output_dir} holds {', '.join(foreign)} but no dataset_description.json: it is not a "
+                f"bids_app output and its files would be overwritten. {fix}"
+            )
+        return
+    try:
+        description = json.loads(description_path.read_text(encoding="utf-8"))
+        generated_by = [str(g.get("Name", "")) for g in description.get("GeneratedBy", [])]
+        raw_link = str(description.get("DatasetLinks", {}).get("raw", ""))
+    except (OSError, ValueError, AttributeError, TypeError):
+        raise UsageError(f"OUTPUT_DIR {output_dir} has an unreadable dataset_description.json. {fix}") from None
+    if generated_by[:1] != [APP_NAME]:
+        raise UsageError(
+            f"OUTPUT_DIR {output_dir} is the derivative of another pipeline (GeneratedBy: "
+            f"{', '.join(generated_by) or 'none'}); bids_app would overwrite its files. {fix}"
+        )
+    if raw_link.startswith("file:"):
+        recorded = Path(urllib.parse.unquote(urllib.parse.urlparse(raw_link).path))
+        if recorded != bids_dir.resolve() and recorded.is_dir():
+            raise UsageError(
+                f"OUTPUT_DIR {output_dir} holds the outputs of BIDS_DIR {recorded}, not of {bids_dir.resolve()}: "
+                f"their participants would be mixed (or replaced) and its models would read the wrong tensors. {fix}"
+            )
+        if recorded != bids_dir.resolve():
+            log.warning("OUTPUT_DIR %s was made from %s, which no longer exists; taking %s as its BIDS_DIR (moved?).",
+                        output_dir, recorded, bids_dir.resolve())  # fmt: skip
 
 
 def init_derivative(output_dir: Path, bids_dir: Path, version: str) -> None:

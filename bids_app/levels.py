@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from bids_app import read_version
 from bids_app.config import AnalysisLevel, ExtractionMode, GroupStage, LabelConfig, RunConfig, Task
-from bids_app.derivatives import explain_environment_error, init_derivative
+from bids_app.derivatives import check_output_dir, explain_environment_error, init_derivative
 from bids_app.errors import BidsAppError, DataError
 from bids_app.inputs.bids_query import (
     ImageRecord,
@@ -183,7 +183,8 @@ def _run_group(cfg: RunConfig, ctx: RunContext) -> int:
         maps.check_input_shape(sample_shape(table, mode), cfg.output_dir)
         maps.check_tensors_unchanged(table, cfg.output_dir)
     if training or GroupStage.PREDICT in stages or GroupStage.INTERPRET in stages:
-        verify_tensors(table)  # every tensor read from here on is the one its sidecar vouches for
+        # every tensor read from here on is the one its sidecar vouches for (rank 0 reads them once for all)
+        distributed.on_main(verify_tensors, table)
     if cfg.train.resume and split_done and cfg.split.split_file is not None:
         check_resumed_split(cfg, table, final)
     # --overwrite builds the new model beside the old one, which stays whole until the new one is complete.
@@ -297,56 +298,6 @@ def swap_in(layout: MapsLayout, final: MapsLayout) -> None:
     layout.root.rename(final.root)
     shutil.rmtree(old, ignore_errors=True)
     log.info("--overwrite: %s replaced by the new model", final.root)
-
-
-def check_output_dir(output_dir: Path, bids_dir: Path) -> None:
-    """Refuse an OUTPUT_DIR that belongs to another pipeline or was made from another BIDS_DIR.
-
-    bids_app writes ``dataset_description.json``, ``README.md`` and ``.bidsignore`` into OUTPUT_DIR and its
-    tensors under ``sub-*``: another tool's derivative, or the outputs of another dataset (whose participants are
-    probably also called ``sub-001``), would be overwritten.
-
-    Raises:
-        UsageError: the folder's description names another pipeline or another source dataset, or the folder
-            holds a README/.bidsignore but no description.
-    """
-    import json
-    import urllib.parse
-
-    from bids_app.derivatives import APP_NAME
-    from bids_app.errors import UsageError
-
-    description_path = output_dir / "dataset_description.json"
-    fix = f"Choose another OUTPUT_DIR (e.g. {output_dir.parent / 'bids_app'}) or an empty folder."
-    if not description_path.is_file():
-        foreign = [name for name in ("README.md", ".bidsignore", "README") if (output_dir / name).exists()]
-        if foreign:
-            raise UsageError(
-                f"OUTPUT_DIR {output_dir} holds {', '.join(foreign)} but no dataset_description.json: it is not a "
-                f"bids_app output and its files would be overwritten. {fix}"
-            )
-        return
-    try:
-        description = json.loads(description_path.read_text(encoding="utf-8"))
-        generated_by = [str(g.get("Name", "")) for g in description.get("GeneratedBy", [])]
-        raw_link = str(description.get("DatasetLinks", {}).get("raw", ""))
-    except (OSError, ValueError, AttributeError, TypeError):
-        raise UsageError(f"OUTPUT_DIR {output_dir} has an unreadable dataset_description.json. {fix}") from None
-    if generated_by[:1] != [APP_NAME]:
-        raise UsageError(
-            f"OUTPUT_DIR {output_dir} is the derivative of another pipeline (GeneratedBy: "
-            f"{', '.join(generated_by) or 'none'}); bids_app would overwrite its files. {fix}"
-        )
-    if raw_link.startswith("file:"):
-        recorded = Path(urllib.parse.unquote(urllib.parse.urlparse(raw_link).path))
-        if recorded != bids_dir.resolve() and recorded.is_dir():
-            raise UsageError(
-                f"OUTPUT_DIR {output_dir} holds the outputs of BIDS_DIR {recorded}, not of {bids_dir.resolve()}: "
-                f"their participants would be mixed (or replaced) and its models would read the wrong tensors. {fix}"
-            )
-        if recorded != bids_dir.resolve():
-            log.warning("OUTPUT_DIR %s was made from %s, which no longer exists; taking %s as its BIDS_DIR (moved?).",
-                        output_dir, recorded, bids_dir.resolve())  # fmt: skip
 
 
 def check_group_run(cfg: RunConfig) -> None:
