@@ -8,10 +8,11 @@ Outputs of ``predict_group`` under ``<maps>/split-<k>/best-<metric>/<group>/``:
 - ``<group>_<mode>_level_prediction.tsv`` (patch, slice, roi): the same per part, with ``part_id``;
 - ``<group>_image_level_metrics.tsv`` (labelled groups): ``metric``, ``value``, ``ci_low``, ``ci_high``
   (95 % percentile bootstrap over images, seeded), ``n_images``, ``n_participants``, ``positive_class``
-  (classification) and ``warning`` (``files.metric_table``; the small-group rule is ``metrics.SMALL_GROUP_RULE``);
+  (classification) and ``warning`` (``maps.results.metric_table``; the small-group rule is
+  ``metrics.SMALL_GROUP_RULE``);
 - ``<group>_confusion_matrix.tsv`` (labelled classification): rows true class, columns predicted class;
 - ``<maps>/summary/<group>_best-<metric>_metrics_across_splits.tsv`` with several trained splits: each
-  metric's mean and sd over splits and its value per split (``files.split_summary_table``);
+  metric's mean and sd over splits and its value per split (``maps.results.split_summary_table``);
 - ``leak_warning.json`` when a leak was allowed with ``allow_leak`` (written by ``leakage.enforce_no_leak``).
 
 Soft-voting weights (``voting.py``) are computed once per split and selection metric from the validation
@@ -36,13 +37,14 @@ from bids_app.config import PredictConfig, RunConfig, RuntimeConfig, Task
 from bids_app.derivatives import atomic_write_text
 from bids_app.errors import ConfigError, DataError
 from bids_app.maps import Maps
+from bids_app.maps.results import format_tsv, proba_columns, write_split_summary
 from bids_app.metrics import (
     RECONSTRUCTION_METRICS,
     SMALL_GROUP_RULE,
     describe_positive_class,
     reconstruction_metrics_per_image,
 )
-from bids_app.prediction.files import format_tsv, write_group_outputs, write_split_summary
+from bids_app.prediction.files import write_group_outputs
 from bids_app.prediction.leakage import (
     LeakFinding,
     check_identity_leaks,
@@ -55,7 +57,6 @@ from bids_app.prediction.voting import (
     compute_voting_weights,
     images_without_voting,
     is_single_part,
-    proba_columns,
     read_voting_weights,
     soft_vote,
     vote_validation,
@@ -326,8 +327,8 @@ def run_predict_stage(cfg: RunConfig, maps: Maps, table: GroupTable, tracker: Tr
 def write_split_summaries(maps: Maps, groups: Sequence[str]) -> None:
     """With several trained splits, each group's and selection metric's metrics summarised across splits.
 
-    Written to ``MapsLayout.split_summary_tsv`` (``files.split_summary_table`` for the columns) from the metric
-    TSVs of every trained split that has one.
+    Written to ``MapsLayout.split_summary_tsv`` (``maps.results.split_summary_table`` for the columns) from the
+    metric TSVs of every trained split that has one.
     """
     layout, splits = maps.layout, maps.trained_splits()
     for group in groups:

@@ -1,4 +1,4 @@
-"""Image level: patch/slice/roi predictions → one per image (soft voting), and image-level metrics.
+"""Image level: patch/slice/roi predictions → one per image (soft voting; metrics: ``maps.results``).
 
 Part-level tables (one row per image part) have the columns ``participant_id``, ``session_id``,
 ``part_id`` and ``true_label`` (class index or target value as float; ``nan`` when unlabelled), plus
@@ -20,10 +20,7 @@ from the other validation participants' parts only (``vote_validation``).
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
-from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -31,25 +28,13 @@ import pandas as pd
 
 from bids_app.config import Task
 from bids_app.errors import ConfigError, InputMissingError
-from bids_app.metrics import (
-    DEFAULT_POSITIVE_INDEX,
-    RECONSTRUCTION_METRICS,
-    bootstrap_intervals,
-    classification_metrics,
-    confusion_matrix,
-    regression_metrics,
-)
+from bids_app.maps.results import proba_columns
+from bids_app.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 
 ID_COLUMNS = ("participant_id", "session_id")
-BOOTSTRAP_SEED = 0
 VOTING_WEIGHTS_FILE = "voting_weights.tsv"  # in split-<k>/best-<metric>/, written when validation is predicted
-
-
-def proba_columns(n_classes: int) -> list[str]:
-    """Internal probability columns of part/image tables: ``proba_0 .. proba_<K-1>``."""
-    return [f"proba_{k}" for k in range(n_classes)]
 
 
 def _classification_part_scores(parts: pd.DataFrame, n_classes: int) -> pd.Series:
@@ -253,44 +238,3 @@ def read_voting_weights(path: Path) -> pd.DataFrame:
             "metric first: voting weights come from validation only."
         )
     return pd.read_csv(path, sep="\t", keep_default_na=False, na_values=["n/a"])
-
-
-def image_metrics(
-    image: pd.DataFrame, task: Task, n_classes: int, n_bootstrap: int, positive_class: int = DEFAULT_POSITIVE_INDEX
-) -> tuple[pd.DataFrame, np.ndarray | None]:
-    """Metrics of labelled images with 95 % bootstrap intervals (images resampled), and the confusion matrix.
-
-    ``positive_class`` is the index of the class a binary task's sensitivity, specificity, PPV, NPV and F1 are for.
-
-    Returns:
-        (``metric, value, ci_low, ci_high`` table, ``(K, K)`` confusion matrix or None).
-    """
-    metric_fn: Callable[..., Mapping[str, float]]
-    matrix = None
-    if task is Task.CLASSIFICATION:
-        true = image["true_label"].to_numpy().astype(np.int64)
-        pred = image["predicted_label"].to_numpy().astype(np.int64)
-        arrays = [true, pred, image[proba_columns(n_classes)].to_numpy(dtype=float)]
-        metric_fn = functools.partial(classification_metrics, n_classes=n_classes, positive_class=positive_class)
-        matrix = confusion_matrix(true, pred, n_classes)
-    elif task is Task.REGRESSION:
-        arrays = [image["true_label"].to_numpy(dtype=float), image["predicted"].to_numpy(dtype=float)]
-        metric_fn = regression_metrics
-    else:
-        arrays = [image[name].to_numpy(dtype=float) for name in RECONSTRUCTION_METRICS]
-
-        def metric_fn(*columns: np.ndarray) -> dict[str, float]:
-            return {name: float(np.mean(c)) for name, c in zip(RECONSTRUCTION_METRICS, columns, strict=True)}
-
-    point = metric_fn(*arrays)
-    intervals = bootstrap_intervals(metric_fn, *arrays, n_bootstrap=n_bootstrap, seed=BOOTSTRAP_SEED)
-    no_interval = (math.nan, math.nan)
-    table = pd.DataFrame(
-        {
-            "metric": list(point),
-            "value": list(point.values()),
-            "ci_low": [intervals.get(name, no_interval)[0] for name in point],
-            "ci_high": [intervals.get(name, no_interval)[1] for name in point],
-        }
-    )
-    return table, matrix

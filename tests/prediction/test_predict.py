@@ -32,9 +32,9 @@ from bids_app.errors import ConfigError, DataError, InputMissingError, LeakError
 from bids_app.extraction.storage import write_tensor
 from bids_app.maps import Maps, MapsLayout
 from bids_app.maps.folder import write_maps_json
+from bids_app.maps.results import format_tsv, format_value
 from bids_app.maps.weights import save_model
 from bids_app.models import build_model
-from bids_app.prediction.files import format_tsv, format_value
 from bids_app.prediction.leakage import LeakFinding, check_leaks
 from bids_app.prediction.stage import Predictor, run_predict_stage
 from bids_app.prediction.voting import compute_voting_weights, soft_vote, vote_validation
