@@ -70,11 +70,12 @@ class TrackingBackend(enum.StrEnum):
 class GroupStage(enum.StrEnum):
     SPLIT = "split"
     TRAIN = "train"
+    BASELINE = "baseline"  # the linear model beside the network (train.linear_baseline); before predict
     PREDICT = "predict"
     INTERPRET = "interpret"  # only when asked: --stages ... interpret
 
 
-DEFAULT_GROUP_STAGES = (GroupStage.SPLIT, GroupStage.TRAIN, GroupStage.PREDICT)
+DEFAULT_GROUP_STAGES = (GroupStage.SPLIT, GroupStage.TRAIN, GroupStage.BASELINE, GroupStage.PREDICT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +131,7 @@ class SplitConfig:
     split_file: Path | None = None  # a user's own split (TSV), checked for subject-level disjointness
     parent_label: str | None = None  # split these classes first, then the parent label respecting them
     exclude_failed_qc: bool = False  # leave out images whose participant-level QC failed
+    leave_cohort_out: str | None = None  # a cohort name: its images are the test set, the others train/validate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +159,9 @@ class TrainConfig:
     resume: bool = False
     transfer_from: Path | None = None
     n_unfrozen_layers: int | None = None  # None: fine-tune everything
+    # A linear model (logistic regression / ridge) fitted on the same tensors and splits, its metrics beside the
+    # network's (bids_app.baseline); not "baseline" alone, which names first sessions (labels.baseline_only).
+    linear_baseline: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +170,7 @@ class PredictConfig:
 
     predict_from: Path | None = None
     group_name: str | None = None
+    model: Path | None = None  # a portable model (archive or imported folder) to predict OUTPUT_DIR with
     allow_leak: bool = False
     voting_threshold: float = 0.0  # parts whose validation weight is below this are dropped
     n_bootstrap: int = 1000
@@ -222,6 +228,19 @@ class TrackingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CohortConfig:
+    """Another participant-level output the group level trains on beside BIDS_DIR/OUTPUT_DIR (docs/cohorts.md).
+
+    Its labels are read from ``bids_dir`` (participants.tsv, sessions.tsv, phenotype/), its tensors from
+    ``output_dir``; nothing is ever written into either.
+    """
+
+    name: str  # the value of the ``cohort`` column: letters and digits first, then letters, digits, '_', '-'
+    bids_dir: Path
+    output_dir: Path
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything one invocation needs. Paths are absolute once resolved by the CLI."""
 
@@ -249,6 +268,8 @@ class RunConfig:
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
     interpret: InterpretConfig = dataclasses.field(default_factory=InterpretConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    cohort_name: str | None = None  # the primary cohort's name when ``cohorts`` is given; None: "primary"
+    cohorts: tuple[CohortConfig, ...] = ()  # other cohorts of a multi-cohort group run ([[cohorts]] in TOML)
 
 
 # Sections of RunConfig that are TOML tables of their own (the other fields live in [run]).
@@ -286,6 +307,9 @@ def check_config_values(cfg: RunConfig) -> None:
         ("--group-name (predict.group_name)", cfg.predict.group_name),
         ("--interpret-group (interpret.group_name)", cfg.interpret.group_name),
         ("--parent-label (split.parent_label)", cfg.split.parent_label),
+        ("--cohort-name (run.cohort_name)", cfg.cohort_name),
+        ("--leave-cohort-out (split.leave_cohort_out)", cfg.split.leave_cohort_out),
+        *(("--cohort NAME (cohorts.name)", cohort.name) for cohort in cfg.cohorts),
     ):
         if name is not None and not re.match(NAME_PATTERN, name):
             fail(option, name, "a name, not a path: letters and digits first, then letters, digits, '_' or '-' "

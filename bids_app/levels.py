@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from bids_app.data.tables import GroupTable, TensorIndex
     from bids_app.maps import Maps, MapsLayout
     from bids_app.maps.splits import Splits
+    from bids_app.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -155,11 +156,13 @@ def _run_group(cfg: RunConfig, ctx: RunContext) -> int:
     from bids_app.models import check_compatibility
     from bids_app.training import distributed
 
+    if cfg.predict.model is not None:
+        return run_imported_model(cfg, ctx)
     stages = cfg.stages or DEFAULT_GROUP_STAGES
     final = model_layout(cfg)
     training = GroupStage.TRAIN in stages
     maps: Maps | None = None
-    if not training and (GroupStage.PREDICT in stages or GroupStage.INTERPRET in stages):
+    if not training and {GroupStage.BASELINE, GroupStage.PREDICT, GroupStage.INTERPRET} & set(stages):
         maps = Maps.open(final.root)  # the model folder decides mode, task, labels and class order
         if maps.record.mode is not cfg.train.mode:
             log.info("Model %s was trained on %s tensors: predicting %s tensors (the model folder decides, not "
@@ -169,8 +172,12 @@ def _run_group(cfg: RunConfig, ctx: RunContext) -> int:
     labels_cfg = maps.record.config.labels if maps else cfg.labels
     split_done = distributed.broadcast_flag(final.splits_json.is_file())
     new_split = GroupStage.SPLIT in stages and not (cfg.train.resume and split_done)
-    tensors = select_images(cfg, index_tensors(cfg.output_dir, mode), final if split_done and not new_split else None)
-    table = group_table(cfg, tensors, labels_cfg, mode)
+    if cfg.cohorts:
+        tensors, table = cohort_tables(cfg, mode, labels_cfg)
+    else:
+        kept_split = final if split_done and not new_split else None
+        tensors = select_images(cfg, index_tensors(cfg.output_dir, mode), kept_split)
+        table = group_table(cfg, tensors, labels_cfg, mode)
     log.info("Group level: %d image(s) of %d participant(s) with labels; stages %s", len(table),
              table["participant_id"].nunique(), ", ".join(s.value for s in stages))  # fmt: skip
     if training:
@@ -182,7 +189,7 @@ def _run_group(cfg: RunConfig, ctx: RunContext) -> int:
     elif maps is not None:
         maps.check_input_shape(sample_shape(table, mode), cfg.output_dir)
         maps.check_tensors_unchanged(table, cfg.output_dir)
-    if training or GroupStage.PREDICT in stages or GroupStage.INTERPRET in stages:
+    if training or {GroupStage.BASELINE, GroupStage.PREDICT, GroupStage.INTERPRET} & set(stages):
         # every tensor read from here on is the one its sidecar vouches for (rank 0 reads them once for all)
         distributed.on_main(verify_tensors, table)
     if cfg.train.resume and split_done and cfg.split.split_file is not None:
@@ -242,6 +249,8 @@ def _run_group_stages(
         with distributed.main_only() as main:
             if main and maps is not None and training and GroupStage.PREDICT in stages:
                 maps.validate()
+            if main and maps is not None and GroupStage.BASELINE in stages:
+                run_baseline(cfg, maps, table, tracker)
             if main and maps is not None and GroupStage.PREDICT in stages:
                 from bids_app.prediction.stage import run_predict_stage
 
@@ -260,6 +269,74 @@ def _run_group_stages(
                 report = write_group_report(cfg.output_dir, maps)
                 tracker.log_report(report)
                 log.info("Group report: %s", report)
+
+
+def run_baseline(cfg: RunConfig, maps: Maps, table: GroupTable, tracker: Tracker) -> None:
+    """The linear baseline beside the network (after training, before prediction merges its metrics)."""
+    if not cfg.train.linear_baseline:
+        log.info("Linear baseline off (--no-baseline): the metric TSVs carry the network's values only.")
+        return
+    from bids_app.baseline.stage import run_baseline_stage
+
+    run_baseline_stage(cfg, maps, table, tracker)
+
+
+def run_imported_model(cfg: RunConfig, ctx: RunContext) -> int:
+    """``--model``: predict OUTPUT_DIR's images with a portable model made elsewhere (docs/portable.md).
+
+    An archive is verified and imported into ``OUTPUT_DIR/models/<its name>`` (once; a folder is checked against
+    its manifest), the images of the model's mode are indexed and labelled where BIDS_DIR has the model's label,
+    checked to have its sample shape, and predicted after the travelling leak guard's checks.
+    """
+    from bids_app.data.tables import external_table, sample_shape, verify_tensors
+    from bids_app.portable import open_model
+    from bids_app.prediction.guard import run_predict_imported
+    from bids_app.tracking import open_tracker
+
+    assert cfg.predict.model is not None
+    imported = open_model(cfg.predict.model, cfg.output_dir / "models")
+    maps = imported.maps
+    log.info("Predicting with imported model %s (%s, %s on %s tensors).", maps.name, maps.record.architecture,
+             maps.record.task.value, maps.record.mode.value)  # fmt: skip
+    table = select_images(cfg, external_table(cfg.output_dir, maps.record.mode, maps.record.config.labels), None)
+    maps.check_input_shape(sample_shape(table, maps.record.mode), cfg.output_dir)
+    verify_tensors(table)
+    with open_tracker(cfg, maps.layout, ctx.log_dir, new_maps=False).session() as tracker:
+        run_predict_imported(cfg, imported, table, tracker)
+    log.info("Group level done: predictions in %s", maps.root)
+    return 0
+
+
+def check_model_run(cfg: RunConfig, stages: Sequence[GroupStage]) -> None:
+    """Refuse ``--model`` options that cannot go together, before anything is written.
+
+    Raises:
+        UsageError: stages other than predict, or options of a local model (--predict-from, --transfer-from,
+            --split-file, cohorts).
+        ConfigError: no usable --group-name.
+        InputMissingError: the archive or folder does not exist.
+    """
+    from bids_app.errors import InputMissingError, UsageError
+    from bids_app.prediction.guard import check_imported_group_name
+
+    assert cfg.predict.model is not None
+    if cfg.stages and tuple(stages) != (GroupStage.PREDICT,):
+        raise UsageError(
+            f"--model predicts with a model trained elsewhere: --stages {' '.join(s.value for s in stages)} is not "
+            "possible with it. Drop --stages (or pass --stages predict)."
+        )
+    for given, option in (
+        (cfg.predict.predict_from, "--predict-from"),
+        (cfg.train.transfer_from, "--transfer-from"),
+        (cfg.split.split_file, "--split-file"),
+    ):
+        if given is not None:
+            raise UsageError(f"{option} cannot go with --model, which predicts OUTPUT_DIR's images. Drop {option}.")
+    if cfg.cohorts:
+        raise UsageError("--cohort cannot go with --model, which predicts OUTPUT_DIR's images. Drop --cohort.")
+    check_imported_group_name(cfg)
+    if not cfg.predict.model.exists():
+        raise InputMissingError(f"--model {cfg.predict.model} does not exist. Check the path.")
 
 
 def model_layout(cfg: RunConfig) -> MapsLayout:
@@ -312,6 +389,11 @@ def check_group_run(cfg: RunConfig) -> None:
 
     stages = cfg.stages or DEFAULT_GROUP_STAGES
     check_device_name(cfg.runtime.device)
+    if cfg.predict.model is not None:
+        check_model_run(cfg, stages)
+        return
+    if cfg.cohorts or cfg.cohort_name or cfg.split.leave_cohort_out:
+        check_cohorts(cfg, stages)
     if GroupStage.TRAIN in stages:
         from bids_app.models import check_architecture
         from bids_app.training.stage import check_train_config
@@ -347,6 +429,90 @@ def check_group_run(cfg: RunConfig) -> None:
             f"Model folder {layout.root} already holds trained split(s) {trained}: --stages train would replace "
             "them. Pass --overwrite to retrain (the old model stays whole until the new one is complete), --resume "
             "to finish an interrupted training, or choose another --model-name."
+        )
+
+
+def check_cohorts(cfg: RunConfig, stages: Sequence[GroupStage]) -> None:
+    """Every cohort's options, folders, tensors and labels, checked before anything is written (docs/cohorts.md).
+
+    Raises:
+        UsageError: conflicting cohort options, or two cohorts that are one dataset.
+        InputMissingError: a cohort's folder, or its tensors of the mode, are missing.
+        DataError: a cohort's labels lack the label column, or one scan is in two cohorts.
+    """
+    from bids_app.config import GroupStage
+    from bids_app.data.cohorts import check_cohort_options
+
+    check_cohort_options(cfg)
+    if not cfg.cohorts:
+        return
+    mode, labels_cfg = cfg.train.mode, cfg.labels
+    final = model_layout(cfg)
+    if GroupStage.TRAIN not in stages and final.maps_json.is_file():
+        from bids_app.maps.folder import read_maps_json
+
+        record = read_maps_json(final.root)  # the model decides mode and labels when it is not trained here
+        mode, labels_cfg = record.mode, record.config.labels
+    cohort_tables(cfg, mode, labels_cfg)
+
+
+def cohort_tables(cfg: RunConfig, mode: ExtractionMode, labels_cfg: LabelConfig) -> tuple[TensorIndex, GroupTable]:
+    """Every cohort's tensors and labelled group table, stacked with a leading ``cohort`` column.
+
+    Each cohort is read as a single-cohort run would read it (``index_tensors`` of its output folder,
+    ``group_table`` with the labels of its BIDS root); a failure names the cohort. A scan found in two cohorts
+    (same preprocessed or raw source sha256) is refused: one person would be on both sides of the split.
+
+    Raises:
+        InputMissingError, DataError: as ``group_table``, prefixed by the cohort; LeakError: a scan in two cohorts.
+    """
+    import dataclasses
+
+    import pandas as pd
+
+    from bids_app.data.cohorts import list_cohorts
+    from bids_app.data.tables import index_tensors
+    from bids_app.errors import InputMissingError
+    from bids_app.labels import COHORT
+
+    tensors, tables = [], []
+    for cohort in list_cohorts(cfg):
+        one = dataclasses.replace(cfg, bids_dir=cohort.bids_dir, output_dir=cohort.output_dir, cohorts=())
+        try:
+            index = index_tensors(cohort.output_dir, mode)
+            table = group_table(one, index, labels_cfg, mode)
+        except (DataError, InputMissingError) as exc:
+            raise type(exc)(f"Cohort '{cohort.name}' ({cohort.bids_dir}): {exc}") from None
+        index.insert(0, COHORT, cohort.name)
+        table.insert(0, COHORT, cohort.name)
+        tensors.append(index)
+        tables.append(table)
+        log.info("Cohort '%s': %d labelled image(s) of %d participant(s) from %s", cohort.name, len(table),
+                 table["participant_id"].nunique(), cohort.output_dir)  # fmt: skip
+    stacked = pd.concat(tables, ignore_index=True)
+    _refuse_scans_in_two_cohorts(stacked)
+    return pd.concat(tensors, ignore_index=True), stacked
+
+
+def _refuse_scans_in_two_cohorts(table: GroupTable) -> None:
+    """LeakError when an image of one cohort has the source checksum of another cohort's image."""
+    from bids_app.errors import LeakError
+    from bids_app.labels import COHORT
+    from bids_app.prediction.leakage import find_leaks
+
+    names = list(dict.fromkeys(table[COHORT]))
+    found = []
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            pairs = find_leaks(table[table[COHORT] == first], table[table[COHORT] == second], f"cohort '{second}'")
+            # a label names a person only inside its dataset: only the same file is a leak across cohorts
+            found += [(first, second, f) for f in pairs if f.reason != "participant"]
+    if found:
+        shown = "; ".join(f"{a}/{f.participant_id} {f.session_id} = {b}/{f.train_participant_id} "
+                          f"{f.train_session_id} ({f.reason} {f.sha256[:12]}…)" for a, b, f in found[:5])  # fmt: skip
+        raise LeakError(
+            f"{len(found)} image(s) are in two cohorts (same file checksum): {shown}. One person would count twice "
+            "and could be on both sides of the split. Remove the copy from one cohort's output."
         )
 
 

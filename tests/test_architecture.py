@@ -19,7 +19,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bids_app"
 # says so (``SHARED`` and ``BASE`` members import each other; stages never import one another).
 ENTRY = {"cli", "__main__"}  # command lines: nothing imports them
 ORCHESTRATORS = {"levels": "*", "participant": {"inputs", "preprocess"}}  # sequence stages
-STAGES = {"inputs", "preprocess", "split", "training", "prediction", "interpret", "reports", "synthetic"}
+STAGES = {"inputs", "preprocess", "split", "training", "baseline", "prediction", "interpret", "reports",
+          "synthetic"}  # fmt: skip
 SHARED = {"data", "extraction", "maps", "models", "tracking"}  # nouns the stages share
 BASE = {"", "config", "config_file", "derivatives", "errors", "labels", "log_setup", "metrics", "provenance",
         "runtime", "template"}  # fmt: skip

@@ -213,6 +213,26 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
     (F, "balance_p_threshold", "split.balance_p_threshold", (), {"type": float, "help": "age/sex tests p > this"}),
     (F, "max_attempts", "split.max_attempts", (), {"type": int, "help": "bounded number of split draws"}),
     (F, "parent_label", "split.parent_label", (), {"metavar": "COLUMN", "help": "transfer-safe nested split"}),
+    (
+        F,
+        "cohort",
+        "run.cohorts",
+        (),
+        {
+            "action": "append",
+            "metavar": "NAME=BIDS_DIR[:OUTPUT_DIR]",
+            "help": "also train on another cohort: its labels from BIDS_DIR, its tensors from OUTPUT_DIR "
+            "(default BIDS_DIR/derivatives/bids_app); repeat for more; docs/cohorts.md",
+        },
+    ),
+    (F, "cohort_name", "run.cohort_name", (), {"metavar": "NAME", "help": "the cohort name of BIDS_DIR/OUTPUT_DIR"}),
+    (
+        F,
+        "leave_cohort_out",
+        "split.leave_cohort_out",
+        (),
+        {"metavar": "NAME", "help": "test on this whole cohort; train and validate on the others"},
+    ),
     (F, "model_name", "train.model_name", (), {"metavar": "NAME", "help": "model folder under OUTPUT_DIR/models/"}),
     (
         F,
@@ -259,6 +279,17 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
     (F, "resume", "train.resume", (), {"action": "store_true", "help": "continue an interrupted training"}),
     (
         F,
+        "linear_baseline",
+        "train.linear_baseline",
+        ("--no-linear-baseline", "--no-baseline"),
+        {
+            "action": BoolFlag,
+            "help": "also fit a linear model (logistic regression or ridge) on the same tensors and splits and "
+            "report its metrics beside the network's, or not (--no-baseline); never for reconstruction",
+        },
+    ),
+    (
+        F,
         "transfer_from",
         "train.transfer_from",
         (),
@@ -272,6 +303,17 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
         {"type": Path, "metavar": "OUTPUT_DIR2", "help": "predict another participant-level output"},
     ),
     (F, "group_name", "predict.group_name", (), {"metavar": "NAME", "help": "name of the predicted group"}),
+    (
+        F,
+        "model",
+        "predict.model",
+        (),
+        {
+            "type": Path,
+            "metavar": "FILE_OR_DIR",
+            "help": "predict OUTPUT_DIR's images with a portable model (bids_app-model export), after its leak guard",
+        },
+    ),
     (F, "allow_leak", "predict.allow_leak", (), {"action": "store_true", "help": "predict despite a leak"}),
     (F, "voting_threshold", "predict.voting_threshold", (), {"type": float, "help": "drop weaker parts"}),
     (F, "n_bootstrap", "predict.n_bootstrap", (), {"type": int, "help": "bootstrap resamples"}),
@@ -370,6 +412,9 @@ DEFAULT_TEXT = {
     "suvr_reference_mask": "none: the whole brain",
     "classes": "every class present",
     "split_file": "none: a seeded split",
+    "cohort": "none: one cohort, BIDS_DIR and OUTPUT_DIR",
+    "cohort_name": "primary",
+    "leave_cohort_out": "none: test participants drawn from every cohort",
     "positive_class": "the second class in sorted order",
     "loss": "the task's: cross_entropy for classification, mse otherwise",
     "splits": "every split",
@@ -377,6 +422,7 @@ DEFAULT_TEXT = {
     "transfer_from": "none: random initialisation",
     "predict_from": "none: predict the test split",
     "group_name": "none: the test split",
+    "model": "none: the model folder --model-name names",
     "track_dir": "OUTPUT_DIR/mlruns",
 }
 # Allowed names listed in the help of options whose values argparse does not check (or hides behind a metavar).

@@ -26,6 +26,7 @@ from bids_app.config import ExtractionMode, RunConfig, Task
 from bids_app.config_file import config_to_nested, resolve_config
 from bids_app.derivatives import atomic_write_json
 from bids_app.errors import BidsAppError, DataError, InputMissingError
+from bids_app.labels import image_names
 from bids_app.maps.splits import SPLITS_JSON, Splits, read_splits
 from bids_app.maps.weights import PICKLE_SUFFIXES, check_safetensors, load_state
 
@@ -110,6 +111,35 @@ class MapsLayout:
     def split_summary_tsv(self, group: str, metric: str) -> Path:
         """Every metric of the ``best-<metric>`` models on ``group``: mean, sd and value of each split."""
         return self.summary_dir / f"{group}_best-{metric}_metrics_across_splits.tsv"
+
+    def baseline_summary_tsv(self, group: str, metric: str) -> Path:
+        """``split_summary_tsv`` of the linear baselines selected like ``best-<metric>``."""
+        return self.summary_dir / f"{group}_best-{metric}_baseline_metrics_across_splits.tsv"
+
+    def baseline_dir(self, split: int) -> Path:
+        """The linear baseline fitted on split ``k``'s training group (``bids_app.baseline``)."""
+        return self.split_dir(split) / "baseline"
+
+    def baseline_best_dir(self, split: int, metric: str) -> Path:
+        """The baseline whose hyper-parameter was chosen on validation with ``metric``, as ``best-<metric>``."""
+        return self.baseline_dir(split) / f"best-{metric}"
+
+    def baseline_selection_json(self, split: int, metric: str) -> Path:
+        """The grid, each value's validation score, the chosen value and the features of that baseline."""
+        return self.baseline_best_dir(split, metric) / "selection.json"
+
+    def baseline_model_path(self, split: int, metric: str) -> Path:
+        """That baseline's coefficients, intercept and feature standardisation (safetensors)."""
+        return self.baseline_best_dir(split, metric) / "model.safetensors"
+
+    def baseline_group_dir(self, split: int, metric: str, group: str) -> Path:
+        return self.baseline_best_dir(split, metric) / group
+
+    def baseline_prediction_tsv(self, split: int, metric: str, group: str) -> Path:
+        return self.baseline_group_dir(split, metric, group) / f"{group}_image_level_prediction.tsv"
+
+    def baseline_metrics_tsv(self, split: int, metric: str, group: str) -> Path:
+        return self.baseline_group_dir(split, metric, group) / f"{group}_image_level_metrics.tsv"
 
     def training_logs_dir(self, split: int) -> Path:
         return self.split_dir(split) / "training_logs"
@@ -545,9 +575,9 @@ class Maps:
         if not recorded or "tensor_sha256" not in table.columns:
             return
         changed = [
-            f"{p} {s}"
-            for p, s, sha in zip(table["participant_id"], table["session_id"], table["tensor_sha256"], strict=True)
-            if recorded.get(f"{p} {s}") not in (None, sha)
+            name
+            for name, sha in zip(image_names(table), table["tensor_sha256"], strict=True)
+            if recorded.get(name) not in (None, sha)
         ]
         if changed:
             shown = ", ".join(changed[:5]) + (f" ... ({len(changed)} in all)" if len(changed) > 5 else "")
@@ -578,3 +608,14 @@ class Maps:
     def training_pool(self, fix: str = "Re-run the split stage.") -> pd.DataFrame:
         """``groups/train+validation.tsv``: every image the models saw (``read_training_pool``)."""
         return read_training_pool(self.root, fix)
+
+    def exported_record(self, splits: Sequence[int], metrics: Sequence[str]) -> bytes:
+        """``maps.json`` as a portable copy holding only ``splits`` x ``metrics`` must say it (bytes to write).
+
+        The selection metrics and splits of the training configuration are narrowed to the exported models, so
+        the copy validates (``check_maps_files``) and predicts with exactly them; every other key is unchanged.
+        """
+        content = json.loads(self.layout.maps_json.read_text(encoding="utf-8"))
+        content["config"]["train"]["selection_metrics"] = list(metrics)
+        content["config"]["train"]["splits"] = [int(k) for k in splits]
+        return (json.dumps(content, indent=2, sort_keys=False, default=str) + "\n").encode("utf-8")

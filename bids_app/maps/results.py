@@ -29,6 +29,7 @@ import pandas as pd
 
 from bids_app.config import Task
 from bids_app.derivatives import atomic_write_text
+from bids_app.labels import COHORT, subject_ids
 from bids_app.labels import NA as MISSING
 from bids_app.metrics import (
     DEFAULT_POSITIVE_INDEX,
@@ -102,7 +103,7 @@ def output_table(frame: pd.DataFrame, task: Task, class_names: Sequence[str]) ->
         out["predicted_label"] = _label_column(out["predicted_label"], task, class_names)
         out = out.rename(columns={f"proba_{k}": f"proba_{name}" for k, name in enumerate(class_names)})
         probas = [f"proba_{name}" for name in class_names]
-        lead = [c for c in ("participant_id", "session_id", "part_id") if c in out.columns]
+        lead = [c for c in (COHORT, "participant_id", "session_id", "part_id") if c in out.columns]
         return out[[*lead, "true_label", "predicted_label", *probas]]
     return out
 
@@ -150,7 +151,7 @@ def image_metrics(
 
 def group_size_warning(labelled: pd.DataFrame, task: Task, class_names: Sequence[str]) -> str | None:
     """``metrics.small_group_warning`` for the labelled images of a group (participants counted per class)."""
-    participants = labelled["participant_id"].astype(str)
+    participants = subject_ids(labelled)  # (cohort, participant_id) in a multi-cohort group
     per_class: dict[str, int] = {}
     if task is Task.CLASSIFICATION:
         codes = labelled["true_label"].to_numpy(dtype=float)
@@ -176,7 +177,7 @@ def metric_table(
     index = positive_class_index(class_names, positive_class) if binary else DEFAULT_POSITIVE_INDEX
     metrics, matrix = image_metrics(labelled, task, len(class_names), n_bootstrap, index)
     metrics["n_images"] = len(labelled)
-    metrics["n_participants"] = int(labelled["participant_id"].astype(str).nunique())
+    metrics["n_participants"] = int(subject_ids(labelled).nunique())
     if task is Task.CLASSIFICATION:
         metrics["positive_class"] = class_names[index] if binary else MISSING
     metrics["warning"] = warning or MISSING
@@ -218,6 +219,28 @@ def read_baseline_metrics(prediction_tsv: Path, metrics_tsv: Path, image: pd.Dat
                     "baseline predict).", prediction_tsv, len(theirs), len(ours))  # fmt: skip
         return None
     return read_tsv(metrics_tsv)
+
+
+def describe_beside_baseline(metrics_tsv: Path, task: Task) -> str:
+    """One phrase for the log: the network's headline metric and the baseline's, with their intervals and n.
+
+    The headline is balanced accuracy in classification, MAE in regression (``metrics_tsv`` carries
+    ``BASELINE_COLUMNS``, ``add_baseline_columns``).
+    """
+    headline = "balanced_accuracy" if task is Task.CLASSIFICATION else "mae"
+    table = read_tsv(metrics_tsv)
+    rows = table[table["metric"].astype(str) == headline]
+    if rows.empty or not set(BASELINE_COLUMNS) <= set(table.columns):
+        return f"no {headline} beside the baseline's in {metrics_tsv}"
+    row = rows.iloc[0]
+
+    def shown(*values: float) -> str:
+        text = [f"{float(v):.3f}" if math.isfinite(float(v)) else MISSING for v in values]
+        return f"{text[0]} [{text[1]}, {text[2]}]"
+
+    network = shown(row["value"], row["ci_low"], row["ci_high"])
+    baseline = shown(row["baseline_value"], row["baseline_ci_low"], row["baseline_ci_high"])
+    return f"{headline} {network} (network) vs {baseline} (linear baseline), n = {int(row['n_images'])} images"
 
 
 def write_image_outputs(
@@ -300,3 +323,42 @@ def write_split_summary(path: Path, metric_paths: Mapping[int, Path]) -> pd.Data
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, format_tsv(summary))
     return summary
+
+
+def cohort_metrics_tsv(out_dir: Path, group_name: str, cohort: str) -> Path:
+    """``<group>_cohort-<name>_image_level_metrics.tsv``: one cohort's metrics beside the pooled ones."""
+    return out_dir / f"{group_name}_cohort-{cohort}_image_level_metrics.tsv"
+
+
+def write_cohort_metrics(
+    out_dir: Path,
+    group_name: str,
+    image: pd.DataFrame,
+    task: Task,
+    class_names: Sequence[str],
+    n_bootstrap: int,
+    positive_class: str | None = None,
+) -> dict[str, pd.DataFrame]:
+    """Per-cohort metric TSVs of a multi-cohort group (``cohort_metrics_tsv``), in the pooled TSV's format.
+
+    Each cohort's labelled images get their own ``metric_table`` (values, 95 % bootstrap intervals, n and the
+    small-group warning), so a model that does well pooled but poorly on one cohort shows it. A table without
+    the ``cohort`` column writes nothing; files of cohorts no longer in the group are removed.
+
+    Returns:
+        The metric table written per cohort name.
+    """
+    written: dict[str, pd.DataFrame] = {}
+    if COHORT in image.columns:
+        labelled = image if task is Task.RECONSTRUCTION else image[~image["true_label"].isna()]
+        for cohort in sorted(set(labelled[COHORT].astype(str))):
+            rows = labelled[labelled[COHORT].astype(str) == cohort]
+            warning = group_size_warning(rows, task, class_names)
+            metrics, _ = metric_table(rows, task, class_names, n_bootstrap, positive_class, warning)
+            atomic_write_text(cohort_metrics_tsv(out_dir, group_name, cohort), format_tsv(metrics))
+            written[cohort] = metrics
+    keep = {cohort_metrics_tsv(out_dir, group_name, cohort).name for cohort in written}
+    for stale in out_dir.glob(f"{group_name}_cohort-*_image_level_metrics.tsv"):
+        if stale.name not in keep:
+            stale.unlink()
+    return written

@@ -9,8 +9,11 @@ from __future__ import annotations
 import os
 import re
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from bids_app.derivatives import atomic_path
 from bids_app.errors import DataError, InputMissingError
@@ -43,6 +46,31 @@ def save_model(path: Path, model: nn.Module) -> None:
             if code is None:  # not an I/O failure: a programming error keeps its traceback
                 raise
             raise OSError(code, os.strerror(code), str(tmp)) from exc  # atomic_path names ``path``
+
+
+def save_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write named numpy arrays (a linear model's coefficients) to ``path`` with safetensors, atomically.
+
+    Raises:
+        OutputError, IOFailure: the file cannot be written (permissions; a full disk), naming ``path``.
+    """
+    from safetensors.numpy import save_file
+
+    contiguous = {name: np.ascontiguousarray(array) for name, array in arrays.items()}
+    with atomic_path(path) as tmp:
+        save_file(contiguous, str(tmp), metadata={"format": "np"})  # one key: see save_model
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Read the arrays ``save_arrays`` wrote (refusing pickles, like ``load_state``)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    check_safetensors(Path(path))
+    try:
+        return dict(load_file(str(path)))
+    except (SafetensorError, OSError) as exc:
+        raise DataError(f"Model file {path} is corrupt ({exc}). Run the baseline stage again.") from exc
 
 
 def _os_error_code(exc: Exception) -> int | None:

@@ -36,8 +36,15 @@ import pandas as pd
 from bids_app.config import PredictConfig, RunConfig, RuntimeConfig, Task
 from bids_app.derivatives import atomic_write_text
 from bids_app.errors import ConfigError, DataError
+from bids_app.labels import COHORT
 from bids_app.maps import Maps
-from bids_app.maps.results import format_tsv, proba_columns, write_split_summary
+from bids_app.maps.results import (
+    describe_beside_baseline,
+    format_tsv,
+    proba_columns,
+    read_baseline_metrics,
+    write_split_summary,
+)
 from bids_app.metrics import (
     RECONSTRUCTION_METRICS,
     SMALL_GROUP_RULE,
@@ -46,11 +53,14 @@ from bids_app.metrics import (
 )
 from bids_app.prediction.files import write_group_outputs
 from bids_app.prediction.leakage import (
+    LabelCoincidence,
     LeakFinding,
     check_identity_leaks,
     check_leaks,
     enforce_no_leak,
+    find_label_coincidences,
     training_checksums,
+    write_leak_report,
 )
 from bids_app.prediction.voting import (
     VOTING_WEIGHTS_FILE,
@@ -135,6 +145,7 @@ def run_inference(
     samples = dataset.sample_table.iloc[order]
     table = pd.DataFrame(
         {
+            **({COHORT: samples[COHORT].astype(str).to_numpy()} if COHORT in samples.columns else {}),
             "participant_id": samples["participant_id"].astype(str).to_numpy(),
             "session_id": samples["session_id"].astype(str).to_numpy(),
             "part_id": samples["part_id"].to_numpy(dtype=np.int64),
@@ -165,12 +176,15 @@ class Predictor:
         options: prediction options (``allow_leak``, ``voting_threshold``, ``n_bootstrap``, ...).
         runtime: device, memory layout and inference batch size.
         train_table: the training pool with its checksums (``leakage.training_checksums``), for the leak checks.
+        linear_baseline: merge the linear baseline's metrics of each group, when it predicted the same images, beside
+            the network's (``maps.results.read_baseline_metrics``).
     """
 
     maps: Maps
     options: PredictConfig
     runtime: RuntimeConfig
     train_table: pd.DataFrame
+    linear_baseline: bool = False
 
     def predict_group(
         self,
@@ -181,6 +195,7 @@ class Predictor:
         table: GroupTable,
         dataset: TensorDataset,
         identity_findings: Sequence[LeakFinding] = (),
+        coincidences: Sequence[LabelCoincidence] | None = None,
     ) -> None:
         """Predict one group with the model ``split-<k>/best-<metric>`` and write its TSVs (module docstring).
 
@@ -198,6 +213,9 @@ class Predictor:
             dataset: the samples of ``table`` (``data.TensorDataset``, built without augmentation).
             identity_findings: this group's ``leakage.check_identity_leaks`` pairs, refused or recorded with the
                 rest.
+            coincidences: for a group from another output, its same-label pairs with training images of other
+                datasets (``leakage.find_label_coincidences``): information written with every check made to
+                ``leak_report.json`` (``leakage.write_leak_report``); None: no report (the split's own test).
 
         Raises:
             LeakError: the group shares participants or scans with training/validation and ``allow_leak`` is off.
@@ -208,6 +226,11 @@ class Predictor:
         out_dir = layout.group_dir(split, metric, group_name)
         if group_name not in TRAINING_GROUPS:
             findings = [*check_leaks(self.maps, table, self.train_table), *identity_findings]
+            if coincidences is not None:
+                refused = bool(findings) and not options.allow_leak
+                write_leak_report(
+                    out_dir, group_name, findings, list(coincidences), table, self.train_table, refused=refused
+                )
             enforce_no_leak(findings, group_name, options.allow_leak, out_dir)
         parts = run_inference(
             model, dataset, record.task, self.runtime.inference_batch_size, channels_last=self.runtime.channels_last
@@ -239,9 +262,16 @@ class Predictor:
         else:
             image = soft_vote(parts, read_voting_weights(weights_path), task, n_classes)
         positive = record.config.labels.positive_class
+        baseline = None
+        if self.linear_baseline:
+            baseline = read_baseline_metrics(layout.baseline_prediction_tsv(split, metric, group_name),
+                                             layout.baseline_metrics_tsv(split, metric, group_name), image)  # fmt: skip
         warning = write_group_outputs(
-            out_dir, group_name, dataset.mode.value, parts, image, task, names, options.n_bootstrap, positive
+            out_dir, group_name, dataset.mode.value, parts, image, task, names, options.n_bootstrap, positive, baseline
         )
+        if baseline is not None:
+            beside = describe_beside_baseline(layout.metrics_tsv(split, metric, group_name), task)
+            log.info("Group '%s' of split %d (best-%s): %s.", group_name, split, metric, beside)
         if warning is not None:
             log.warning("Group '%s' of split %d (best-%s): %s (rule: %s).", group_name, split, metric, warning,
                         SMALL_GROUP_RULE)  # fmt: skip
@@ -306,8 +336,20 @@ def run_predict_stage(cfg: RunConfig, maps: Maps, table: GroupTable, tracker: Tr
     else:
         other_name = check_group_name(cfg.predict)
         other = external_table(cfg.predict.predict_from, record.mode, record.config.labels)
-    predictor = Predictor(maps, cfg.predict, cfg.runtime, training_checksums(maps, table))
+    predictor = Predictor(
+        maps, cfg.predict, cfg.runtime, training_checksums(maps, table), linear_baseline=cfg.train.linear_baseline
+    )
     identity = [] if cfg.predict.predict_from is None else check_identity_leaks(maps, other, table, other_name)
+    coincidences = None
+    if cfg.predict.predict_from is not None:
+        coincidences = find_label_coincidences(other, predictor.train_table)
+        if coincidences:
+            shown = ", ".join(dict.fromkeys(c.participant_id for c in coincidences[:50]))
+            log.info("Group '%s': %d image(s) carry a participant label of the training pool from another dataset "
+                     "(%s). A label names a person only inside its dataset, so these are not leaks; the checksum "
+                     "and fingerprint checks cover the same scan or person. Listed in leak_report.json.",
+                     other_name, len({(c.participant_id, c.session_id) for c in coincidences}),
+                     shown)  # fmt: skip
     device = resolve_device(cfg.runtime.device)
     for split in trained:
         validation = rows_for(folds[split].validation, table, "validation group")
@@ -318,7 +360,8 @@ def run_predict_stage(cfg: RunConfig, maps: Maps, table: GroupTable, tracker: Tr
                     continue
                 dataset = TensorDataset(rows, record.mode, record.task, label_encoding=record.label_encoding)
                 findings = identity if name == other_name else ()
-                predictor.predict_group(model, split, metric, name, rows, dataset, findings)
+                notes = coincidences if name == other_name else None
+                predictor.predict_group(model, split, metric, name, rows, dataset, findings, notes)
                 tracker.log_group(split, metric, name)
     write_split_summaries(maps, (VALIDATION_GROUP, other_name))
     tracker.log_prediction_means()

@@ -10,7 +10,9 @@ folders and search trials (``mlflow ui --backend-store-uri <store>``). In the st
   the prediction metrics averaged over the trained splits (``test/best-loss/balanced_accuracy``);
 - one nested run per split: per-epoch ``train_loss``, ``learning_rate`` and ``validation_<metric>`` (step =
   epoch), the best value and epoch per selection metric, every predicted group's metrics with their bootstrap
-  interval (``test/best-loss/roc_auc``, ``test/best-loss/roc_auc_ci_low``), ``training.tsv`` and ``summary.json``.
+  interval (``test/best-loss/roc_auc``, ``test/best-loss/roc_auc_ci_low``), ``training.tsv`` and ``summary.json``;
+  the linear baseline's metrics likewise, prefixed ``baseline_`` (``baseline_test/best-loss/roc_auc``), in the
+  split's run and averaged in the MAPS' run.
 
 The run ids are kept in the MAPS (``tracking.json`` for the MAPS, ``split-<k>/training_logs/tracking.json`` per
 split): a resumed split continues its run, a later ``--stages predict`` logs into the runs that trained the
@@ -51,6 +53,7 @@ MLFLOW_ENVIRONMENT = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"
 LINK_FILE = "tracking.json"
 MAX_BATCH = 100  # params, tags or metrics per log_batch call (MLflow's smallest limit)
 MAX_PARAM_LENGTH = 6000  # characters of one parameter value
+BASELINE_PREFIX = "baseline_"  # the linear baseline's metrics: baseline_test/best-loss/balanced_accuracy
 
 
 class Tracker:
@@ -67,6 +70,9 @@ class Tracker:
 
     def log_group(self, split: int, selection_metric: str, group_name: str) -> None:
         """A group was predicted with ``split-<k>/best-<metric>``: copy its metrics."""
+
+    def log_baseline_group(self, split: int, selection_metric: str, group_name: str) -> None:
+        """The linear baseline ``split-<k>/baseline/best-<metric>`` predicted a group: copy its metrics."""
 
     def log_prediction_means(self) -> None:
         """Average every group's metrics over the trained splits, on the MAPS' run."""
@@ -309,13 +315,27 @@ class MlflowTracker(Tracker):
 
         self._guarded(f"logging group '{group_name}' of split {split}", record)
 
+    def log_baseline_group(self, split: int, selection_metric: str, group_name: str) -> None:
+        path = self.layout.baseline_metrics_tsv(split, selection_metric, group_name)
+
+        def record() -> None:
+            if not path.is_file():
+                return
+            run_id = self._split_run(split)
+            self._metrics(run_id, _metric_values(path, f"{BASELINE_PREFIX}{group_name}/best-{selection_metric}"))
+            self.client.log_artifact(run_id, str(path), f"baseline/best-{selection_metric}")
+
+        self._guarded(f"logging the baseline's group '{group_name}' of split {split}", record)
+
     def log_prediction_means(self) -> None:
         def record() -> None:
             values: dict[str, list[float]] = {}
-            for path in sorted(self.layout.root.glob("split-*/best-*/*/*_image_level_metrics.tsv")):
-                group_name, selection_dir = path.parent.name, path.parent.parent.name
-                for key, value in _metric_values(path, f"{group_name}/{selection_dir}", intervals=False).items():
-                    values.setdefault(key, []).append(value)
+            for pattern, prefix in (("split-*/best-*/*/", ""), ("split-*/baseline/best-*/*/", BASELINE_PREFIX)):
+                for path in sorted(self.layout.root.glob(f"{pattern}*_image_level_metrics.tsv")):
+                    group_name, selection_dir = path.parent.name, path.parent.parent.name
+                    key_prefix = f"{prefix}{group_name}/{selection_dir}"
+                    for key, value in _metric_values(path, key_prefix, intervals=False).items():
+                        values.setdefault(key, []).append(value)
             self._metrics(self.maps_run, {key: sum(v) / len(v) for key, v in values.items()})
 
         self._guarded("averaging the prediction metrics", record)
