@@ -21,7 +21,7 @@ ENTRY = {"cli", "__main__"}  # command lines: nothing imports them
 ORCHESTRATORS = {"levels": "*", "participant": {"inputs", "preprocess"}}  # sequence stages
 STAGES = {"inputs", "preprocess", "split", "training", "baseline", "prediction", "interpret", "reports",
           "synthetic"}  # fmt: skip
-SHARED = {"data", "extraction", "maps", "models", "tracking"}  # nouns the stages share
+SHARED = {"data", "extraction", "maps", "models", "portable", "tracking"}  # nouns the stages share
 BASE = {"", "config", "config_file", "derivatives", "errors", "labels", "log_setup", "metrics", "provenance",
         "runtime", "template"}  # fmt: skip
 HEAVY = ("torch", "ants", "bids", "nibabel", "pandas", "numpy", "scipy", "sklearn", "matplotlib", "nilearn")

@@ -1,0 +1,251 @@
+"""Export a model folder to one portable file, import it back, and open an imported model for prediction.
+
+The archive's members mirror the imported folder: the model record (narrowed to the exported models),
+``environment.json``, the split files under ``groups/`` (ids, labels, age and sex: no image data), for each
+exported split its ``training_logs/summary.json`` and ``training.tsv`` and, for each chosen selection metric,
+``best-<metric>/model.safetensors``, ``selection.json`` and the voting weights of multi-part modes; the leak
+guard under ``leak_guard/``; ``MODEL_CARD.md`` and ``model_card.json``; ``manifest.json``. An imported folder
+is therefore a model folder the group level opens like any other (``Maps.open``), plus its guard and card.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bids_app.errors import DataError, InputMissingError, OutputError, UsageError
+from bids_app.maps import Maps
+from bids_app.portable.archive import (
+    CARD_JSON,
+    CARD_MD,
+    FORMAT_VERSION,
+    GUARD_DIR,
+    MANIFEST,
+    Archive,
+    check_format,
+    read_archive,
+    sha256_bytes,
+    write_archive,
+)
+from bids_app.portable.card import format_card, make_card
+from bids_app.portable.guard import TravellingGuard
+
+log = logging.getLogger(__name__)
+
+VOTING_WEIGHTS = "voting_weights.tsv"  # written beside a multi-part model by the prediction stage's validation
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ImportedModel:
+    """A model folder made by ``import_archive``, verified against its manifest, with its guard and card.
+
+    Attributes:
+        maps: the model folder, opened (``Maps.open``).
+        guard: the training pool's checksums and (maybe) fingerprints.
+        card: ``model_card.json``.
+        manifest: ``manifest.json``.
+    """
+
+    maps: Maps
+    guard: TravellingGuard
+    card: dict[str, Any]
+    manifest: dict[str, Any]
+
+
+def check_selection(maps: Maps, splits: Sequence[int], metrics: Sequence[str]) -> tuple[list[int], list[str]]:
+    """The exported splits and metrics (every trained split and selection metric by default), checked.
+
+    Raises:
+        UsageError: a split is not trained, or a metric is not one the model selected on.
+        InputMissingError: the model has no trained split.
+    """
+    trained = maps.trained_splits()
+    chosen_splits = sorted(set(splits)) if splits else trained
+    untrained = [k for k in chosen_splits if k not in trained]
+    if untrained:
+        raise UsageError(f"--splits {untrained}: not trained in {maps.root} (trained: {trained}). Choose among them.")
+    available = list(maps.record.config.train.selection_metrics)
+    chosen_metrics = list(dict.fromkeys(metrics)) if metrics else available
+    unknown = [m for m in chosen_metrics if m not in available]
+    if unknown:
+        raise UsageError(
+            f"--metrics {unknown}: model {maps.name} kept best models for {available} only. Choose among them."
+        )
+    return chosen_splits, chosen_metrics
+
+
+def model_members(maps: Maps, splits: Sequence[int], metrics: Sequence[str]) -> dict[str, bytes]:
+    """The model folder's files that travel, by archive member path (module docstring)."""
+    layout, root = maps.layout, maps.root
+    record_file, *others = layout.record_files()
+    members = {record_file.relative_to(root).as_posix(): maps.exported_record(splits, metrics)}
+    paths = [*others, *sorted(layout.groups_dir.rglob("*.tsv")), layout.splits_json]
+    for split in splits:
+        paths += [layout.summary_json(split), layout.training_tsv(split)]
+        for metric in metrics:
+            paths += [layout.model_path(split, metric), layout.selection_json(split, metric)]
+            paths.append(layout.best_dir(split, metric) / VOTING_WEIGHTS)
+    for path in paths:
+        if path.is_file():
+            members[path.relative_to(root).as_posix()] = path.read_bytes()
+    return members
+
+
+def export_model(
+    maps: Maps,
+    file: Path,
+    guard: TravellingGuard,
+    input_sidecar: dict[str, Any],
+    *,
+    splits: Sequence[int] = (),
+    metrics: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Write the portable archive of ``maps`` to ``file``; the same model always gives the same bytes.
+
+    Args:
+        maps: the model folder, opened.
+        file: the archive to write (replaced atomically when it exists).
+        guard: the training pool's leak guard (``prediction.guard.make_guard``).
+        input_sidecar: the sidecar of one training tensor, for the card's input section.
+        splits, metrics: the models to ship (default: every trained split, every selection metric).
+
+    Returns:
+        The card (``model_card.json``'s content).
+
+    Raises:
+        UsageError: a split or metric that the model does not have.
+    """
+    chosen_splits, chosen_metrics = check_selection(maps, splits, metrics)
+    for split in chosen_splits:
+        for metric in chosen_metrics:
+            maps.model_path(split, metric)  # refuses a missing or pickled weights file
+    card = make_card(maps, chosen_splits, chosen_metrics, guard, input_sidecar)
+    members = model_members(maps, chosen_splits, chosen_metrics)
+    members.update(guard.to_members(GUARD_DIR))
+    members[CARD_JSON] = (json.dumps(card, indent=2) + "\n").encode("utf-8")
+    members[CARD_MD] = format_card(card, format_version=FORMAT_VERSION).encode("utf-8")
+    digest = write_archive(file, members, model_name=maps.name)
+    log.info("Exported model %s (splits %s, best-%s) to %s: %d members, sha256 %s.", maps.name, chosen_splits,
+             "/".join(chosen_metrics), file, len(members) + 1, digest)  # fmt: skip
+    return card
+
+
+def _open_folder(folder: Path, members: dict[str, bytes], manifest: dict[str, Any]) -> ImportedModel:
+    guard = TravellingGuard.from_members(members, GUARD_DIR, str(folder))
+    card = json.loads(members[CARD_JSON].decode("utf-8"))
+    return ImportedModel(Maps.open(folder), guard, card, manifest)
+
+
+def import_archive(file: Path, dest: Path) -> ImportedModel:
+    """Verify ``file`` whole, then write it as the model folder ``dest`` (all or nothing).
+
+    Every member is read and checked in memory first (``read_archive``); nothing is written on refusal. The
+    folder is then written beside ``dest`` under a hidden name, opened as a model folder to prove it loads, and
+    renamed to ``dest``.
+
+    Raises:
+        UsageError: ``dest`` already exists.
+        DataError, InputMissingError: the archive is refused (``archive.read_archive``).
+        OutputError: ``dest``'s parent cannot be written.
+    """
+    dest = Path(os.path.abspath(dest))
+    if dest.exists():
+        raise UsageError(f"Import destination {dest} already exists. Choose a new folder or remove it first.")
+    archive = read_archive(Path(file))
+    return _write_folder(archive, dest)
+
+
+def _write_folder(archive: Archive, dest: Path) -> ImportedModel:
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.importing-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise OutputError(f"Cannot create {dest}: {exc.strerror or exc}. Check the permissions of its folder.") from exc
+    try:
+        for name, data in sorted({**archive.members, MANIFEST: archive.manifest_bytes}.items()):
+            path = tmp.joinpath(*name.split("/"))
+            if not path.resolve().is_relative_to(tmp.resolve()):  # check_member_name already refused this
+                raise DataError(f"Archive {archive.path}: member {name!r} would leave {dest}. Refusing.")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("xb") as handle:
+                handle.write(data)
+            path.chmod(0o644)
+        _open_folder(tmp, archive.members, archive.manifest)  # proves it loads before it is visible
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("Imported %s (sha256 %s) into %s.", archive.path, archive.sha256, dest)
+    return open_imported(dest)
+
+
+def open_imported(folder: Path) -> ImportedModel:
+    """Open a folder made by ``import_archive``, every file checked against its manifest again.
+
+    Raises:
+        InputMissingError: no manifest (not an imported model) or a listed file is gone.
+        DataError: a file changed since the import, or the manifest's format is not readable here.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputMissingError(
+            f"{folder} has no {MANIFEST}: it is not a model imported by bids_app-model import. Pass the archive "
+            "itself, or import it first."
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} is unreadable ({exc}). Import the archive again.") from exc
+    check_format(manifest, folder)
+    members: dict[str, bytes] = {}
+    for name, expected in dict(manifest.get("members") or {}).items():
+        member = folder.joinpath(*name.split("/"))
+        try:
+            data = member.read_bytes()
+        except FileNotFoundError:
+            raise InputMissingError(f"{member}, listed in {path}, is missing. Import the archive again.") from None
+        if sha256_bytes(data) != expected.get("sha256"):
+            raise DataError(f"{member} changed since it was imported (sha256 differs from {path}). Import again.")
+        members[name] = data
+    return _open_folder(folder, members, manifest)
+
+
+def open_model(source: Path, models_dir: Path) -> ImportedModel:
+    """The model ``--model`` names: an archive is imported into ``models_dir/<its model name>`` first (once).
+
+    An archive whose model name is already imported there from the same archive (same manifest) is re-used, so
+    a second prediction run adds its group beside the first; a different model under that name is refused.
+
+    Raises:
+        UsageError: ``models_dir/<name>`` holds another model.
+        DataError, InputMissingError: the archive or folder is refused.
+    """
+    source = Path(source)
+    if source.is_dir():
+        return open_imported(source)
+    archive = read_archive(source)
+    name = str(archive.manifest.get("model_name") or source.stem)
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise DataError(f"Archive {source} names its model {name!r}, not a usable folder name. Export it again.")
+    dest = Path(os.path.abspath(models_dir / name))
+    if dest.exists():
+        try:
+            existing = json.loads((dest / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            existing = None
+        if existing != archive.manifest:
+            raise UsageError(
+                f"{dest} already holds another model than {source}. Remove it, or predict into another OUTPUT_DIR."
+            )
+        log.info("Model %s was already imported from this archive into %s; re-using it.", name, dest)
+        return open_imported(dest)
+    return _write_folder(archive, dest)
