@@ -23,11 +23,12 @@ from typing import TypeAlias
 import pandas as pd
 
 from bids_app.config import ExtractionMode, LabelConfig
+from bids_app.data.origin import DATASET_COLUMNS, SIDECAR_KEY, DatasetIdentity, read_dataset_identity
 from bids_app.derivatives import file_sha256
 from bids_app.errors import DataError, InputMissingError, IOFailure
 from bids_app.extraction.storage import read_sidecar
 from bids_app.labels import NA as MISSING
-from bids_app.labels import NO_SESSION
+from bids_app.labels import COHORT, NO_SESSION, image_keys
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ INDEX_COLUMNS = (
     "source_sha256",
     "raw_source_sha256",
     "tensor_sha256",
+    *DATASET_COLUMNS,
 )
 UNLABELLED = "n/a"
 
@@ -68,14 +70,17 @@ def index_tensors(output_dir: Path, mode: ExtractionMode, suffix: str = "T1w") -
     Returns:
         One row per image sorted by participant and session, columns ``INDEX_COLUMNS``: BIDS-prefixed ids
         (``session_id`` is ``n/a`` without sessions), ``tensor_path`` (absolute), ``n_parts`` (1 in image
-        mode), ``sample_shape`` (tuple ``(1, ...)`` of one sample) and the sidecar's source checksums.
-        Tensors whose sidecar is missing, unreadable or not ``Complete`` are skipped with a warning.
+        mode), ``sample_shape`` (tuple ``(1, ...)`` of one sample), the sidecar's source checksums and the
+        image's source dataset (``data.origin.DATASET_COLUMNS``: the sidecar's ``SourceDataset``, else the raw
+        dataset ``output_dir`` links to, else ``n/a``). Tensors whose sidecar is missing, unreadable or not
+        ``Complete`` are skipped with a warning.
 
     Raises:
         DataError: two tensors of this mode and suffix belong to one participant and session.
     """
     pattern = f"sub-*/**/deeplearning/sub-*_desc-{mode.value}_{suffix}.json"
     rows = []
+    linked: DatasetIdentity | None = None  # the raw dataset output_dir links to, read once if a sidecar lacks one
     for json_path in sorted(Path(output_dir).glob(pattern)):
         tensor_path = json_path.with_suffix(".npy")
         match = _NAME.match(json_path.name)
@@ -94,6 +99,12 @@ def index_tensors(output_dir: Path, mode: ExtractionMode, suffix: str = "T1w") -
             log.warning("Skipping tensor %s: sidecar Mode %r, Shape %s.", tensor_path, sidecar.get("Mode"), shape)
             continue
         session = match.group("ses")
+        identity = DatasetIdentity.from_sidecar(sidecar.get(SIDECAR_KEY))
+        if identity is None:
+            if linked is None:
+                raw_dir = _raw_dataset(Path(output_dir))
+                linked = read_dataset_identity(raw_dir) if raw_dir is not None else DatasetIdentity()
+            identity = linked
         rows.append(
             {
                 "participant_id": f"sub-{match.group('sub')}",
@@ -104,6 +115,7 @@ def index_tensors(output_dir: Path, mode: ExtractionMode, suffix: str = "T1w") -
                 "source_sha256": sidecar.get("SourceSHA256", ""),
                 "raw_source_sha256": sidecar.get("RawSourceSHA256", ""),
                 "tensor_sha256": sidecar.get("TensorSHA256", ""),
+                **identity.columns(),
             }
         )
     table = pd.DataFrame(rows, columns=list(INDEX_COLUMNS))
@@ -205,7 +217,7 @@ def rows_for(ids: LabelTable, table: GroupTable, what: str) -> GroupTable:
     Raises:
         DataError: an image of ``ids`` has no tensor or no label in ``table``.
     """
-    keys = ["participant_id", "session_id"]
+    keys = image_keys(ids) if COHORT in table.columns else ["participant_id", "session_id"]
     rows = ids[keys].astype(str).merge(table, on=keys, how="left", indicator=True)
     missing = rows[rows["_merge"] != "both"]
     if not missing.empty:

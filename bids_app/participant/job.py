@@ -20,6 +20,7 @@ from typing import Any
 
 from bids_app import read_version
 from bids_app.config import ExtractionMode, RunConfig
+from bids_app.data.origin import SIDECAR_KEY, read_dataset_identity
 from bids_app.derivatives import (
     atomic_path,
     atomic_write_json,
@@ -68,6 +69,30 @@ def check_extraction(cfg: RunConfig) -> None:
         n_parts(mode, cfg.extraction, shape)
 
 
+def participant_settings_sidecar(cfg: RunConfig) -> dict[str, Any]:
+    """What a tensor sidecar records of the settings that made it, beyond its mode parameters.
+
+    ``Preprocessing``: the template file (``TemplatePath``, absolute) and its ``TemplateSHA256``, its ``Space``,
+    ``CropShape`` (None: the template's full grid) and ``Registration``; ``RoiMaskSHA256``: each ROI mask's
+    sha256 by name (kept in roi mode only). The group level reads them back (``data.origin.tensor_settings``)
+    to record what a model was trained on and to refuse tensors made otherwise.
+    """
+    from bids_app.template import default_template_path
+
+    preprocess = cfg.preprocess
+    template = Path(preprocess.template_path or default_template_path()).resolve()
+    return {
+        "Preprocessing": {
+            "TemplatePath": template.as_posix(),
+            "TemplateSHA256": file_sha256(template),
+            "Space": preprocess.template_space,
+            "CropShape": list(preprocess.crop_shape) if preprocess.crop_shape is not None else None,
+            "Registration": preprocess.registration.value,
+        },
+        "RoiMaskSHA256": {name: file_sha256(path) for name, path in cfg.extraction.roi_masks},
+    }
+
+
 class ParticipantJob:
     """Processes the images of participant ``label`` into ``cfg.output_dir``."""
 
@@ -80,6 +105,8 @@ class ParticipantJob:
         self.space = cfg.preprocess.template_space
         self.template = load_template(cfg.preprocess)
         self.template_crop = crop_image(self.template, crop_box(self.template, cfg.preprocess.crop_shape))
+        self.dataset = read_dataset_identity(cfg.bids_dir)
+        self.settings_sidecar = participant_settings_sidecar(cfg)
         stale = remove_stale_temporaries(cfg.output_dir / f"sub-{label}")
         if stale:
             log.warning("sub-%s: removed %d temporary file(s) left by an interrupted run", label, len(stale))
@@ -317,7 +344,11 @@ class ParticipantJob:
             "RawSourceSHA256": provenance["RawSourceSHA256"],
             "ConfigHash": tensor_hash,
             "BidsAppVersion": read_version(),
+            SIDECAR_KEY: self.dataset.to_sidecar(),
+            **self.settings_sidecar,
         }
+        if mode is not ExtractionMode.ROI:
+            sidecar.pop("RoiMaskSHA256", None)
         write_tensor(path, array, sidecar)
         return False
 
@@ -328,10 +359,18 @@ class ParticipantJob:
         from bids_app.participant.report import ReportEntry, write_participant_report
 
         start = time.perf_counter()
+        out = self.cfg.output_dir
         entries = [
-            ReportEntry(r.session_label, r.suffix, img, self.template_crop, qc, self._extra_entities(r))
+            ReportEntry(
+                r.session_label, r.suffix, img, self.template_crop, qc, self._extra_entities(r), raw_path=r.path,
+                tensor_paths={
+                    m.value: tensor_path(out, self.label, r.session_label, self.space, m.value, r.suffix,
+                                         self._extra_entities(r))
+                    for m in self.cfg.extraction.modes
+                },
+            )
             for r, img, qc in self.report_entries
-        ]
+        ]  # fmt: skip
         try:
             write_participant_report(report_path(self.cfg.output_dir, self.label), self.label, entries)
         except OSError as exc:

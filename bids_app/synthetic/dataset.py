@@ -4,9 +4,9 @@ It writes a raw BIDS dataset that passes ``bids-validator-deno``: ``dataset_desc
 ``participants.tsv``/``.json`` (diagnosis AD/CN, age, sex), ``sessions.json`` and per participant
 ``sub-<p>_sessions.tsv`` (age and diagnosis per session), ``sub-<p>/ses-<s>/anat/*_T1w.nii.gz`` (+ JSON),
 optionally ``pet/*_trc-FDG_pet.nii.gz``, and under ``code/template/`` the atrophy-region mask
-``roi-hippocampus_mask.nii.gz`` (plus, for ``tiny``, the 4 mm template
-``tpl-MNI152NLin2009aSym_res-4mm_T1w.nii.gz`` and its ``..._label-GM_probseg.nii.gz``: nilearn's MNI152 2009a
-symmetric template resampled to 4 mm, named so that its space label reads from the file name).
+``roi-hippocampus_mask.nii.gz`` (plus, for ``tiny`` and ``medium``, the 4 or 2 mm template
+``tpl-MNI152NLin2009aSym_res-<mm>mm_T1w.nii.gz`` and its ``..._label-GM_probseg.nii.gz``: nilearn's MNI152 2009a
+symmetric template block-averaged to that grid, named so that its space label reads from the file name).
 Template-space images can also be written as a BIDS derivative
 (``derivatives/preproc/sub-<p>/ses-<s>/anat/*_space-MNI152NLin2009aSym_desc-preproc_T1w.nii.gz``, which
 validates as its own root) or as a Clinica CAPS (``derivatives/caps/subjects/sub-<p>/ses-<s>/t1_linear/
@@ -44,12 +44,14 @@ from bids_app.template import DEFAULT_SPACE, default_template_path
 
 logger = logging.getLogger(__name__)
 
-PRESET_VOXEL_MM = {"tiny": 4, "realistic": 1}
+PRESET_VOXEL_MM = {"tiny": 4, "medium": 2, "realistic": 1}
 PREPROCESSED_KINDS = ("derivative", "caps")
 CAPS_SPACE = "MNI152NLin2009cSym"
 TEMPLATE_DIR = Path("code") / "template"
-TINY_TEMPLATE_NAME = "tpl-MNI152NLin2009aSym_res-4mm_T1w.nii.gz"
-TINY_GM_NAME = "tpl-MNI152NLin2009aSym_res-4mm_label-GM_probseg.nii.gz"
+TEMPLATE_NAME = "tpl-MNI152NLin2009aSym_res-{mm}mm_T1w.nii.gz"  # the written template of a coarse preset
+GM_NAME = "tpl-MNI152NLin2009aSym_res-{mm}mm_label-GM_probseg.nii.gz"
+TINY_TEMPLATE_NAME = TEMPLATE_NAME.format(mm=PRESET_VOXEL_MM["tiny"])
+TINY_GM_NAME = GM_NAME.format(mm=PRESET_VOXEL_MM["tiny"])
 ROI_MASK_NAME = "roi-hippocampus_mask.nii.gz"
 MAX_EFFECT_SIZE = 0.9
 MAX_SESSIONS = 20
@@ -63,7 +65,7 @@ class GeneratedDataset:
 
     Attributes:
         bids_dir: the raw BIDS dataset.
-        template_path: template the images were made from (tiny: the written 4 mm one; realistic: nilearn's).
+        template_path: template the images were made from (tiny, medium: the written 4 or 2 mm one; realistic: nilearn's).
         roi_mask_path: binary atrophy region on ``template_path``'s grid.
         participants: bare participant labels (``"001"``...).
         sessions: bare session labels (``"M000"``...), the same for every participant.
@@ -155,6 +157,11 @@ def _write_raw_metadata(
     bids_dir: Path, participants: list[Participant], sessions: tuple[str, ...], arguments: dict[str, Any]
 ) -> None:
     version = read_version()
+    settings = ", ".join(f"{key}={value!r}" for key, value in arguments.items())
+    # Every generated dataset has the same Name: the settings (seed included) tell two of them apart, so that
+    # data.origin gives them different dataset ids; the same settings make the same images, hence the same id.
+    description = f"settings: {settings or 'defaults'}"
+    generated_by = {"Name": "bids_app-generate", "Version": version, "Description": description}
     atomic_write_json(
         bids_dir / "dataset_description.json",
         {
@@ -163,10 +170,9 @@ def _write_raw_metadata(
             "DatasetType": "raw",
             "License": "CC0",
             "Authors": ["bids_app-generate", "nilearn MNI152 2009a template"],
-            "GeneratedBy": [{"Name": "bids_app-generate", "Version": version}],
+            "GeneratedBy": [generated_by],
         },
     )
-    settings = ", ".join(f"{key}={value!r}" for key, value in arguments.items())
     atomic_write_text(
         bids_dir / "README",
         "# bids_app synthetic dataset\n\nT1-weighted images (and optional FDG PET) made by `bids_app-generate` "
@@ -196,9 +202,9 @@ def _write_templates(bids_dir: Path, preset: str) -> tuple[Path, Path]:
     _write_nifti(roi_mask_path, space.roi_mask(), space.affine, MNI_XFORM)
     if preset == "realistic":
         return default_template_path(), roi_mask_path
-    template_path = folder / TINY_TEMPLATE_NAME
+    template_path = folder / TEMPLATE_NAME.format(mm=space.voxel_mm)
     _write_nifti(template_path, space.t1, space.affine, MNI_XFORM)
-    _write_nifti(folder / TINY_GM_NAME, space.gm, space.affine, MNI_XFORM)
+    _write_nifti(folder / GM_NAME.format(mm=space.voxel_mm), space.gm, space.affine, MNI_XFORM)
     return template_path, roi_mask_path
 
 
@@ -231,8 +237,9 @@ def _write_preprocessed(settings: _Settings, label: str, session: str, image: np
         "SkullStripped": True,
         "Sources": [f"bids:raw:sub-{label}/ses-{session}/anat/{prefix}_T1w.nii.gz"],
     }
-    if settings.preset == "tiny":
-        sidecar["SpatialReference"] = f"bids:raw:{(TEMPLATE_DIR / TINY_TEMPLATE_NAME).as_posix()}"
+    if settings.preset != "realistic":
+        name = TEMPLATE_NAME.format(mm=PRESET_VOXEL_MM[settings.preset])
+        sidecar["SpatialReference"] = f"bids:raw:{(TEMPLATE_DIR / name).as_posix()}"
     atomic_write_json(path.with_name(path.name.replace(".nii.gz", ".json")), sidecar)
 
 
@@ -298,8 +305,10 @@ def generate_dataset(
         out_dir: new or empty folder for the raw dataset.
         n_subjects: participants, at least 2; ``n_subjects // 2`` are AD.
         n_sessions: sessions per participant, 12 months apart (``M000``, ``M012``...).
-        preset: ``"tiny"`` (4 mm template grid, native 44x52x44 voxels) or ``"realistic"`` (1 mm,
-            native 176x208x176; participants are written by up to 4 threads).
+        preset: ``"tiny"`` (4 mm template grid, native 44x52x44 voxels), ``"medium"`` (2 mm, native
+            88x104x88; for benchmarks that must run in seconds per network on a CPU) or ``"realistic"``
+            (1 mm, native 176x208x176). Coarse presets write their template under ``code/template/``;
+            all but ``tiny`` write participants with up to 4 threads.
         seed: the same seed and arguments give byte-identical files.
         effect_size: fraction of grey-matter intensity (and FDG uptake) lost at the centre of the
             hippocampal region in AD at baseline; grows by 10 % of itself per year; 0 means no effect.
