@@ -87,6 +87,23 @@ def test_outputs_have_expected_shapes_and_counts(tiny_dataset, processed: Path) 
     assert not (processed / "sub-003").exists()
 
 
+def test_report_shows_each_image_and_what_the_network_sees(tiny_dataset, processed: Path) -> None:
+    """Registered raw images: a before/after (input row + registered row) and a mosaic per session, and a strip
+    per extracted mode read back from the tensors, all embedded in the one page."""
+    import re
+
+    page = (processed / "sub-001" / "sub-001_report.html").read_text(encoding="utf-8")
+    n_sessions = len(tiny_dataset.sessions)
+    figures = re.findall(r'<figure class="([a-z-]+)"(?: data-mode="([a-z]+)")?><img src="data:image/png;base64,', page)
+    assert [kind for kind, _ in figures].count("before-after") == n_sessions
+    assert [kind for kind, _ in figures].count("mosaic") == n_sessions
+    modes = [mode for kind, mode in figures if kind == "network-input"]
+    assert sorted(modes) == sorted(["image", "patch", "roi", "slice"] * n_sessions)
+    assert "input image (top)" in page  # the raw input was found and drawn
+    assert f"slice</b>: tensor ({CROP[0] - 4}, 1, {CROP[1]}, {CROP[2]}) float32, minmax normalisation" in page
+    assert not (processed / "sub-001" / "figures").exists()
+
+
 def test_status_table_logs_and_description(processed: Path) -> None:
     table = status_table(processed)
     assert set(table["participant_id"]) == {"sub-001", "sub-002"}

@@ -18,7 +18,6 @@ import pytest
 
 from bids_app.config import PreprocessConfig
 from bids_app.errors import ConfigError, DataError, InputMissingError
-from bids_app.participant.report import ReportEntry, figure_name, write_participant_report
 from bids_app.preprocess import qc as qc_module
 from bids_app.preprocess.nifti_checks import load_checked_nifti
 from bids_app.preprocess.pet_linear import load_preprocessed_pet, run_pet_linear
@@ -440,34 +439,6 @@ def test_empty_reference_mask_is_a_data_error(tiny_template, tiny_cfg, tmp_path)
     cfg = dataclasses.replace(tiny_cfg, suvr_reference_mask=mask_path)
     with pytest.raises(DataError, match=r"reference mask .*ref\.nii\.gz has no voxel inside the crop box"):
         load_preprocessed_pet(pet_path, tiny_template, cfg)
-
-
-# -- report --------------------------------------------------------------------------------------------
-
-
-def test_report_links_existing_figures_and_highlights_failures(tiny_template, tmp_path):
-    crop = crop_image(tiny_template, crop_box(tiny_template, TINY_CROP))
-    good = compute_qc(crop, crop)
-    shifted = nib.Nifti1Image(np.roll(np.asarray(crop.dataobj), 3, axis=1), crop.affine)
-    entries = [
-        ReportEntry("M000", "T1w", crop, crop, good),
-        ReportEntry("M012", "T1w", shifted, crop, compute_qc(shifted, crop)),
-        ReportEntry("M000", "pet", crop, crop, {"nmi_to_template": 1.5}, extra_entities="trc-FDG"),
-    ]
-    html_path = tmp_path / "sub-01" / "sub-01_report.html"
-    write_participant_report(html_path, "01", entries)
-    page = html_path.read_text(encoding="utf-8")
-    sources = re.findall(r'<img src="([^"]+)"', page)
-    assert len(sources) == 3 == len(set(sources))
-    for source in sources:
-        png = html_path.parent / source
-        assert png.parent == html_path.parent / "figures"
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    assert sources[2] == "figures/" + figure_name("01", entries[2])
-    assert "sub-01_ses-M000_trc-FDG_desc-registration_pet.png" in sources[2]
-    assert page.count('class="pass">PASS') == 2 and page.count('class="fail">FAIL') == 1
-    assert "1 failing QC" in page
-    assert sorted(p.name for p in (html_path.parent / "figures").iterdir()) == sorted(Path(s).name for s in sources)
 
 
 # -- realistic ------------------------------------------------------------------------------------------
