@@ -72,6 +72,10 @@ def _coerce(value: Any, hint: Any, key: str, default: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"Config key '{key}' must be a string, got {value!r}.")
         return value
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):  # an entry of a TOML array of tables
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"Config key '{key}' must be a table, got {value!r}.")
+        return build_section(hint, value, key)
     raise TypeError(f"unsupported config type {hint!r} for {key}")
 
 
@@ -112,7 +116,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
         raise InputMissingError(f"Config file {path} does not exist. Check the --config path.") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"Config file {path} is not valid TOML: {exc}. Fix the syntax.") from None
-    allowed = {"run", *SECTIONS, "bids_filters"}
+    allowed = {"run", *SECTIONS, "bids_filters", "cohorts"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ConfigError(
@@ -163,6 +167,8 @@ def resolve_config(nested: Mapping[str, Mapping[str, Any]]) -> RunConfig:
     for section in SECTIONS:
         if section in nested:
             run_values[section] = dict(nested[section])
+    if "cohorts" in nested:  # [[cohorts]]: an array of tables
+        run_values["cohorts"] = nested["cohorts"]
     return typing.cast(RunConfig, build_section(RunConfig, run_values, "run"))
 
 
@@ -189,9 +195,9 @@ def _plain(value: Any, default: Any) -> Any:
     return value
 
 
-def config_to_nested(cfg: RunConfig) -> dict[str, dict[str, Any]]:
-    """The inverse of ``resolve_config``: a nested dict ready for TOML."""
-    nested: dict[str, dict[str, Any]] = {"run": {}}
+def config_to_nested(cfg: RunConfig) -> dict[str, Any]:
+    """The inverse of ``resolve_config``: a nested dict ready for TOML (``cohorts`` only when there are some)."""
+    nested: dict[str, Any] = {"run": {}}
     for field in dataclasses.fields(cfg):
         value = getattr(cfg, field.name)
         if field.name in SECTIONS:
@@ -206,6 +212,10 @@ def config_to_nested(cfg: RunConfig) -> dict[str, dict[str, Any]]:
             nested["bids_filters"] = {
                 kind: {k: ("null" if v is None else v) for k, v in entities.items()} for kind, entities in value.items()
             }
+        elif field.name == "cohorts":
+            if value:
+                nested["cohorts"] = [{f.name: _plain(getattr(c, f.name), None) for f in dataclasses.fields(c)}
+                                     for c in value]  # fmt: skip
         elif value is None and field.default is None:
             continue
         else:
@@ -240,4 +250,8 @@ def dump_config(cfg: RunConfig) -> str:
         lines.append("")
         lines.append(f"[{section}]")
         lines.extend(f"{k} = {_toml_value(v)}" for k, v in nested[section].items())
+    for cohort in nested.get("cohorts", []):
+        lines.append("")
+        lines.append("[[cohorts]]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in cohort.items())
     return "\n".join(lines) + "\n"

@@ -36,6 +36,9 @@ NA = "n/a"  # BIDS's spelling of a missing value, in every TSV bids_app reads or
 NO_SESSION = NA  # session_id of a dataset without sessions
 MISSING_VALUES = frozenset({"", NA})
 TABLE_COLUMNS = ("participant_id", "session_id", "label", "age", "sex", "is_baseline")
+# A multi-cohort group run's tables lead with this column (docs/cohorts.md): a participant label names a person
+# only inside one dataset, so two cohorts' sub-001 are two people. Single-cohort tables do not have it.
+COHORT = "cohort"
 _SEX_SPELLINGS = {"m": "M", "male": "M", "f": "F", "female": "F", "o": "O", "other": "O"}
 _SOURCES = ("sessions", "participants", "phenotype")
 
@@ -45,9 +48,30 @@ def natural_key(value: str) -> tuple[tuple[int, int | str], ...]:
     return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", value) if part)
 
 
+def image_keys(table: pd.DataFrame) -> list[str]:
+    """The columns naming one image of ``table``: ``participant_id``, ``session_id``, led by ``cohort`` if any."""
+    return [*([COHORT] if COHORT in table.columns else []), "participant_id", "session_id"]
+
+
+def subject_ids(table: pd.DataFrame) -> pd.Series:
+    """Who each row is: ``participant_id``, or ``<cohort>/<participant_id>`` in a multi-cohort table."""
+    ids = table["participant_id"].astype(str)
+    return table[COHORT].astype(str) + "/" + ids if COHORT in table.columns else ids
+
+
+def image_names(table: pd.DataFrame) -> list[str]:
+    """How records name each row's image: ``sub-01 ses-M000``, or ``<cohort>/sub-01 ses-M000`` with cohorts."""
+    sessions = table["session_id"].astype(str)
+    return [f"{who} {session}" for who, session in zip(subject_ids(table), sessions, strict=True)]
+
+
 def sort_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Rows ordered by (participant_id, session_id) in natural order, index reset; input order is irrelevant."""
-    keys = [(natural_key(p), natural_key(s)) for p, s in zip(table["participant_id"], table["session_id"], strict=True)]
+    """Rows ordered by ([cohort], participant_id, session_id) in natural order, index reset; input order is moot."""
+    cohorts = table[COHORT].astype(str) if COHORT in table.columns else [""] * len(table)
+    keys = [
+        (natural_key(c), natural_key(p), natural_key(s))
+        for c, p, s in zip(cohorts, table["participant_id"], table["session_id"], strict=True)
+    ]
     order = sorted(range(len(table)), key=keys.__getitem__)
     return table.iloc[order].reset_index(drop=True)
 
@@ -184,14 +208,13 @@ def _pairs(
 
 
 def mark_baseline(table: pd.DataFrame) -> pd.Series:
-    """True for each participant's first session in natural order."""
-    first = sort_table(table[["participant_id", "session_id"]]).drop_duplicates("participant_id")
-    keys = set(zip(first["participant_id"], first["session_id"], strict=True))
-    return pd.Series(
-        [(p, s) in keys for p, s in zip(table["participant_id"], table["session_id"], strict=True)],
-        index=table.index,
-        dtype=bool,
-    )
+    """True for each participant's first session in natural order (per cohort in a multi-cohort table)."""
+    columns = image_keys(table)
+    first = sort_table(table[columns])
+    first = first[~subject_ids(first).duplicated()]
+    keys = set(first.itertuples(index=False, name=None))
+    return pd.Series([key in keys for key in table[columns].itertuples(index=False, name=None)], index=table.index,
+                     dtype=bool)  # fmt: skip
 
 
 def _list_rows(table: pd.DataFrame, limit: int = 10) -> str:
@@ -362,7 +385,7 @@ def demographics_table(table: pd.DataFrame) -> pd.DataFrame:
         classes = [] if numeric else sorted(set(members["label"].astype(str)), key=natural_key)
         for cls in [*classes, "all"]:
             subset = members if cls == "all" else members[members["label"].astype(str) == cls]
-            first = subset.drop_duplicates("participant_id")
+            first = subset[~subject_ids(subset).duplicated()]
             age_mean, age_sd = float(first["age"].mean()), float(first["age"].std())
             row: dict[str, object] = {
                 "group": group,

@@ -182,6 +182,29 @@ def _parse_roi_masks(values: Sequence[str]) -> list[list[str]]:
     return pairs
 
 
+def _parse_cohort(value: str) -> dict[str, str]:
+    """``--cohort NAME=BIDS_DIR[:OUTPUT_DIR]`` as a ``[[cohorts]]`` table (OUTPUT_DIR: BIDS_DIR/derivatives/...)."""
+    name, sep, paths = value.partition("=")
+    bids_dir, _, output_dir = paths.partition(":")
+    if not sep or not name or not bids_dir:
+        raise UsageError(
+            f"--cohort expects NAME=BIDS_DIR[:OUTPUT_DIR], got {value!r}. Example: --cohort adni=/data/adni:/out/adni"
+        )
+    bids_path = Path(bids_dir).resolve()
+    output_path = Path(output_dir).resolve() if output_dir else bids_path / "derivatives" / "bids_app"
+    return {"name": name, "bids_dir": str(bids_path), "output_dir": str(output_path)}
+
+
+def _resolve_cohort_paths(table: Any) -> Any:
+    """A ``[[cohorts]]`` table with absolute paths and its default ``output_dir`` (others are left to the checks)."""
+    if not isinstance(table, dict) or not isinstance(table.get("bids_dir"), str):
+        return table
+    bids_path = Path(table["bids_dir"]).resolve()
+    output_dir = table.get("output_dir", str(bids_path / "derivatives" / "bids_app"))
+    return {**table, "bids_dir": str(bids_path),
+            "output_dir": str(Path(output_dir).resolve()) if isinstance(output_dir, str) else output_dir}  # fmt: skip
+
+
 def _read_filter_file(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -210,6 +233,8 @@ def _flags_to_nested(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             value = list(parse_labels(value, "ses-", "session"))
         elif dest == "roi_mask":
             value = _parse_roi_masks(value)
+        elif dest == "cohort":
+            value = [_parse_cohort(item) for item in value]
         elif isinstance(value, Path):
             value = str(value.resolve())
         elif isinstance(value, list) and value and isinstance(value[0], Path):
@@ -249,6 +274,21 @@ def _with_template_space(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, preprocess=dataclasses.replace(cfg.preprocess, template_space=space))
 
 
+def _with_model_settings(nested: dict[str, Any], level: AnalysisLevel) -> dict[str, Any]:
+    """``--from-model``: the participant-level options completed from the model folder (``data.origin``)."""
+    maps_dir = Path(nested["run"]["from_model"]).resolve()
+    if level is not AnalysisLevel.PARTICIPANT:
+        raise UsageError(
+            f"--from-model {maps_dir} prepares data at the participant level. At the group level, predict with "
+            "--stages predict --predict-from OUTPUT_DIR (the model folder decides mode and labels)."
+        )
+    if not maps_dir.is_dir():
+        raise InputMissingError(f"--from-model {maps_dir} does not exist. Give the model folder (models/<name>).")
+    from bids_app.data.origin import model_participant_config  # reads the model folder: pandas, not at --help
+
+    return model_participant_config({**nested, "run": {**nested["run"], "from_model": str(maps_dir)}}, maps_dir)
+
+
 def parse_config(argv: Sequence[str]) -> RunConfig:
     """Parse ``argv`` into the resolved RunConfig (raises BidsAppError subclasses, or exits for --help)."""
     args = build_parser().parse_args(argv)
@@ -274,6 +314,12 @@ def parse_config(argv: Sequence[str]) -> RunConfig:
     }
     if "bids_filter_file" in vars(args):
         nested["bids_filters"] = _read_filter_file(args.bids_filter_file)
+    if "cohorts" in nested.get("run", {}):  # --cohort flags replace a config file's [[cohorts]]
+        nested["cohorts"] = nested["run"].pop("cohorts")
+    if isinstance(nested.get("cohorts"), list):
+        nested["cohorts"] = [_resolve_cohort_paths(c) for c in nested["cohorts"]]
+    if nested["run"].get("from_model"):
+        nested = _with_model_settings(nested, level)
     cfg = resolve_config(nested)
     if "template_space" not in nested.get("preprocess", {}):
         cfg = _with_template_space(cfg)

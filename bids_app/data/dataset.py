@@ -31,6 +31,7 @@ from bids_app.data.batches import BatchRing, SampleBatch, make_batch_tensor
 from bids_app.data.tables import UNLABELLED
 from bids_app.errors import DataError, IOFailure
 from bids_app.extraction.storage import load_tensor
+from bids_app.labels import COHORT
 
 if TYPE_CHECKING:
     from bids_app.data.augment import Augmentation
@@ -96,6 +97,8 @@ class TensorDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
                 "part_id": self._part,
             }
         )
+        if COHORT in table.columns:  # a multi-cohort run: (cohort, participant_id) names a person
+            self.sample_table.insert(0, COHORT, np.asarray(table[COHORT])[self._row])
         if "label" in table.columns:
             self.sample_table["label"] = np.asarray(table["label"])[self._row]
         self._layouts: dict[int, _PartLayout] = {}

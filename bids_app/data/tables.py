@@ -27,8 +27,8 @@ from bids_app.data.origin import DATASET_COLUMNS, SIDECAR_KEY, DatasetIdentity, 
 from bids_app.derivatives import file_sha256
 from bids_app.errors import DataError, InputMissingError, IOFailure
 from bids_app.extraction.storage import read_sidecar
-from bids_app.labels import NA as MISSING
 from bids_app.labels import COHORT, NO_SESSION, image_keys
+from bids_app.labels import NA as MISSING
 
 log = logging.getLogger(__name__)
 

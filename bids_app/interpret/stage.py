@@ -32,6 +32,7 @@ from bids_app.derivatives import atomic_write_json, atomic_write_text, file_sha2
 from bids_app.errors import ConfigError
 from bids_app.interpret.saliency import SaliencyMethod, stitch_parts
 from bids_app.interpret.volumes import ClassMeans, ImageGrid, map_name, read_tensor_grid, remove_stale_maps, write_map
+from bids_app.labels import COHORT
 from bids_app.labels import NA as MISSING
 from bids_app.maps import Maps, MapsRecord
 
@@ -199,13 +200,17 @@ class GroupExplainer:
             for method in self.methods:
                 part_maps = self._saliency(method, x, explained)
                 volume = stitch_parts(part_maps, self.record.mode, parameters, grid.shape, masks)
-                path = out_dir / method.value / map_name(str(row["participant_id"]), str(row["session_id"]), method)
+                # two cohorts' sub-001 are two people: a multi-cohort group's maps go to one folder per cohort
+                cohort_dir = f"cohort-{row[COHORT]}" if COHORT in rows.columns else ""
+                file_name = map_name(str(row["participant_id"]), str(row["session_id"]), method)
+                path = out_dir / method.value / cohort_dir / file_name
                 write_map(path, volume, grid)
                 written.add(path)
                 means.add(method, explained, volume)
             means.count(grid, explained)
             name = self.class_names
-            target_rows.append({"participant_id": row["participant_id"], "session_id": row["session_id"],
+            target_rows.append({**({COHORT: row[COHORT]} if COHORT in rows.columns else {}),
+                                "participant_id": row["participant_id"], "session_id": row["session_id"],
                                 "true_label": name[true_index] if true_index >= 0 else MISSING,
                                 "predicted_label": name[predicted], "target_label": name[explained]})  # fmt: skip
         self.class_counts = {self.class_names[k]: n for k, n in sorted(means.counts.items())}

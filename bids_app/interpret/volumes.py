@@ -185,7 +185,7 @@ class ClassMeans:
 def remove_stale_maps(out_dir: Path, methods: Iterable[SaliencyMethod], written: set[Path]) -> None:
     """Delete the ``*saliency.nii.gz`` of ``methods`` under ``out_dir`` that this run did not write."""
     for method in methods:
-        for stale in sorted((out_dir / method.value).glob("*saliency.nii.gz")):
+        for stale in sorted((out_dir / method.value).glob("**/*saliency.nii.gz")):
             if stale not in written:
                 log.info("Removing %s, left by an earlier interpretation", stale)
                 stale.unlink()

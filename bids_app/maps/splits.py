@@ -16,7 +16,15 @@ from typing import Any
 import pandas as pd
 
 from bids_app.errors import DataError, InputMissingError, LeakError
-from bids_app.labels import TABLE_COLUMNS, format_label_table, natural_key, read_label_table, sort_table
+from bids_app.labels import (
+    COHORT,
+    TABLE_COLUMNS,
+    format_label_table,
+    natural_key,
+    read_label_table,
+    sort_table,
+    subject_ids,
+)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -40,8 +48,14 @@ class Splits:
 
 
 def check_disjoint(a: pd.DataFrame, b: pd.DataFrame, what: str) -> None:
-    """Raise LeakError when tables ``a`` and ``b`` share a participant_id (up to 10 are named)."""
-    shared = sorted(set(a["participant_id"]) & set(b["participant_id"]), key=natural_key)
+    """Raise LeakError when tables ``a`` and ``b`` share a participant (up to 10 are named).
+
+    In multi-cohort tables a participant is ``<cohort>/<participant_id>`` (``labels.subject_ids``); a table
+    without the ``cohort`` column compared with one that has it is compared on ``participant_id`` alone.
+    """
+    if (COHORT in a.columns) != (COHORT in b.columns):
+        a, b = a.drop(columns=COHORT, errors="ignore"), b.drop(columns=COHORT, errors="ignore")
+    shared = sorted(set(subject_ids(a)) & set(subject_ids(b)), key=natural_key)
     if shared:
         shown = ", ".join(shared[:10]) + (f" ... ({len(shared)} in all)" if len(shared) > 10 else "")
         raise LeakError(
@@ -67,7 +81,7 @@ def sha256_text(text: str) -> str:
 
 def label_columns(table: pd.DataFrame) -> pd.DataFrame:
     """Only the label-table columns: split files say who is where, not where the tensors are."""
-    return table[[c for c in TABLE_COLUMNS if c in table.columns]]
+    return table[[c for c in (COHORT, *TABLE_COLUMNS) if c in table.columns]]
 
 
 def table_sha256(table: pd.DataFrame) -> str:

@@ -12,7 +12,7 @@ import pandas as pd
 
 from bids_app.config import Task
 from bids_app.derivatives import atomic_write_text
-from bids_app.maps.results import format_tsv, output_table, write_image_outputs
+from bids_app.maps.results import format_tsv, output_table, write_cohort_metrics, write_image_outputs
 from bids_app.prediction.voting import is_single_part
 
 
@@ -48,4 +48,5 @@ def write_group_outputs(
     warning, _ = write_image_outputs(
         out_dir, group_name, image, task, class_names, n_bootstrap, positive_class, baseline=baseline
     )
+    write_cohort_metrics(out_dir, group_name, image, task, class_names, n_bootstrap, positive_class)
     return warning

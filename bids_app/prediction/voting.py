@@ -28,12 +28,12 @@ import pandas as pd
 
 from bids_app.config import Task
 from bids_app.errors import ConfigError, InputMissingError
+from bids_app.labels import image_keys, subject_ids
 from bids_app.maps.results import proba_columns
 from bids_app.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 
-ID_COLUMNS = ("participant_id", "session_id")
 VOTING_WEIGHTS_FILE = "voting_weights.tsv"  # in split-<k>/best-<metric>/, written when validation is predicted
 
 
@@ -143,14 +143,14 @@ def soft_vote(parts: pd.DataFrame, weights: pd.DataFrame, task: Task, n_classes:
     part_weight = parts["part_id"].map(lambda p: weight_of.get(int(p), 0.0)).to_numpy(dtype=float)
     value_columns = proba_columns(n_classes) if task is Task.CLASSIFICATION else ["predicted"]
     values = parts[value_columns].to_numpy(dtype=float)
-    keys = pd.MultiIndex.from_frame(parts[list(ID_COLUMNS)])
-    image_codes, image_keys = pd.factorize(keys, sort=False)
-    n_images = len(image_keys)
+    id_columns = image_keys(parts)  # (cohort,) participant_id, session_id
+    image_codes, images = pd.factorize(pd.MultiIndex.from_frame(parts[id_columns]), sort=False)
+    n_images = len(images)
     weight_sum = np.bincount(image_codes, weights=part_weight, minlength=n_images)
     if (weight_sum <= 0).any():
-        first = image_keys[int(np.argmax(weight_sum <= 0))]
+        first = images[int(np.argmax(weight_sum <= 0))]
         raise ConfigError(
-            f"Every part of image {first[0]} {first[1]} has voting weight 0, so it cannot be predicted. "
+            f"Every part of image {' '.join(str(v) for v in first)} has voting weight 0, so it cannot be predicted. "
             "Lower --voting-threshold."
         )
     voted = (
@@ -166,8 +166,7 @@ def soft_vote(parts: pd.DataFrame, weights: pd.DataFrame, task: Task, n_classes:
     first_rows = pd.Series(np.arange(len(parts))).groupby(image_codes).first().to_numpy()
     image = pd.DataFrame(
         {
-            "participant_id": parts["participant_id"].to_numpy()[first_rows],
-            "session_id": parts["session_id"].to_numpy()[first_rows],
+            **{column: parts[column].to_numpy()[first_rows] for column in id_columns},
             "true_label": parts["true_label"].to_numpy(dtype=float)[first_rows],
         }
     )
@@ -189,10 +188,10 @@ def vote_validation(
     Returns:
         The image table of ``soft_vote``, images in order of first appearance.
     """
-    participants = pd.unique(validation_parts["participant_id"])
+    who = subject_ids(validation_parts)  # a participant is (cohort, participant_id) in a multi-cohort run
     images = []
-    for participant in participants:
-        own = validation_parts["participant_id"] == participant
+    for participant in pd.unique(who):
+        own = who == participant
         others = validation_parts[~own]
         if others.empty or others["true_label"].isna().all():
             weights = pd.DataFrame({"part_id": np.unique(validation_parts["part_id"]), "weight": 1.0})
@@ -204,7 +203,7 @@ def vote_validation(
 
 def is_single_part(parts: pd.DataFrame) -> bool:
     """True when every image has exactly one part (image mode: no voting needed)."""
-    counts = parts.groupby(list(ID_COLUMNS), sort=False).size()
+    counts = parts.groupby(image_keys(parts), sort=False).size()
     return bool(len(counts) == 0 or (counts == 1).all())
 
 
@@ -216,9 +215,10 @@ def images_without_voting(parts: pd.DataFrame, task: Task, n_classes: int) -> pd
         keeps ``mae``, ``rmse``, ``psnr``, ``ssim`` averaged over each image's parts.
     """
     if task is Task.RECONSTRUCTION:
-        metric_columns = [c for c in parts.columns if c not in (*ID_COLUMNS, "part_id", "true_label")]
-        image = parts.groupby(list(ID_COLUMNS), sort=False)[metric_columns].mean().reset_index()
-        image.insert(2, "true_label", np.nan)
+        id_columns = image_keys(parts)
+        metric_columns = [c for c in parts.columns if c not in (*id_columns, "part_id", "true_label")]
+        image = parts.groupby(id_columns, sort=False)[metric_columns].mean().reset_index()
+        image.insert(len(id_columns), "true_label", np.nan)
         return image
     image = parts.drop(columns="part_id").reset_index(drop=True)
     if task is Task.CLASSIFICATION:

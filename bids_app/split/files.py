@@ -18,10 +18,12 @@ from bids_app.config import SplitConfig
 from bids_app.derivatives import atomic_write_json, atomic_write_text
 from bids_app.errors import DataError, InputMissingError
 from bids_app.labels import (
+    COHORT,
     MISSING_VALUES,
     NO_SESSION,
     demographics_table,
     format_label_table,
+    image_keys,
     natural_key,
     read_tsv,
     sort_table,
@@ -42,6 +44,8 @@ from bids_app.split.make import prepare_table
 log = logging.getLogger(__name__)
 
 USER_SPLIT_SEED = -1  # Splits.seed of a split read from a user's file
+# Kept in a multi-cohort train+validation.tsv beside the label columns (data.tables index columns).
+POOL_COLUMNS = ("source_sha256", "raw_source_sha256", "dataset_name", "dataset_doi", "dataset_id")
 
 
 def write_splits(
@@ -58,10 +62,16 @@ def write_splits(
         frames[f"split-{fold.index}/train.tsv"] = fold.train
         frames[f"split-{fold.index}/validation.tsv"] = fold.validation
     pools = list(frames.values())[1:] + ([extra_seen] if extra_seen is not None else [])
-    seen = pd.concat(pools).drop_duplicates(["participant_id", "session_id"])
+    seen = pd.concat(pools)
+    seen = seen.drop_duplicates(image_keys(seen))
     frames["train+validation.tsv"] = sort_table(seen)
     named = [f.assign(group=n.removesuffix(".tsv").removesuffix("/data")) for n, f in frames.items()]
     frames = {n: label_columns(f) for n, f in frames.items()}
+    if COHORT in seen.columns:
+        # A multi-cohort training pool also records each image's checksums and dataset: the same label in two
+        # cohorts is two people, and the leak checks tell them apart by these columns, not by a join on ids.
+        kept = [c for c in POOL_COLUMNS if c in seen.columns]
+        frames["train+validation.tsv"] = frames["train+validation.tsv"].join(sort_table(seen)[kept])
     frames["demographics.tsv"] = demographics_table(pd.concat(named))
     hashes = {}
     for name, frame in frames.items():
@@ -75,6 +85,10 @@ def write_splits(
                 (stale / name).unlink(missing_ok=True)
             if not any(stale.iterdir()):
                 stale.rmdir()
+    # leave_cohort_out is recorded only when used, so a single-cohort split keeps its bytes
+    config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    if cfg.leave_cohort_out is None:
+        del config["leave_cohort_out"]
     nested: dict[str, dict[str, float]] = {}
     for key, value in splits.p_values.items():
         group, _, test = key.partition("/")
@@ -85,7 +99,7 @@ def write_splits(
         "attempts": splits.attempts,
         "n_splits": len(splits.folds),
         "label_type": "numeric" if pd.api.types.is_numeric_dtype(table["label"]) else "categorical",
-        "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
+        "config": config,
         "p_values": nested,
         "label_table_sha256": table_sha256(table),
         "files": hashes,

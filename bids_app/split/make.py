@@ -22,7 +22,17 @@ import pandas as pd
 
 from bids_app.config import SplitConfig, Task
 from bids_app.errors import ConfigError, DataError
-from bids_app.labels import MISSING_VALUES, NO_SESSION, TABLE_COLUMNS, mark_baseline, natural_key, sort_table
+from bids_app.labels import (
+    COHORT,
+    MISSING_VALUES,
+    NO_SESSION,
+    TABLE_COLUMNS,
+    image_keys,
+    mark_baseline,
+    natural_key,
+    sort_table,
+    subject_ids,
+)
 from bids_app.maps.splits import Fold, Splits, check_splits
 from bids_app.split.balance import balanced_draw, class_p_values
 
@@ -35,7 +45,10 @@ _MAX_REGRESSION_BINS = 10
 
 @dataclasses.dataclass(frozen=True)
 class _Subjects:
-    """One entry per participant, in natural order; values from the first session (label: mean if numeric)."""
+    """One entry per participant, in natural order; values from the first session (label: mean if numeric).
+
+    A participant is ``labels.subject_ids``: ``<cohort>/<participant_id>`` in a multi-cohort table.
+    """
 
     ids: list[str]
     label: np.ndarray
@@ -44,40 +57,50 @@ class _Subjects:
     n_sexes: int
     classes: np.ndarray  # int codes (classification), else zeros
     class_names: list[str]
+    cohorts: np.ndarray  # int codes of the cohort (sorted names), zeros without a cohort column
+    n_cohorts: int
 
 
 def _subjects(table: pd.DataFrame, task: Task) -> _Subjects:
-    first = table.drop_duplicates("participant_id")
+    who = subject_ids(table)
+    first = table[~who.duplicated()]
     sex_names = sorted({s for s in first["sex"] if s not in MISSING_VALUES})
     sex_code = {s: i for i, s in enumerate(sex_names)}
     if task is Task.REGRESSION:
         numeric = pd.to_numeric(table["label"], errors="coerce")
         if numeric.isna().any():
             raise DataError(f"Regression labels must be numbers; got {table['label'][numeric.isna()].iloc[0]!r}.")
-        label = numeric.groupby(table["participant_id"], sort=False).mean().to_numpy(float)
+        label = numeric.groupby(who, sort=False).mean().to_numpy(float)
     else:
         label = first["label"].astype(str).to_numpy()
     names = sorted(set(label), key=natural_key) if task is Task.CLASSIFICATION else ["all"]
     code = {n: i for i, n in enumerate(names)}
     classes = np.array([code[v] for v in label]) if task is Task.CLASSIFICATION else np.zeros(len(first), int)
+    cohort_names = sorted(set(first[COHORT].astype(str))) if COHORT in first.columns else [""]
+    cohort_code = {name: i for i, name in enumerate(cohort_names)}
+    cohorts = [cohort_code[c] for c in first[COHORT].astype(str)] if COHORT in first.columns else [0] * len(first)
     return _Subjects(
-        ids=list(first["participant_id"]),
+        ids=list(who[first.index]),
         label=label,
         age=first["age"].to_numpy(float),
         sex=np.array([sex_code.get(s, -1) for s in first["sex"]], dtype=int),
         n_sexes=len(sex_names),
         classes=classes,
         class_names=names,
+        cohorts=np.array(cohorts, dtype=int),
+        n_cohorts=len(cohort_names),
     )
 
 
 def _strata(subjects: _Subjects, index: np.ndarray, task: Task, n_small: int) -> np.ndarray:
-    """Stratum per participant of ``index``: the class, or a label quantile bin (regression), else 0."""
+    """Stratum per participant of ``index``: the class, or a label quantile bin (regression), else 0; crossed
+    with the cohort in a multi-cohort table (stratum = bin * n_cohorts + cohort, so the class of a
+    classification stratum is ``stratum // n_cohorts``)."""
     if task is not Task.REGRESSION:
-        return subjects.classes[index]
+        return subjects.classes[index] * subjects.n_cohorts + subjects.cohorts[index]
     n_bins = max(1, min(_MAX_REGRESSION_BINS, n_small))
     ranks = np.argsort(np.argsort(subjects.label[index], kind="stable"), kind="stable")
-    return ranks * n_bins // max(len(index), 1)
+    return ranks * n_bins // max(len(index), 1) * subjects.n_cohorts + subjects.cohorts[index]
 
 
 def _holdout_targets(counts: np.ndarray, n_small: int, rng: np.random.Generator) -> np.ndarray:
@@ -152,13 +175,14 @@ def prepare_table(table: pd.DataFrame) -> pd.DataFrame:
     if missing or table.empty:
         raise DataError(f"The label table to split is empty or lacks column(s) {', '.join(missing)}. Check the labels.")
     table = sort_table(table.assign(**{c: v for c, v in (("age", np.nan), ("sex", NO_SESSION)) if c not in table}))
-    duplicated = table[table.duplicated(["participant_id", "session_id"])]
+    duplicated = table[table.duplicated(image_keys(table))]
     if len(duplicated):
-        pair = " ".join(str(v) for v in duplicated[["participant_id", "session_id"]].iloc[0])
+        pair = " ".join(str(v) for v in duplicated[image_keys(table)].iloc[0])
         raise DataError(f"The label table lists {pair} twice. Keep one row per image.")
     if "is_baseline" not in table.columns:
         table["is_baseline"] = mark_baseline(table)
-    return table[[*TABLE_COLUMNS, *(c for c in table.columns if c not in TABLE_COLUMNS)]]  # canonical order
+    lead = [*([COHORT] if COHORT in table.columns else []), *TABLE_COLUMNS]
+    return table[[*lead, *(c for c in table.columns if c not in lead)]]  # canonical order
 
 
 def _check_rest(subjects: _Subjects, rest_counts: np.ndarray, n_test: int, cfg: SplitConfig, task: Task) -> None:
@@ -192,11 +216,11 @@ def _forced(ids: list[str], constraints: Splits | None, n_splits: int) -> tuple[
         )
     check_splits(constraints, "the constraining split")
     position = {pid: i for i, pid in enumerate(ids)}
-    for pid in set(constraints.test["participant_id"]) & set(position):
+    for pid in set(subject_ids(constraints.test)) & set(position):
         test_bin[position[pid]] = TEST
     for fold in constraints.folds:
         for side, frame in ((VALIDATION, fold.validation), (TRAIN, fold.train)):
-            for pid in set(frame["participant_id"]) & set(position):
+            for pid in set(subject_ids(frame)) & set(position):
                 test_bin[position[pid]] = REST
                 if n_splits == 1 or side == VALIDATION:
                     fold_bin[position[pid]] = fold.index if n_splits > 1 else side
@@ -231,7 +255,10 @@ def make_splits(
     strata = _strata(subjects, everyone, task, n_test)
     counts = np.bincount(strata)
     targets = _holdout_targets(counts, n_test, rng)
-    _check_rest(subjects, counts - targets[:, TEST], n_test, cfg, task)  # strata are the classes, if any
+    rest_counts = counts - targets[:, TEST]
+    if task is Task.CLASSIFICATION:  # strata are (class, cohort) pairs: count per class
+        rest_counts = np.bincount(np.arange(len(counts)) // subjects.n_cohorts, rest_counts, n_classes).astype(int)
+    _check_rest(subjects, rest_counts, n_test, cfg, task)
     test_bin, p_test, tries_test = balanced_draw(
         lambda: _draw(strata, targets, forced_test, rng),
         lambda assign: _p_values(subjects, everyone, assign, [("test", TEST)]) if balance and n_test else iter(()),
@@ -265,13 +292,14 @@ def make_splits(
     )
 
     ids = np.array(subjects.ids, dtype=object)
-    test = table[table["participant_id"].isin(ids[test_bin == TEST])]
+    who = subject_ids(table)
+    test = table[who.isin(ids[test_bin == TEST])]
     if cfg.test_baseline_only:
         test = test[test["is_baseline"]]
     folds = []
     for k, (_, side) in enumerate(sides):
-        inside = table["participant_id"].isin(ids[rest[fold_bin == side]])
-        outside = table["participant_id"].isin(ids[rest[fold_bin != side]])
+        inside = who.isin(ids[rest[fold_bin == side]])
+        outside = who.isin(ids[rest[fold_bin != side]])
         folds.append(Fold(k, table[outside].reset_index(drop=True), table[inside].reset_index(drop=True)))
     splits = Splits(test.reset_index(drop=True), tuple(folds), seed, tries_test + tries_folds, {**p_test, **p_folds})
     check_splits(splits, "the drawn split")
@@ -284,6 +312,34 @@ def make_splits(
         seed,
         splits.attempts,
     )
+    return splits
+
+
+def make_leave_cohort_out_splits(table: pd.DataFrame, cfg: SplitConfig, task: Task, seed: int, cohort: str) -> Splits:
+    """Every image of ``cohort`` is the test set; the folds are drawn on the other cohorts (``make_splits``).
+
+    The held-out cohort keeps only its baseline sessions when ``cfg.test_baseline_only`` (as a drawn test set
+    would); ``cfg.test_size`` is not used: the whole cohort is the test set.
+
+    Raises:
+        DataError: the table has no such cohort, or no other cohort to train on.
+    """
+    table = prepare_table(table)
+    names = sorted(set(table[COHORT].astype(str))) if COHORT in table.columns else []
+    held_out = table[COHORT].astype(str) == cohort if names else pd.Series(False, index=table.index)
+    if not held_out.any() or held_out.all():
+        raise DataError(
+            f"--leave-cohort-out {cohort}: the labelled images come from cohort(s) {', '.join(names) or 'none'}; "
+            "it must name one of them and leave at least one other to train on. Check --cohort and the labels."
+        )
+    inner = make_splits(table[~held_out], dataclasses.replace(cfg, test_size=0), task, seed)
+    test = table[held_out]
+    if cfg.test_baseline_only:
+        test = test[test["is_baseline"]]
+    splits = Splits(test.reset_index(drop=True), inner.folds, seed, inner.attempts, inner.p_values)
+    check_splits(splits, "the leave-cohort-out split")
+    log.info("Leave-cohort-out: the %d image(s) of %d participant(s) of cohort %s are the test set", len(test),
+             subject_ids(test).nunique(), cohort)  # fmt: skip
     return splits
 
 

@@ -1,6 +1,7 @@
 """The split stage's entry: draw (or read) this model's subject-level split and write it into the model folder.
 
-Three ways to a split, in order of precedence: a user's split file (``--split-file``), a nested split for
+Four ways to a split, in order of precedence: a user's split file (``--split-file``), a whole cohort held out
+for test (``--leave-cohort-out``, the folds drawn on the other cohorts), a nested split for
 transfer learning (``--parent-label``: this task first, then its parent with everyone on the same side), or a
 seeded draw (``make.make_splits``). A transfer source's participants keep their source side, so its test set
 stays unseen here too, and its training pool joins this model's ``train+validation.tsv``.
@@ -51,6 +52,9 @@ def run_split_stage(
     )
     if cfg.split.split_file is not None:
         splits = files.load_split_file(cfg.split.split_file, table)
+    elif cfg.split.leave_cohort_out is not None:
+        splits = make.make_leave_cohort_out_splits(table, cfg.split, cfg.labels.task, cfg.seed,
+                                                   cfg.split.leave_cohort_out)  # fmt: skip
     elif cfg.split.parent_label and parent_table is not None:
         # Figure 2 of the ClinicaDL paper: split this (subset) task first, then the parent task with the same
         # participants on the same sides; the parent split is the --split-file of the pre-training model.
