@@ -12,8 +12,8 @@ import pytest
 from bids_app.metrics import classification_metrics
 from tests.conftest import make_cohort, run_cli
 
-SMALL_SPLIT_COLUMNS = ["metric", "value", "ci_low", "ci_high", "n_images", "n_participants", "positive_class",
-                       "warning"]  # fmt: skip
+SMALL_SPLIT_COLUMNS = ["metric", "value", "ci_low", "ci_high", "baseline_value", "baseline_ci_low",
+                       "baseline_ci_high", "n_images", "n_participants", "positive_class", "warning"]  # fmt: skip
 
 
 def read_tsv(path: Path) -> pd.DataFrame:

@@ -92,13 +92,24 @@ def test_store_mirrors_the_maps(tracked: tuple[Any, Path, Path]) -> None:
         for column, suffix in (("value", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high")):
             expected = test.loc["balanced_accuracy", column]
             assert run.data.metrics[f"test/best-loss/balanced_accuracy{suffix}"] == pytest.approx(expected)
+        baseline = metric_table(maps_dir / f"split-{k}/baseline/best-loss/test/test_image_level_metrics.tsv")
+        for column, suffix in (("value", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high")):
+            expected = baseline.loc["balanced_accuracy", column]
+            assert run.data.metrics[f"baseline_test/best-loss/balanced_accuracy{suffix}"] == pytest.approx(expected)
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"training.tsv", "summary.json", "predictions"} <= artifacts
+        assert {"training.tsv", "summary.json", "predictions", "baseline"} <= artifacts
     means = [
         metric_table(maps_dir / f"split-{k}/best-loss/test/test_image_level_metrics.tsv").loc["roc_auc", "value"]
         for k in (0, 1)
     ]
     assert parent.data.metrics["test/best-loss/roc_auc"] == pytest.approx(sum(means) / 2)
+    baseline_means = [
+        metric_table(maps_dir / f"split-{k}/baseline/best-loss/test/test_image_level_metrics.tsv").loc[
+            "balanced_accuracy", "value"
+        ]
+        for k in (0, 1)
+    ]
+    assert parent.data.metrics["baseline_test/best-loss/balanced_accuracy"] == pytest.approx(sum(baseline_means) / 2)
     assert parent.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"report.html", "maps.json", "environment.json", "invocations"} <= artifacts
