@@ -258,6 +258,7 @@ class RunConfig:
     seed: int = 0
     verbose: int = 0
     overwrite: bool = False
+    from_model: Path | None = None  # participant level: settings copied from this model folder (data.origin)
     stages: tuple[GroupStage, ...] = ()  # empty: DEFAULT_GROUP_STAGES
     preprocess: PreprocessConfig = dataclasses.field(default_factory=PreprocessConfig)
     extraction: ExtractionConfig = dataclasses.field(default_factory=ExtractionConfig)

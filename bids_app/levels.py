@@ -151,7 +151,9 @@ def run_group(cfg: RunConfig, ctx: RunContext) -> int:
 
 def _run_group(cfg: RunConfig, ctx: RunContext) -> int:
     from bids_app.config import DEFAULT_GROUP_STAGES, GroupStage
+    from bids_app.data.origin import check_same_settings, read_settings, with_participant_settings
     from bids_app.data.tables import index_tensors, sample_shape, verify_tensors
+    from bids_app.labels import subject_ids
     from bids_app.maps import Maps
     from bids_app.models import check_compatibility
     from bids_app.training import distributed
@@ -179,14 +181,18 @@ def _run_group(cfg: RunConfig, ctx: RunContext) -> int:
         tensors = select_images(cfg, index_tensors(cfg.output_dir, mode), kept_split)
         table = group_table(cfg, tensors, labels_cfg, mode)
     log.info("Group level: %d image(s) of %d participant(s) with labels; stages %s", len(table),
-             table["participant_id"].nunique(), ", ".join(s.value for s in stages))  # fmt: skip
+             subject_ids(table).nunique(), ", ".join(s.value for s in stages))  # fmt: skip
+    settings = read_settings(table)  # what the participant level really did, from the tensors' sidecars
     if training:
+        cfg = with_participant_settings(cfg, settings)
+        distributed.on_main(record_config, ctx, cfg)
         check_compatibility(cfg.train.architecture, cfg.labels.task, mode, sample_shape(table, mode))
         if cfg.labels.positive_class is not None and cfg.labels.task is Task.CLASSIFICATION:
             from bids_app.metrics import positive_class_index
 
             positive_class_index(sorted(set(table["label"].astype(str))), cfg.labels.positive_class)
     elif maps is not None:
+        check_same_settings(maps.participant_settings, settings, cfg.output_dir, maps.root)
         maps.check_input_shape(sample_shape(table, mode), cfg.output_dir)
         maps.check_tensors_unchanged(table, cfg.output_dir)
     if training or {GroupStage.BASELINE, GroupStage.PREDICT, GroupStage.INTERPRET} & set(stages):
@@ -245,7 +251,7 @@ def _run_group_stages(
         if training:
             from bids_app.maps.splits import read_splits
 
-            maps = run_train_stage(cfg, layout, read_splits(layout.groups_dir), table, tracker)
+            maps = run_train_stage(cfg, layout, read_splits(layout.groups_dir), table, tracker, run=ctx)
         with distributed.main_only() as main:
             if main and maps is not None and training and GroupStage.PREDICT in stages:
                 maps.validate()
@@ -266,7 +272,7 @@ def _run_group_stages(
             if main and maps is not None and reported:
                 from bids_app.reports.group import write_group_report
 
-                report = write_group_report(cfg.output_dir, maps)
+                report = write_group_report(cfg.output_dir, maps, run=ctx)
                 tracker.log_report(report)
                 log.info("Group report: %s", report)
 
@@ -339,6 +345,18 @@ def check_model_run(cfg: RunConfig, stages: Sequence[GroupStage]) -> None:
         raise InputMissingError(f"--model {cfg.predict.model} does not exist. Check the path.")
 
 
+def record_config(ctx: RunContext, cfg: RunConfig) -> None:
+    """Rewrite the run's ``config.toml`` with the participant-level settings its tensors were made with.
+
+    ``start_run`` wrote the group run's options, whose participant-level sections are defaults it never used;
+    the record must describe the data the model is trained on (``data.origin.with_participant_settings``).
+    """
+    from bids_app.config_file import dump_config
+    from bids_app.derivatives import atomic_write_text
+
+    atomic_write_text(ctx.log_dir / "config.toml", dump_config(cfg))
+
+
 def model_layout(cfg: RunConfig) -> MapsLayout:
     """The layout of the model folder this run names (``OUTPUT_DIR/models/<model_name>``)."""
     from bids_app.maps import MapsLayout
@@ -394,6 +412,7 @@ def check_group_run(cfg: RunConfig) -> None:
         return
     if cfg.cohorts or cfg.cohort_name or cfg.split.leave_cohort_out:
         check_cohorts(cfg, stages)
+    check_model_cohorts(cfg)
     if GroupStage.TRAIN in stages:
         from bids_app.models import check_architecture
         from bids_app.training.stage import check_train_config
@@ -442,18 +461,48 @@ def check_cohorts(cfg: RunConfig, stages: Sequence[GroupStage]) -> None:
     """
     from bids_app.config import GroupStage
     from bids_app.data.cohorts import check_cohort_options
+    from bids_app.maps import Maps
 
     check_cohort_options(cfg)
     if not cfg.cohorts:
         return
     mode, labels_cfg = cfg.train.mode, cfg.labels
     final = model_layout(cfg)
-    if GroupStage.TRAIN not in stages and final.maps_json.is_file():
-        from bids_app.maps.folder import read_maps_json
-
-        record = read_maps_json(final.root)  # the model decides mode and labels when it is not trained here
+    if GroupStage.TRAIN not in stages and Maps.exists(final.root):
+        record = Maps.read_record(final.root)  # the model decides mode and labels when it is not trained here
         mode, labels_cfg = record.mode, record.config.labels
     cohort_tables(cfg, mode, labels_cfg)
+
+
+def check_model_cohorts(cfg: RunConfig) -> None:
+    """An existing model folder this run continues or reads was made on the cohorts this run names.
+
+    Without it a multi-cohort model's split would be joined to one cohort's images by participant label alone
+    (two cohorts' sub-001 mixed up), or a single-cohort model to several cohorts. ``--overwrite`` makes a new
+    model: nothing to compare. An unreadable record is left to ``Maps.open``, which names the problem.
+
+    Raises:
+        UsageError: the run's cohorts (names, primary first) differ from the model's.
+    """
+    from bids_app.data.cohorts import list_cohorts
+    from bids_app.errors import UsageError
+    from bids_app.maps import Maps
+
+    final = model_layout(cfg)
+    if cfg.overwrite or not Maps.exists(final.root):
+        return
+    try:
+        record = Maps.read_record(final.root)
+    except DataError:
+        return
+    recorded = [str(entry.get("name")) for entry in record.extra.get("cohorts") or []]
+    given = [cohort.name for cohort in list_cohorts(cfg)]
+    if recorded != given:
+        raise UsageError(
+            f"Model {final.root} was trained on cohort(s) {', '.join(recorded) or '(BIDS_DIR/OUTPUT_DIR only)'}, "
+            f"but this run names {', '.join(given) or '(BIDS_DIR/OUTPUT_DIR only)'}. Give the same --cohort-name "
+            "and --cohort options (or its config.toml with --config), or train a new model (--overwrite)."
+        )
 
 
 def cohort_tables(cfg: RunConfig, mode: ExtractionMode, labels_cfg: LabelConfig) -> tuple[TensorIndex, GroupTable]:

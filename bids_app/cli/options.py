@@ -101,6 +101,18 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
     ),
     (
         P,
+        "from_model",
+        "run.from_model",
+        (),
+        {
+            "type": Path,
+            "metavar": "MAPS",
+            "help": "prepare the data like this model folder's training data: its template, crop, mode and mode "
+            "parameters, normalisation and ROI masks are used; options given too must agree with it",
+        },
+    ),
+    (
+        P,
         "template",
         "preprocess.template_path",
         (),
@@ -406,6 +418,7 @@ DEFAULT_TEXT = {
     "bids_database_dir": "a fresh index per run",
     "derivatives": "none: preprocess from BIDS_DIR",
     "work_dir": "$TMPDIR",
+    "from_model": "none: the options given",
     "template": "MNI152 2009a symmetric, 1 mm, shipped by nilearn",
     "crop_shape": "none: the template frame",
     "pet_tracer": "none: T1w only",

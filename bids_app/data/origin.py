@@ -115,8 +115,8 @@ def tensor_settings(sidecar: Mapping[str, Any]) -> dict[str, Any]:
     Keys (present only when the sidecar records them): ``template`` (file name), ``template_path``,
     ``template_sha256``, ``template_space``, ``crop_shape`` (list or None: the template's full grid),
     ``registration``, ``mode``, ``patch_size``, ``stride``, ``slice_direction``, ``discarded_slices``,
-    ``roi_names``, ``roi_crop``, ``roi_mask_sha256`` (name → sha256), ``normalization``, ``dtype``,
-    ``pipeline_version``.
+    ``roi_names``, ``roi_crop``, ``roi_mask_path`` and ``roi_mask_sha256`` (name → path, sha256),
+    ``normalization``, ``dtype``, ``pipeline_version``.
     """
     settings: dict[str, Any] = {}
     preprocessing = sidecar.get("Preprocessing")
@@ -139,38 +139,126 @@ def tensor_settings(sidecar: Mapping[str, Any]) -> dict[str, Any]:
                           ("RoiCrop", "roi_crop")):  # fmt: skip
             if key in parameters:
                 settings[name] = parameters[key]
-    if isinstance(sidecar.get("RoiMaskSHA256"), Mapping):
-        settings["roi_mask_sha256"] = dict(sidecar["RoiMaskSHA256"])
+    masks = sidecar.get("RoiMasks")
+    if isinstance(masks, Mapping) and masks:
+        settings["roi_mask_path"] = {str(name): str(mask.get("Path")) for name, mask in masks.items()}
+        settings["roi_mask_sha256"] = {str(name): str(mask.get("SHA256")) for name, mask in masks.items()}
     for key, name in (("Normalization", "normalization"), ("Dtype", "dtype"), ("BidsAppVersion", "pipeline_version")):
         if key in sidecar:
             settings[name] = sidecar[key]
     return settings
 
 
-def settings_by_dataset(rows: Iterable[tuple[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Per ``dataset_id``, the settings its tensors share; a setting that differs inside one dataset is a list.
+def settings_by_dataset(rows: Iterable[tuple[DatasetIdentity, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """Per dataset, the settings its tensors were made with (the model record's ``participant_settings``).
 
     Args:
-        rows: ``(dataset_id, tensor_settings(sidecar))`` of every image.
+        rows: ``(identity, tensor_settings(sidecar))`` of every image.
 
     Returns:
-        ``{dataset_id: {setting: value}}`` in first-seen order; where the dataset's images disagree on a
-        setting, its value is the sorted list of the distinct values under ``"mixed"``: ``{"mixed": [...]}``.
+        One entry per dataset in first-seen order: ``dataset_id``, ``dataset_name``, ``dataset_doi``,
+        ``n_images`` and ``settings``; a setting on which the dataset's images disagree is
+        ``{"mixed": [distinct values]}``.
     """
-    seen: dict[str, dict[str, list[Any]]] = {}
-    for dataset_id, settings in rows:
-        values = seen.setdefault(dataset_id, {})
+    seen: dict[DatasetIdentity, tuple[int, dict[str, list[Any]]]] = {}
+    for identity, settings in rows:
+        count, values = seen.get(identity, (0, {}))
         for key, value in settings.items():
             distinct = values.setdefault(key, [])
             if value not in distinct:
                 distinct.append(value)
-    summary: dict[str, dict[str, Any]] = {}
-    for dataset_id, values in seen.items():
-        summary[dataset_id] = {
-            key: distinct[0] if len(distinct) == 1 else {"mixed": sorted(distinct, key=json.dumps)}
-            for key, distinct in sorted(values.items())
+        seen[identity] = (count + 1, values)
+    return [
+        {
+            "dataset_id": identity.dataset_id,
+            "dataset_name": identity.name,
+            "dataset_doi": identity.doi,
+            "n_images": count,
+            "settings": {
+                key: distinct[0] if len(distinct) == 1 else {"mixed": sorted(distinct, key=_comparable)}
+                for key, distinct in sorted(values.items())
+            },
         }
-    return summary
+        for identity, (count, values) in seen.items()
+    ]
+
+
+def read_settings(table: Any) -> list[dict[str, Any]]:
+    """``settings_by_dataset`` of the images of an index table (``tensor_path`` and ``DATASET_COLUMNS``)."""
+    from bids_app.extraction.storage import read_sidecar
+
+    columns = [table[c].astype(str) if c in table.columns else [UNKNOWN] * len(table) for c in DATASET_COLUMNS]
+    rows = []
+    for path, name, doi, dataset_id in zip(table["tensor_path"], *columns, strict=True):
+        rows.append((DatasetIdentity(name, doi, dataset_id), tensor_settings(read_sidecar(Path(str(path))))))
+    return settings_by_dataset(rows)
+
+
+def common_settings(per_dataset: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The settings every dataset of ``settings_by_dataset`` shares (a mixed or differing one is left out)."""
+    entries = [dict(entry.get("settings", {})) for entry in per_dataset]
+    if not entries:
+        return {}
+    return {
+        key: value
+        for key, value in entries[0].items()
+        if not _is_mixed(value) and all(key in e and _comparable(e[key]) == _comparable(value) for e in entries)
+    }
+
+
+def _is_mixed(value: Any) -> bool:
+    return isinstance(value, Mapping) and set(value) == {"mixed"}
+
+
+# setting → (config section, key, command-line flag) of the participant level
+CONFIG_KEYS = {
+    "template_path": ("preprocess", "template_path", "--template"),
+    "template_space": ("preprocess", "template_space", "--template-space"),
+    "crop_shape": ("preprocess", "crop_shape", "--crop-shape"),
+    "registration": ("preprocess", "registration", "preprocess.registration"),
+    "mode": ("extraction", "modes", "--modes"),
+    "patch_size": ("extraction", "patch_size", "--patch-size"),
+    "stride": ("extraction", "stride", "--stride"),
+    "slice_direction": ("extraction", "slice_direction", "--slice-direction"),
+    "discarded_slices": ("extraction", "discarded_slices", "--discarded-slices"),
+    "roi_mask_path": ("extraction", "roi_masks", "--roi-mask"),
+    "roi_crop": ("extraction", "roi_crop", "--roi-crop"),
+    "normalization": ("extraction", "normalization", "--normalization"),
+    "dtype": ("extraction", "dtype", "--tensor-dtype"),
+}
+
+
+def settings_to_nested(settings: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The configuration keys (``{"preprocess": {...}, "extraction": {...}}``) that reproduce ``settings``."""
+    from bids_app.config_file import NONE_SPELLING
+
+    nested: dict[str, dict[str, Any]] = {"preprocess": {}, "extraction": {}}
+    for key, (section, name, _) in CONFIG_KEYS.items():
+        if key not in settings or _is_mixed(settings[key]):
+            continue
+        value = settings[key]
+        if key == "mode":
+            value = [value]
+        elif key == "roi_mask_path":
+            names = settings.get("roi_names") or list(value)
+            value = [[str(n), str(value[n])] for n in names if n in value]
+        elif value is None:
+            value = NONE_SPELLING
+        nested[section][name] = value
+    return nested
+
+
+def with_participant_settings(cfg: Any, per_dataset: Iterable[Mapping[str, Any]]) -> Any:
+    """``cfg`` (a ``RunConfig``) with the participant-level settings its tensors were really made with.
+
+    A group run's configuration otherwise holds the defaults of options it never used (crop, template...):
+    the model folder and the run's ``config.toml`` must describe the data instead. Settings that differ between
+    datasets keep the run's value (the model record's ``participant_settings`` lists them per dataset).
+    """
+    from bids_app.config_file import config_to_nested, merge_nested, resolve_config
+
+    update = settings_to_nested(common_settings(per_dataset))
+    return resolve_config(merge_nested(config_to_nested(cfg), update))
 
 
 def settings_differences(model: Mapping[str, Any], data: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -184,3 +272,128 @@ def settings_differences(model: Mapping[str, Any], data: Mapping[str, Any]) -> l
 
 def _comparable(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
+
+
+def _shown(key: str, value: Any, settings: Mapping[str, Any]) -> str:
+    """A setting's value as a message shows it (a template by file name and checksum)."""
+    if key == "template_sha256":
+        name = settings.get("template", "template")
+        return f"{name} (sha256 {str(value)[:12]}…)"
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def check_same_settings(
+    model_settings: Iterable[Mapping[str, Any]], data_settings: Iterable[Mapping[str, Any]], where: Path, maps_dir: Path
+) -> None:
+    """Refuse tensors made with other participant-level settings than the model's (``MATCHED_SETTINGS``).
+
+    Args:
+        model_settings: the model's ``participant_settings`` (``settings_by_dataset``); none recorded (a model
+            folder from before they were) skips the check.
+        data_settings: ``settings_by_dataset`` of the tensors to predict.
+        where: the participant-level output the tensors are in.
+        maps_dir: the model folder, named in the fix.
+
+    Raises:
+        DataError: one line naming the first differing setting, both values and the fix (``--from-model``).
+    """
+    from bids_app.errors import DataError
+
+    model_entries = list(model_settings)
+    reference = common_settings(model_entries)
+    if not reference:
+        return
+    for entry in data_settings:
+        settings = entry.get("settings", {})
+        for key, model_value, data_value in settings_differences(reference, settings):
+            raise DataError(
+                f"The tensors of {where} (dataset {entry.get('dataset_name', UNKNOWN)!r}) were made with {key} "
+                f"{_shown(key, data_value, settings)}, but model {Path(maps_dir).name} was trained on tensors made "
+                f"with {key} {_shown(key, model_value, reference)}. Re-run the participant level on that dataset "
+                f"with --from-model {maps_dir} --overwrite to prepare them like the model's tensors."
+            )
+
+
+def model_participant_config(nested: Mapping[str, Any], maps_dir: Path) -> dict[str, Any]:
+    """``nested`` (the explicit options of a participant run) completed with a model's participant settings.
+
+    ``--from-model MAPS``: the template file, crop, registration, the model's mode and its parameters,
+    normalisation, dtype and ROI masks are copied from the model folder's ``participant_settings``, so a new
+    site prepares its data like the model's training data in one command. An option given explicitly (flag or
+    ``--config`` file) must agree with the model: ``--modes`` must include the model's mode, ``--template`` and
+    ``--roi-mask`` files must have the model's checksums.
+
+    Raises:
+        UsageError: an explicit option contradicts the model (both values named).
+        InputMissingError: the model's template (or an ROI mask) is not where the model recorded it, and no
+            copy was given.
+        DataError: the model folder records no participant settings.
+    """
+    from bids_app.config_file import merge_nested
+    from bids_app.derivatives import file_sha256
+    from bids_app.errors import DataError, InputMissingError, UsageError
+    from bids_app.maps import Maps
+    from bids_app.template import default_template_path
+
+    maps = Maps.open(Path(maps_dir))
+    settings = common_settings(maps.participant_settings)
+    if not settings:
+        raise DataError(
+            f"Model folder {maps_dir} records no participant-level settings (made before bids_app recorded them). "
+            "Give the participant-level options yourself, as in the 'config' of its record."
+        )
+    wanted = settings_to_nested(settings)
+    explicit = {section: dict(nested.get(section, {})) for section in ("preprocess", "extraction")}
+
+    def refuse(flag: str, given: Any, expected: Any) -> None:
+        raise UsageError(
+            f"{flag} {given} contradicts --from-model {maps_dir}, whose tensors were made with {flag} {expected}. "
+            f"Drop {flag} (the model's value is used) or prepare the data for another model."
+        )
+
+    template_sha = settings.get("template_sha256")
+    given_template = explicit["preprocess"].get("template_path")
+    if given_template is not None and template_sha and Path(str(given_template)).is_file():
+        sha = file_sha256(Path(str(given_template)))
+        if sha != template_sha:
+            refuse("--template", f"{given_template} (sha256 {sha[:12]}…)", _shown("template_sha256", template_sha,
+                                                                                   settings))  # fmt: skip
+    elif given_template is None and "template_path" in settings:
+        recorded = Path(str(settings["template_path"]))
+        if not recorded.is_file():
+            default = default_template_path()
+            if template_sha and default.is_file() and file_sha256(default) == template_sha:
+                wanted["preprocess"]["template_path"] = str(default)
+            else:
+                raise InputMissingError(
+                    f"Model {maps.name} was trained on tensors registered to template {recorded.name} (sha256 "
+                    f"{str(template_sha)[:12]}…), which is not at {recorded}. Pass a copy of it with --template PATH "
+                    "(its sha256 is checked)."
+                )
+    given_modes = explicit["extraction"].get("modes")
+    if given_modes is not None and "mode" in settings and settings["mode"] not in [str(m) for m in given_modes]:
+        refuse("--modes", " ".join(str(m) for m in given_modes), settings["mode"])
+    masks = settings.get("roi_mask_sha256") or {}
+    given_masks = explicit["extraction"].get("roi_masks")
+    if given_masks is not None and masks:
+        for name, path in given_masks:
+            mask_sha = file_sha256(Path(path)) if Path(path).is_file() else None
+            if name not in masks or (mask_sha is not None and mask_sha != masks[name]):
+                refuse("--roi-mask", f"{name}={path}", ", ".join(f"{n} (sha256 {s[:12]}…)" for n, s in masks.items()))
+    elif masks:
+        for name, path in wanted["extraction"].get("roi_masks") or []:
+            if not Path(path).is_file():
+                raise InputMissingError(
+                    f"Model {maps.name} was trained with ROI mask {name} (sha256 {masks[name][:12]}…), which is not "
+                    f"at {path}. Pass a copy of it with --roi-mask {name}=PATH (its sha256 is checked)."
+                )
+    for key, (section, name, flag) in CONFIG_KEYS.items():
+        if key in ("template_path", "mode", "roi_mask_path") or name not in explicit[section]:
+            continue
+        if name in wanted[section] and _comparable(explicit[section][name]) != _comparable(wanted[section][name]):
+            refuse(flag, _plain_value(explicit[section][name]), _plain_value(wanted[section][name]))
+    return merge_nested(wanted, nested)
+
+
+def _plain_value(value: Any) -> str:
+    return " ".join(str(v) for v in value) if isinstance(value, list | tuple) else str(value)

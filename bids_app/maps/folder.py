@@ -13,7 +13,9 @@ moved together with its output folder still reads back.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,6 +38,40 @@ if TYPE_CHECKING:
 
 
 REPORT_NAME = "report.html"
+
+
+class LearningStatus(enum.StrEnum):
+    """Whether a split's network learned (``training.learning``); ``n/a`` in the metric TSVs when unknown."""
+
+    LEARNED = "learned"
+    DID_NOT_LEARN = "did-not-learn"
+
+
+NO_LEARNING_VERDICT = "n/a"  # a split trained before the verdict existed, or a reconstruction model
+
+
+@dataclasses.dataclass(frozen=True)
+class LearningVerdict:
+    """The ``learning`` entry of ``split-<k>/training_logs/summary.json`` (``training.learning``).
+
+    Attributes:
+        status: learned or did not learn.
+        reason: what the verdict rests on, with the figures (losses, chance level, predicted classes).
+        advice: likely causes and what to try; empty when it learned.
+        chance_loss: the training loss of the best constant prediction (None when unknown).
+        train_loss_drop: the largest relative drop of the smoothed training loss below ``chance_loss``.
+    """
+
+    status: LearningStatus
+    reason: str
+    advice: str
+    chance_loss: float | None = None
+    train_loss_drop: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        numbers = {"chance_loss": self.chance_loss, "train_loss_drop": self.train_loss_drop}
+        finite = {key: value if value is not None and math.isfinite(value) else None for key, value in numbers.items()}
+        return {"status": self.status.value, "reason": self.reason, "advice": self.advice, **finite}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -506,6 +542,15 @@ class Maps:
         """Whether ``root`` holds a model folder's record (it may still be incomplete or invalid)."""
         return MapsLayout(Path(root)).maps_json.is_file()
 
+    @staticmethod
+    def read_record(root: Path) -> MapsRecord:
+        """The record of the model folder ``root`` alone, its files unchecked: for checks before a run writes.
+
+        Raises:
+            DataError: the record is missing, unreadable or inconsistent.
+        """
+        return read_maps_json(Path(root))
+
     @classmethod
     def create(cls, root: Path, cfg: RunConfig, extra: Mapping[str, Any]) -> Maps:
         """Write ``maps.json`` and ``environment.json`` of a new training into ``root`` and open it."""
@@ -539,6 +584,12 @@ class Maps:
             self._splits = read_splits(self.layout.groups_dir)
         return self._splits
 
+    @property
+    def participant_settings(self) -> list[dict[str, Any]]:
+        """Per dataset, the participant-level settings of the tensors the models were trained on
+        (``data.origin.settings_by_dataset``); empty for a model folder written before they were recorded."""
+        return list(self.record.extra.get("participant_settings") or [])
+
     def trained_splits(self, selected: Sequence[int] = ()) -> list[int]:
         """Finished splits, restricted to ``selected`` when given.
 
@@ -553,6 +604,40 @@ class Maps:
                 + ". Run the group level with --stages train first."
             )
         return trained
+
+    def learning(self, split: int) -> LearningVerdict | None:
+        """Whether split ``k``'s network learned, as its ``summary.json`` records it (``training.learning``).
+
+        Returns None when the summary has no verdict: a split trained before the verdict existed, a
+        reconstruction model, or a split not trained.
+
+        Raises:
+            DataError: ``summary.json`` is unreadable or its ``learning`` entry is malformed.
+        """
+        path = self.layout.summary_json(split)
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8")).get("learning")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, AttributeError) as exc:
+            raise DataError(f"{path} is not a readable JSON object ({exc}). Re-train split {split}.") from exc
+        if entry is None:
+            return None
+        try:
+            numbers = {key: entry.get(key) for key in ("chance_loss", "train_loss_drop")}
+            return LearningVerdict(
+                LearningStatus(entry["status"]),
+                str(entry["reason"]),
+                str(entry["advice"]),
+                **{key: None if value is None else float(value) for key, value in numbers.items()},
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{path}: its 'learning' entry is malformed ({exc!r}). Re-train split {split}.") from exc
+
+    def learning_status(self, split: int) -> str:
+        """``learned``, ``did-not-learn`` or ``n/a`` (no verdict, see ``learning``): the metric TSVs' status."""
+        verdict = self.learning(split)
+        return NO_LEARNING_VERDICT if verdict is None else verdict.status.value
 
     def check_input_shape(self, shape: Sequence[int], where: Path) -> None:
         """DataError unless the tensors of ``where`` have the sample shape the models were trained on."""

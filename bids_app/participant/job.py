@@ -73,9 +73,9 @@ def participant_settings_sidecar(cfg: RunConfig) -> dict[str, Any]:
     """What a tensor sidecar records of the settings that made it, beyond its mode parameters.
 
     ``Preprocessing``: the template file (``TemplatePath``, absolute) and its ``TemplateSHA256``, its ``Space``,
-    ``CropShape`` (None: the template's full grid) and ``Registration``; ``RoiMaskSHA256``: each ROI mask's
-    sha256 by name (kept in roi mode only). The group level reads them back (``data.origin.tensor_settings``)
-    to record what a model was trained on and to refuse tensors made otherwise.
+    ``CropShape`` (None: the template's full grid) and ``Registration``; ``RoiMasks``: each ROI mask's
+    ``Path`` (absolute) and ``SHA256`` by name (kept in roi mode only). The group level reads them back
+    (``data.origin.tensor_settings``) to record what a model was trained on and to refuse tensors made otherwise.
     """
     from bids_app.template import default_template_path
 
@@ -89,7 +89,10 @@ def participant_settings_sidecar(cfg: RunConfig) -> dict[str, Any]:
             "CropShape": list(preprocess.crop_shape) if preprocess.crop_shape is not None else None,
             "Registration": preprocess.registration.value,
         },
-        "RoiMaskSHA256": {name: file_sha256(path) for name, path in cfg.extraction.roi_masks},
+        "RoiMasks": {
+            name: {"Path": Path(path).resolve().as_posix(), "SHA256": file_sha256(path)}
+            for name, path in cfg.extraction.roi_masks
+        },
     }
 
 
@@ -348,7 +351,7 @@ class ParticipantJob:
             **self.settings_sidecar,
         }
         if mode is not ExtractionMode.ROI:
-            sidecar.pop("RoiMaskSHA256", None)
+            sidecar.pop("RoiMasks", None)
         write_tensor(path, array, sidecar)
         return False
 

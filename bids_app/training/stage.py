@@ -24,12 +24,16 @@ import numpy as np
 from bids_app.config import ExtractionMode, RunConfig, Task
 from bids_app.derivatives import atomic_write_json
 from bids_app.errors import ConfigError, DataError
+from bids_app.labels import image_names
 from bids_app.maps import Maps, MapsLayout
+from bids_app.maps.folder import LearningStatus, LearningVerdict
 from bids_app.tracking.mlflow import Tracker
 
 if TYPE_CHECKING:
+    from bids_app.data.dataset import TensorDataset
     from bids_app.data.tables import GroupTable
     from bids_app.maps.splits import Splits
+    from bids_app.provenance import RunContext
     from bids_app.training.checkpoint import TrainingState
     from bids_app.training.loop import Loop
 
@@ -71,13 +75,15 @@ def check_train_config(cfg: RunConfig) -> None:
     build_augmentation(tc.augmentations, tc.mode, cfg.extraction.slice_direction)
 
 
-def prepare_maps(cfg: RunConfig, layout: MapsLayout, table: GroupTable) -> Maps:
+def prepare_maps(cfg: RunConfig, layout: MapsLayout, table: GroupTable, run: RunContext | None = None) -> Maps:
     """Check the options against the data and create the model folder's record (kept on resume).
 
     Raises:
         ConfigError: an option is invalid, or a resume uses another model or class set than the MAPS.
         DataError: tensors of different shapes, or fewer than two classes in classification.
     """
+    from bids_app.data.cohorts import describe_cohorts
+    from bids_app.data.origin import read_settings
     from bids_app.data.tables import encode_labels, sample_shape
     from bids_app.models import check_compatibility
     from bids_app.training import transfer as transfer_source
@@ -97,16 +103,21 @@ def prepare_maps(cfg: RunConfig, layout: MapsLayout, table: GroupTable) -> Maps:
         positive_class_index(list(encoding), cfg.labels.positive_class)  # ConfigError naming the classes
     extra: dict[str, Any] = {
         "input_shape": list(input_shape),
+        # per dataset, what the participant level really did (template, crop, mode parameters, normalisation...)
+        "participant_settings": read_settings(table),
         "n_outputs": len(encoding) if encoding else 1,
         "label_encoding": encoding,
         "selection_level": "image" if tc.mode is ExtractionMode.IMAGE else tc.mode.value,
         # What the models were trained and selected on: a later run notices when these tensors changed.
         "tensor_sha256": {
-            f"{p} {s}": sha
-            for p, s, sha in zip(table["participant_id"], table["session_id"], table["tensor_sha256"], strict=True)
-            if sha
+            name: sha for name, sha in zip(image_names(table), table["tensor_sha256"], strict=True) if sha
         },
     }
+    cohorts = describe_cohorts(cfg, table, layout.home or layout.root)
+    if cohorts:  # a multi-cohort model names what it was trained on; a single-cohort record is unchanged
+        extra["cohorts"] = cohorts
+    if run is not None:  # the run that made the model, for its report and for a re-run
+        extra["training_run"] = {"run_id": run.run_id, "command": run.command}
     if tc.transfer_from is not None:
         extra["transfer_source"] = transfer_source.describe_source(tc.transfer_from, tc.n_unfrozen_layers)
     if tc.resume and Maps.exists(layout.root):
@@ -124,7 +135,12 @@ def prepare_maps(cfg: RunConfig, layout: MapsLayout, table: GroupTable) -> Maps:
 
 
 def run_train_stage(
-    cfg: RunConfig, layout: MapsLayout, splits: Splits, table: GroupTable, tracker: Tracker | None = None
+    cfg: RunConfig,
+    layout: MapsLayout,
+    splits: Splits,
+    table: GroupTable,
+    tracker: Tracker | None = None,
+    run: RunContext | None = None,
 ) -> Maps:
     """Train every selected split of ``splits`` into the model folder (finished splits are skipped on resume).
 
@@ -135,11 +151,12 @@ def run_train_stage(
         table: labels joined with ``tensor_index.index_tensors`` (``participant_id``, ``session_id``, ``label``,
             ``tensor_path``, ``n_parts``, ...).
         tracker: where epochs and summaries are mirrored (``tracking.open_tracker``); default none.
+        run: this invocation; its id and command line go into ``maps.json`` (``training_run``) of a new model.
     """
     from bids_app.data.tables import rows_for
     from bids_app.training import distributed
 
-    prepared = distributed.on_main(prepare_maps, cfg, layout, table)
+    prepared = distributed.on_main(prepare_maps, cfg, layout, table, run)
     maps = prepared or Maps.open(layout.root)  # the other ranks read the record once rank 0 wrote it
     folds = {fold.index: fold for fold in splits.folds}
     for split in cfg.train.splits or tuple(sorted(folds)):
@@ -178,7 +195,9 @@ def train_split(
 
     Returns:
         The summary also written to ``split-<k>/training_logs/summary.json``: epochs run, early stop,
-        best value and epoch per metric, sample counts, device and the SHA-256 of the final weights.
+        best value and epoch per metric, sample counts, device, the SHA-256 of the final weights and, in
+        classification and regression, whether the network learned (``learning``: ``diagnose_split``; a
+        network that did not is also logged as a warning).
 
     Raises:
         TemporaryFailure: out of memory (lower ``--batch-size``).
@@ -313,12 +332,42 @@ def train_split(
     }
     if world_size > 1:
         summary.update(n_processes=world_size, batch_size_per_process=batch_size)
+    verdict = diagnose_split(task, cfg, state, train_ds, val_ds)
+    if verdict is not None:
+        summary["learning"] = verdict.to_json()
     if distributed.is_main():
+        if verdict is not None and verdict.status is LearningStatus.DID_NOT_LEARN:
+            log.warning("Split %d: the network did not learn: %s %s", split, verdict.reason, verdict.advice)
         atomic_write_json(layout.summary_json(split), summary)
         shutil.rmtree(layout.tmp_dir(split), ignore_errors=True)
         tracker.end_split(split, summary)
     log.info("Split %d trained: best %s", split, {m: v for m, (v, _) in state.best.items()})
     return summary
+
+
+def diagnose_split(
+    task: Task, cfg: RunConfig, state: TrainingState, train_ds: TensorDataset, val_ds: TensorDataset
+) -> LearningVerdict | None:
+    """Whether the split's network learned (``training.learning``), from its epochs and its datasets' targets.
+
+    The chance level is that of the training samples the sampler draws (``--class-weighted-sampling``
+    balances the classes); the selected models are those kept in ``state.best``. None for reconstruction.
+    """
+    from bids_app.training.learning import chance_loss, diagnose_learning
+
+    train_targets, val_targets = train_ds.sample_targets, val_ds.sample_targets
+    if task is Task.RECONSTRUCTION or train_targets is None:
+        return None
+    chance = chance_loss(task, cfg.train.loss, train_targets, class_weighted=cfg.train.class_weighted_sampling)
+    n_validation_classes = len(np.unique(val_targets)) if val_targets is not None else 0
+    return diagnose_learning(
+        task,
+        state.history,
+        chance,
+        {metric: epoch for metric, (_, epoch) in state.best.items()},
+        n_validation_classes=n_validation_classes,
+        target_sd=float(np.std(train_targets)) if task is Task.REGRESSION else float("nan"),
+    )
 
 
 def _fit(
