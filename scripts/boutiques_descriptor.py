@@ -86,6 +86,11 @@ BOOL_HELP = {
         "Keep only baseline sessions in the test set (the default).",
         "Keep every session in the test set.",
     ),
+    "linear_baseline": (
+        "Also fit a linear model (logistic regression or ridge) on the same tensors and splits, its metrics beside "
+        "the network's (the default; never for reconstruction).",
+        "Fit no linear baseline (--no-baseline): the metric TSVs carry the network's values only.",
+    ),
 }
 ACRONYMS = {
     "bids": "BIDS",

@@ -65,7 +65,7 @@ def test_help_shows_the_default_of_every_option() -> None:
         value = field.default_factory() if field.default is dataclasses.MISSING else field.default  # type: ignore[misc]
         shown = expected_default(value)
         if shown is None:
-            shown = "split train predict" if dest == "stages" else DEFAULT_TEXT.get(dest, "none")
+            shown = "split train baseline predict" if dest == "stages" else DEFAULT_TEXT.get(dest, "none")
         assert f"(default: {shown})" in actions[dest].replace("%%", "%"), (dest, actions[dest])
         assert f"(default: {shown})" in text, dest
         assert actions[dest].split("(default:")[0].strip(), f"--{dest} has no help text"
