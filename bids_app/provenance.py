@@ -43,11 +43,12 @@ KEY_PACKAGES = (
 
 @dataclasses.dataclass(frozen=True)
 class RunContext:
-    """One invocation: its id and its log folder ``OUTPUT_DIR/logs/<run_id>/``."""
+    """One invocation: its id, its log folder ``OUTPUT_DIR/logs/<run_id>/`` and its command line (shell-quoted)."""
 
     run_id: str
     log_dir: Path
     log_file: Path
+    command: str = ""
 
 
 def make_run_id(level: str, labels: Sequence[str]) -> str:
@@ -72,12 +73,13 @@ def start_run(cfg: RunConfig, argv: Sequence[str]) -> RunContext:
     make_dirs(log_dir)
     log_file = log_dir / "bids_app.log"
     attach_log_file(log_file)
-    atomic_write_text(log_dir / "command.txt", shlex.join(["bids_app", *argv]) + "\n")
+    command = shlex.join(["bids_app", *argv])
+    atomic_write_text(log_dir / "command.txt", command + "\n")
     atomic_write_text(log_dir / "config.toml", dump_config(cfg))
     probe = cfg.analysis_level is AnalysisLevel.GROUP
     atomic_write_json(log_dir / "environment.json", environment_record(cfg.seed, probe_devices=probe))
     log.info("bids_app %s, run %s; log file %s", read_version(), run_id, log_file)
-    return RunContext(run_id=run_id, log_dir=log_dir, log_file=log_file)
+    return RunContext(run_id=run_id, log_dir=log_dir, log_file=log_file, command=command)
 
 
 def end_run(ctx: RunContext, exit_code: int) -> None:
