@@ -40,6 +40,7 @@ from bids_app.derivatives import atomic_write_text, report_path
 from bids_app.errors import DataError, InputMissingError
 from bids_app.labels import subject_ids
 from bids_app.maps import Maps, MapsLayout, MapsRecord
+from bids_app.maps.folder import LearningStatus
 from bids_app.maps.splits import TEST_TSV
 from bids_app.metrics import SMALL_GROUP_RULE, describe_positive_class, positive_class_index
 
@@ -59,7 +60,6 @@ MAX_UNDERLAY_IMAGES = 10  # preprocessed images averaged under the saliency maps
 OPEN_DETAILS_ROWS = 12  # a prediction table up to this long is shown unfolded
 QC_SUMMARY_TSV = "qc_summary.tsv"  # written at OUTPUT_DIR by the split stage (participant.qc_summary)
 STATUS_TSV = "participant_status.tsv"  # written at OUTPUT_DIR by the participant level (participant.status)
-DID_NOT_LEARN = "did-not-learn"
 BASELINE_COLUMNS = ("baseline_value", "baseline_ci_low", "baseline_ci_high")
 WRONG_ROW = ' class="wrong"'
 OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "S": "I", "I": "S"}
@@ -206,25 +206,23 @@ def _provenance_section(maps: Maps, splits: list[int], run: RunContext | None) -
         rows.append(("this report", f"{this_run}; <code>{html.escape(run.command)}</code>"))
     body = "".join(f'<tr><th>{name}</th><td class="text">{value}</td></tr>' for name, value in rows)
     return (
-        f'<h2>Provenance</h2>{_scroll(f"<table class=wide>{body}</table>")}<p class="note">From maps.json, '
-        "environment.json and split-&lt;k&gt;/training_logs/summary.json of the model folder; the run's log folder "
-        "under OUTPUT_DIR/logs/ holds its full log, configuration and environment.</p>"
+        f'<h2>Provenance</h2>{_scroll(f"<table class=wide>{body}</table>")}<p class="note">From the model '
+        "folder's record, environment.json and split-&lt;k&gt;/training_logs/summary.json; the run's log "
+        "folder under OUTPUT_DIR/logs/ holds its full log, configuration and environment.</p>"
     )
 
 
-def _learning_alarms(layout: MapsLayout, splits: list[int]) -> str:
-    """A red banner per split whose training was flagged as not learning (``learning`` in its summary.json)."""
+def _learning_alarms(maps: Maps, splits: list[int]) -> str:
+    """A red banner per split whose network did not learn (``Maps.learning``: its summary.json's verdict)."""
     banners = []
     for split in splits:
-        path = layout.summary_json(split)
-        learning = _read_json(path, "training summary").get("learning") if path.is_file() else None
-        if not isinstance(learning, dict) or learning.get("status") != DID_NOT_LEARN:
+        verdict = maps.learning(split)
+        if verdict is None or verdict.status is not LearningStatus.DID_NOT_LEARN:
             continue
-        reason, advice = learning.get("reason") or "no reason recorded", learning.get("advice") or ""
+        advice = f"<br><b>What to do:</b> {html.escape(verdict.advice)}" if verdict.advice else ""
         banners.append(
-            f'<div class="alarm"><b>Split {split}: the network did not learn.</b> {html.escape(str(reason))}'
-            + (f"<br><b>What to do:</b> {html.escape(str(advice))}" if advice else "")
-            + "</div>"
+            f'<div class="alarm"><b>Split {split}: the network did not learn.</b> '
+            f"{html.escape(verdict.reason or 'no reason recorded')}{advice}</div>"
         )
     return "".join(banners)
 
@@ -518,10 +516,10 @@ def _metric_notes(metrics: pd.DataFrame, record: MapsRecord) -> str:
             describe_positive_class(sorted(encoding, key=encoding.__getitem__), record.config.labels.positive_class)
         )
     text = f'<p class="note">{html.escape("; ".join(notes))}.</p>' if notes else ""
-    if str(_first(metrics, "training_status")) == DID_NOT_LEARN:
+    if str(_first(metrics, "training_status")) == LearningStatus.DID_NOT_LEARN:
         text += (
-            '<div class="alarm"><b>Did not learn:</b> the training of this split was flagged (training_status '
-            f"{DID_NOT_LEARN}); these metrics describe a network that did not learn (see the banner above).</div>"
+            f'<div class="alarm"><b>Did not learn:</b> training_status is {LearningStatus.DID_NOT_LEARN.value}; '
+            "these metrics describe a network that did not learn (see the banner at the top).</div>"
         )
     warning = _first(metrics, "warning")
     if warning is not None:
@@ -629,7 +627,12 @@ def _letter(ax: Axes, x: float, y: float, text: str) -> None:
 
 
 def _saliency_figure(maps: list[Path], background: np.ndarray | None, title: str) -> str:
-    """One row per map: three views through its peak on equal square panels, orientation letters, a colour bar."""
+    return _img(_saliency_canvas(maps, background, title), title)
+
+
+def _saliency_canvas(maps: list[Path], background: np.ndarray | None, title: str) -> Figure:
+    """One row per map: three views through its peak on equal square panels (the same mm extent, whatever the
+    view), orientation letters at their edges from the map's affine, and a colour bar with the display floor."""
     panel, bar, gap, top_margin = 2.6, 0.16, 0.12, 0.45  # inches
     width = 3 * panel + 2 * gap + 0.25 + bar + 0.75
     height = len(maps) * (panel + 0.35) + top_margin
@@ -674,7 +677,7 @@ def _saliency_figure(maps: list[Path], background: np.ndarray | None, title: str
             for level in (SALIENCY_FLOOR * top, -SALIENCY_FLOOR * top) if signed else (SALIENCY_FLOOR * top,):
                 cax.axhline(level, color="black", linewidth=1.2)
     figure.suptitle(title, fontsize=10, y=1 - 0.12 / height)
-    return _img(figure, title)
+    return figure
 
 
 def _saliency_section(output_dir: Path, layout: MapsLayout, record: MapsRecord, splits: list[int]) -> str:
@@ -774,7 +777,7 @@ def write_group_report(output_dir: Path, maps: Maps, run: RunContext | None = No
         f"split(s); selection metric(s) {html.escape(', '.join(record.config.train.selection_metrics))}; seed "
         f"{record.config.seed}; bids_app {html.escape(record.version)}{html.escape(positive)}.</p>"
     )
-    sections = [header, _learning_alarms(layout, splits), _provenance_section(maps, splits, run),
+    sections = [header, _learning_alarms(maps, splits), _provenance_section(maps, splits, run),
                 _summary_section(layout, record.task)]  # fmt: skip
     group = TEST_GROUP if len(maps.splits.test) else VALIDATION_GROUP
     if group != TEST_GROUP:

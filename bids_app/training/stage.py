@@ -151,7 +151,7 @@ def run_train_stage(
         table: labels joined with ``tensor_index.index_tensors`` (``participant_id``, ``session_id``, ``label``,
             ``tensor_path``, ``n_parts``, ...).
         tracker: where epochs and summaries are mirrored (``tracking.open_tracker``); default none.
-        run: this invocation; its id and command line go into ``maps.json`` (``training_run``) of a new model.
+        run: this invocation; its id and command line go into a new model's record (``training_run``).
     """
     from bids_app.data.tables import rows_for
     from bids_app.training import distributed
