@@ -83,6 +83,7 @@ class TravellingGuard:
 
     def to_members(self, prefix: str) -> dict[str, bytes]:
         """The guard as archive members under ``prefix/`` (deterministic bytes)."""
+        import numpy as np
         from safetensors.numpy import save
 
         from bids_app.labels import COHORT, format_label_table, sort_table
@@ -103,7 +104,9 @@ class TravellingGuard:
                 Images=[list(pair) for pair in fp.ids],
             )
             arrays = {"mask": fp.mask.astype("uint8"), "mean": fp.mean.astype("float64"), "prints": fp.prints}
-            members[f"{prefix}/{FINGERPRINTS_ARRAYS}"] = save(arrays)
+            # safetensors writes an array's memory as it lies: a Fortran-ordered mask (nibabel's volumes are)
+            # would come back transposed, so every array is made C-ordered first.
+            members[f"{prefix}/{FINGERPRINTS_ARRAYS}"] = save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
         members[f"{prefix}/{FINGERPRINTS_JSON}"] = (json.dumps(record, indent=2) + "\n").encode("utf-8")
         return members
 
