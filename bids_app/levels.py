@@ -255,8 +255,8 @@ def _run_group_stages(
         with distributed.main_only() as main:
             if main and maps is not None and training and GroupStage.PREDICT in stages:
                 maps.validate()
-            if main and maps is not None and GroupStage.BASELINE in stages:
-                run_baseline(cfg, maps, table, tracker)
+            if main and maps is not None:
+                run_baseline(cfg, stages, maps, table, tracker)
             if main and maps is not None and GroupStage.PREDICT in stages:
                 from bids_app.prediction.stage import run_predict_stage
 
@@ -277,14 +277,23 @@ def _run_group_stages(
                 log.info("Group report: %s", report)
 
 
-def run_baseline(cfg: RunConfig, maps: Maps, table: GroupTable, tracker: Tracker) -> None:
-    """The linear baseline beside the network (after training, before prediction merges its metrics)."""
+def run_baseline(cfg: RunConfig, stages: Sequence[GroupStage], maps: Maps, table: GroupTable, tracker: Tracker) -> None:
+    """The linear baseline beside the network, after training and before prediction merges its metrics.
+
+    The baseline stage fits it; a predict-only run with ``--predict-from`` predicts the other output's images
+    with the baselines the model folder already holds.
+    """
+    from bids_app.baseline.stage import predict_with_saved_baselines, run_baseline_stage
+
+    fit = GroupStage.BASELINE in stages
+    if not (fit or (GroupStage.PREDICT in stages and cfg.predict.predict_from is not None)):
+        return
     if not cfg.train.linear_baseline:
         log.info("Linear baseline off (--no-baseline): the metric TSVs carry the network's values only.")
-        return
-    from bids_app.baseline.stage import run_baseline_stage
-
-    run_baseline_stage(cfg, maps, table, tracker)
+    elif fit:
+        run_baseline_stage(cfg, maps, table, tracker)
+    else:
+        predict_with_saved_baselines(cfg, maps, tracker)
 
 
 def run_imported_model(cfg: RunConfig, ctx: RunContext) -> int:
@@ -292,8 +301,10 @@ def run_imported_model(cfg: RunConfig, ctx: RunContext) -> int:
 
     An archive is verified and imported into ``OUTPUT_DIR/models/<its name>`` (once; a folder is checked against
     its manifest), the images of the model's mode are indexed and labelled where BIDS_DIR has the model's label,
-    checked to have its sample shape, and predicted after the travelling leak guard's checks.
+    checked to have its sample shape and participant-level settings (``data.origin.check_same_settings``), and
+    predicted after the travelling leak guard's checks.
     """
+    from bids_app.data.origin import check_same_settings, read_settings
     from bids_app.data.tables import external_table, sample_shape, verify_tensors
     from bids_app.portable import open_model
     from bids_app.prediction.guard import run_predict_imported
@@ -306,6 +317,7 @@ def run_imported_model(cfg: RunConfig, ctx: RunContext) -> int:
              maps.record.task.value, maps.record.mode.value)  # fmt: skip
     table = select_images(cfg, external_table(cfg.output_dir, maps.record.mode, maps.record.config.labels), None)
     maps.check_input_shape(sample_shape(table, maps.record.mode), cfg.output_dir)
+    check_same_settings(maps.participant_settings, read_settings(table), cfg.output_dir, maps.root)
     verify_tensors(table)
     with open_tracker(cfg, maps.layout, ctx.log_dir, new_maps=False).session() as tracker:
         run_predict_imported(cfg, imported, table, tracker)
@@ -550,15 +562,17 @@ def _refuse_scans_in_two_cohorts(table: GroupTable) -> None:
     from bids_app.prediction.leakage import find_leaks
 
     names = list(dict.fromkeys(table[COHORT]))
-    found = []
+    found: dict[str, list[str]] = {}  # "a/sub-001 ses-M000 = b/sub-004 ses-M000" -> the checksums that match
     for i, first in enumerate(names):
         for second in names[i + 1 :]:
             pairs = find_leaks(table[table[COHORT] == first], table[table[COHORT] == second], f"cohort '{second}'")
-            # a label names a person only inside its dataset: only the same file is a leak across cohorts
-            found += [(first, second, f) for f in pairs if f.reason != "participant"]
+            for f in pairs:  # a label names a person only inside its dataset: only the same file is a leak here
+                if f.reason != "participant":
+                    pair = (f"{first}/{f.participant_id} {f.session_id} = {second}/{f.train_participant_id} "
+                            f"{f.train_session_id}")  # fmt: skip
+                    found.setdefault(pair, []).append(f"{f.reason} {f.sha256[:12]}…")
     if found:
-        shown = "; ".join(f"{a}/{f.participant_id} {f.session_id} = {b}/{f.train_participant_id} "
-                          f"{f.train_session_id} ({f.reason} {f.sha256[:12]}…)" for a, b, f in found[:5])  # fmt: skip
+        shown = "; ".join(f"{pair} ({', '.join(reasons)})" for pair, reasons in list(found.items())[:5])
         raise LeakError(
             f"{len(found)} image(s) are in two cohorts (same file checksum): {shown}. One person would count twice "
             "and could be on both sides of the split. Remove the copy from one cohort's output."

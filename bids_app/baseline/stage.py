@@ -19,6 +19,7 @@ which runs next, copies the baseline's value and interval of each metric beside 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Mapping
@@ -33,9 +34,10 @@ from bids_app.baseline.linear import LinearModel, Selection, model_kind, predict
 from bids_app.config import ExtractionMode, RunConfig, Task
 from bids_app.data.tables import UNLABELLED, GroupTable, external_table, rows_for
 from bids_app.derivatives import atomic_write_json
+from bids_app.errors import DataError
 from bids_app.maps import Maps
 from bids_app.maps.results import proba_columns, write_image_outputs, write_split_summary
-from bids_app.maps.weights import save_arrays
+from bids_app.maps.weights import load_arrays, save_arrays
 from bids_app.metrics import positive_class_index
 from bids_app.tracking.mlflow import Tracker
 
@@ -132,6 +134,100 @@ def selection_record(
     return record
 
 
+class BaselineWriter:
+    """What every split and group of one baseline run shares: the model folder, the features, the bootstrap.
+
+    Attributes:
+        maps: the model folder (task, classes, positive class, selection metrics, seed).
+        cache: the features of every image read so far.
+        n_bootstrap: resamples of the metrics' 95 % intervals (``--n-bootstrap``, as the network's).
+        tracker: where each group's metrics are mirrored.
+    """
+
+    def __init__(self, maps: Maps, cache: FeatureCache, n_bootstrap: int, tracker: Tracker) -> None:
+        self.maps, self.cache, self.n_bootstrap, self.tracker = maps, cache, n_bootstrap, tracker
+        self.task = maps.record.task
+        names = maps.class_names
+        self.positive_name = maps.record.config.labels.positive_class
+        binary = self.task is Task.CLASSIFICATION and len(names) == 2
+        self.positive = positive_class_index(names, self.positive_name) if binary else 1
+
+    def targets(self, rows: GroupTable) -> np.ndarray:
+        return encode_targets(rows, self.task, self.maps.record.label_encoding)
+
+    def predict_group(
+        self, split: int, metric: str, fitted: tuple[LinearModel, Standardisation], group_name: str, rows: GroupTable
+    ) -> float | None:
+        """Predict ``rows`` with a baseline, write the group's TSVs; returns its headline metric (None: unlabelled)."""
+        model, standardisation = fitted
+        output = predict_linear(self.task, model, standardisation.apply(self.cache.matrix(rows)))
+        _, metrics = write_image_outputs(
+            self.maps.layout.baseline_group_dir(split, metric, group_name),
+            group_name,
+            image_table(rows, self.targets(rows), output, self.task),
+            self.task,
+            self.maps.class_names,
+            self.n_bootstrap,
+            self.positive_name,
+        )
+        self.tracker.log_baseline_group(split, metric, group_name)
+        if metrics is None:
+            return None
+        found = metrics.loc[metrics["metric"] == HEADLINE[self.task], "value"]
+        return float(found.iloc[0]) if len(found) else math.nan
+
+    def fit_split(
+        self, split: int, train_rows: GroupTable, validation_rows: GroupTable, other: tuple[str, GroupTable]
+    ) -> None:
+        """Fit, select, save and predict the baselines of one split (one per selection metric)."""
+        layout, record, task = self.maps.layout, self.maps.record, self.task
+        class_names = self.maps.class_names
+        y_train = self.targets(train_rows)
+        if task is Task.CLASSIFICATION:
+            absent = [class_names[k] for k in range(len(class_names)) if not (y_train == k).any()]
+            if absent:
+                log.warning("Split %d: no linear baseline, its training group has no image of class(es) %s.",
+                            split, ", ".join(absent))  # fmt: skip
+                return
+        standardisation = Standardisation.fit(self.cache.matrix(train_rows))
+        models, selections = select_models(
+            task,
+            (standardisation.apply(self.cache.matrix(train_rows)), y_train),
+            (standardisation.apply(self.cache.matrix(validation_rows)), self.targets(validation_rows)),
+            record.config.train.selection_metrics,
+            len(class_names),
+            self.positive,
+            record.config.seed,
+        )
+        _, parameter, _ = model_kind(task)
+        counts = {"train": len(train_rows), "validation": len(validation_rows)}
+        for selection in selections:
+            metric, model = selection.metric, models[selection.chosen]
+            atomic_write_json(
+                layout.baseline_selection_json(split, metric),
+                selection_record(split, task, selection, models, self.cache.pooling, counts, record.config.seed),
+            )
+            save_arrays(
+                layout.baseline_model_path(split, metric),
+                {"coef": model.coef, "intercept": model.intercept, "feature_mean": standardisation.mean,
+                 "feature_scale": standardisation.scale},
+            )  # fmt: skip
+            headline = {}
+            for group_name, rows in ((VALIDATION_GROUP, validation_rows), other):
+                if not rows.empty:
+                    headline[group_name] = self.predict_group(split, metric, (model, standardisation), group_name, rows)
+            shown = "".join(f"; {group} {HEADLINE[task]} {value:.3f}" for group, value in headline.items()
+                            if value is not None)  # fmt: skip
+            scored = SCORE_NAMES[task] if metric == "loss" else metric
+            log.info("Split %d linear baseline (best-%s): %s = %g chosen on validation (%s %.4g; %d values tried)%s.",
+                     split, metric, parameter, model.value, scored, selection.best_score(), len(models),
+                     shown)  # fmt: skip
+            if not model.converged:
+                log.warning("Split %d linear baseline (best-%s): the solver did not converge with %s = %g; its "
+                            "predictions are those of the last iteration.", split, metric, parameter,
+                            model.value)  # fmt: skip
+
+
 def run_baseline_stage(cfg: RunConfig, maps: Maps, table: GroupTable, tracker: Tracker | None = None) -> None:
     """Fit, select and predict the linear baseline of every trained split (module docstring).
 
@@ -145,93 +241,78 @@ def run_baseline_stage(cfg: RunConfig, maps: Maps, table: GroupTable, tracker: T
     Raises:
         DataError: a tensor's shape differs from the others', or a split's group lacks its tensors.
     """
-    tracker = tracker or Tracker()
-    record, layout = maps.record, maps.layout
-    task = record.task
-    if task is Task.RECONSTRUCTION:
+    record = maps.record
+    if record.task is Task.RECONSTRUCTION:
         log.info("No linear baseline for the reconstruction model %s: a baseline predicts labels.", maps.name)
         return
     trained = maps.trained_splits(cfg.train.splits)
     folds = {fold.index: fold for fold in maps.splits.folds}
     if cfg.predict.predict_from is None:
-        other_name, other = "test", rows_for(maps.splits.test, table, "test group")
+        other = ("test", rows_for(maps.splits.test, table, "test group"))
     else:
-        other_name = str(cfg.predict.group_name)
-        other = external_table(cfg.predict.predict_from, record.mode, record.config.labels)
+        other = (
+            str(cfg.predict.group_name),
+            external_table(cfg.predict.predict_from, record.mode, record.config.labels),
+        )
     pooling = tensor_pooling(Path(str(table["tensor_path"].iloc[0])), record.mode)
-    cache = FeatureCache(record.mode, pooling)
-    class_names = maps.class_names
-    binary = task is Task.CLASSIFICATION and len(class_names) == 2
-    positive_name = record.config.labels.positive_class
-    positive = positive_class_index(class_names, positive_name) if binary else 1
-    name, parameter, _ = model_kind(task)
+    writer = BaselineWriter(maps, FeatureCache(record.mode, pooling), cfg.predict.n_bootstrap, tracker or Tracker())
+    name, parameter, _ = model_kind(record.task)
     resolution = "full resolution" if pooling.factor == 1 else f"means of {pooling.factor}-voxel-wide blocks"
     log.info("Linear baseline (%s) of model %s: %d feature(s) per image (%d part(s), %s), hyper-parameter %s "
              "chosen on each split's validation group.", name.replace("_", " "), maps.name, pooling.n_features,
              pooling.n_parts, resolution, parameter)  # fmt: skip
     for split in trained:
-        fold = folds[split]
-        train_rows = rows_for(fold.train, table, "training set")
-        validation_rows = rows_for(fold.validation, table, "validation set")
-        y_train = encode_targets(train_rows, task, record.label_encoding)
-        y_validation = encode_targets(validation_rows, task, record.label_encoding)
-        if task is Task.CLASSIFICATION:
-            absent = [class_names[k] for k in range(len(class_names)) if not (y_train == k).any()]
-            if absent:
-                log.warning("Split %d: no linear baseline, its training group has no image of class(es) %s.",
-                            split, ", ".join(absent))  # fmt: skip
-                continue
-        standardisation = Standardisation.fit(cache.matrix(train_rows))
-        models, selections = select_models(
-            task,
-            (standardisation.apply(cache.matrix(train_rows)), y_train),
-            (standardisation.apply(cache.matrix(validation_rows)), y_validation),
-            record.config.train.selection_metrics,
-            len(class_names),
-            positive,
-            record.config.seed,
-        )
-        counts = {"train": len(train_rows), "validation": len(validation_rows)}
-        for selection in selections:
-            metric, model = selection.metric, models[selection.chosen]
-            atomic_write_json(
-                layout.baseline_selection_json(split, metric),
-                selection_record(split, task, selection, models, pooling, counts, record.config.seed),
+        train_rows = rows_for(folds[split].train, table, "training set")
+        validation_rows = rows_for(folds[split].validation, table, "validation set")
+        writer.fit_split(split, train_rows, validation_rows, other)
+    write_baseline_summaries(maps, (VALIDATION_GROUP, other[0]))
+
+
+def predict_with_saved_baselines(cfg: RunConfig, maps: Maps, tracker: Tracker | None = None) -> None:
+    """Predict the ``--predict-from`` group with the baselines the model folder holds (no fit, no selection).
+
+    A run ``--stages predict --predict-from`` does not fit the baseline again: each split's saved
+    ``model.safetensors`` (coefficients and the training group's standardisation) and the pooling recorded in its
+    ``selection.json`` predict the other output's images, so the network's metric TSV of that group carries the
+    baseline's beside its own. A model folder without baselines (``--no-baseline``, reconstruction) is left so.
+    """
+    record, layout = maps.record, maps.layout
+    if record.task is Task.RECONSTRUCTION or cfg.predict.predict_from is None:
+        return
+    group_name = str(cfg.predict.group_name)
+    saved = [(split, metric) for split in maps.trained_splits(cfg.train.splits)
+             for metric in record.config.train.selection_metrics
+             if layout.baseline_model_path(split, metric).is_file()]  # fmt: skip
+    if not saved:
+        log.info("Model %s holds no linear baseline: group '%s' is predicted by the network only (run --stages "
+                 "baseline predict to fit one).", maps.name, group_name)  # fmt: skip
+        return
+    rows = external_table(cfg.predict.predict_from, record.mode, record.config.labels)
+    writer: BaselineWriter | None = None
+    for split, metric in saved:
+        path = layout.baseline_selection_json(split, metric)
+        try:
+            selection = json.loads(path.read_text(encoding="utf-8"))
+            features = selection["features"]
+            pooling = Pooling(int(features["n_parts"]), tuple(int(side) for side in features["part_shape"]),
+                              int(features["block_voxels_per_side"]))  # fmt: skip
+            chosen = float(selection["chosen_value"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DataError(
+                f"{path} is missing or malformed ({exc!r}) although {layout.baseline_model_path(split, metric)} "
+                "exists. Fit the baseline again (--stages baseline predict) or pass --no-baseline."
+            ) from exc
+        if writer is None or writer.cache.pooling != pooling:
+            writer = BaselineWriter(
+                maps, FeatureCache(record.mode, pooling), cfg.predict.n_bootstrap, tracker or Tracker()
             )
-            save_arrays(
-                layout.baseline_model_path(split, metric),
-                {"coef": model.coef, "intercept": model.intercept, "feature_mean": standardisation.mean,
-                 "feature_scale": standardisation.scale},
-            )  # fmt: skip
-            headline: dict[str, float] = {}
-            for group_name, rows in ((VALIDATION_GROUP, validation_rows), (other_name, other)):
-                if rows.empty:
-                    continue
-                output = predict_linear(task, model, standardisation.apply(cache.matrix(rows)))
-                targets = encode_targets(rows, task, record.label_encoding)
-                _, metrics = write_image_outputs(
-                    layout.baseline_group_dir(split, metric, group_name),
-                    group_name,
-                    image_table(rows, targets, output, task),
-                    task,
-                    class_names,
-                    cfg.predict.n_bootstrap,
-                    positive_name,
-                )
-                if metrics is not None:
-                    found = metrics.loc[metrics["metric"] == HEADLINE[task], "value"]
-                    headline[group_name] = float(found.iloc[0]) if len(found) else math.nan
-                tracker.log_baseline_group(split, metric, group_name)
-            shown = ", ".join(f"{group} {HEADLINE[task]} {value:.3f}" for group, value in headline.items())
-            scored = SCORE_NAMES[task] if metric == "loss" else metric
-            log.info("Split %d linear baseline (best-%s): %s = %g chosen on validation (%s %.4g; %d values tried)%s.",
-                     split, metric, parameter, model.value, scored, selection.best_score(), len(models),
-                     f"; {shown}" if shown else "")  # fmt: skip
-            if not model.converged:
-                log.warning("Split %d linear baseline (best-%s): the solver did not converge with %s = %g; its "
-                            "predictions are those of the last iteration.", split, metric, parameter,
-                            model.value)  # fmt: skip
-    write_baseline_summaries(maps, (VALIDATION_GROUP, other_name))
+        arrays = load_arrays(layout.baseline_model_path(split, metric))
+        model = LinearModel(arrays["coef"], arrays["intercept"], chosen, True)
+        standardisation = Standardisation(arrays["feature_mean"], arrays["feature_scale"])
+        value = writer.predict_group(split, metric, (model, standardisation), group_name, rows)
+        shown = "" if value is None else f": {HEADLINE[record.task]} {value:.3f}"
+        log.info("Split %d linear baseline (best-%s, saved) predicted group '%s'%s.", split, metric, group_name, shown)
+    write_baseline_summaries(maps, (group_name,))
 
 
 def write_baseline_summaries(maps: Maps, groups: tuple[str, ...]) -> None:

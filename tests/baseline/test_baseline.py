@@ -155,10 +155,11 @@ def test_a_predict_from_group_is_predicted_by_the_baseline_too(cohort, trained, 
     mask = root / "bids" / "code" / "template" / "roi-hippocampus_mask.nii.gz"
     _, other_out = make_cohort(root, 4, 1, "--modes", "roi", "--roi-mask", f"hippocampus={mask}",
                                "--skip-bids-validation", seed=41, effect_size=0.8, first_label=61)  # fmt: skip
-    result = run_cli(str(dataset.bids_dir), str(out), "group", "--stages", "baseline", "predict", "--model-name",
-                     MODEL, "--predict-from", str(other_out), "--group-name", "site2",
-                     "--n-bootstrap", "20")  # fmt: skip
+    # A predict-only run applies the baselines already fitted (their coefficients and standardisation).
+    result = run_cli(str(dataset.bids_dir), str(out), "group", "--stages", "predict", "--model-name", MODEL,
+                     "--predict-from", str(other_out), "--group-name", "site2", "--n-bootstrap", "20")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "linear baseline (best-loss, saved) predicted group 'site2'" in result.stderr
     predictions = read(maps / "split-0/baseline/best-loss/site2/site2_image_level_prediction.tsv")
     assert len(predictions) == 4
     network = read(maps / "split-0/best-loss/site2/site2_image_level_metrics.tsv")
