@@ -192,3 +192,36 @@ def test_bad_cohort_options_refused_before_any_write(cohorts, tmp_path: Path, ca
     assert result.returncode == code, result.stderr[-2000:]
     assert words in result.stderr, result.stderr[-2000:]
     assert _tree(out_a, out_b, bids_a, bids_b) == before
+
+
+def test_one_scan_in_two_cohorts_is_refused(cohorts, tmp_path: Path) -> None:
+    """A renamed copy of cohort b (another dataset Name, same tensors) as a third cohort: the checksums match."""
+    import shutil
+
+    (bids_a, out_a), (bids_b, out_b) = cohorts["a"], cohorts["b"]
+    bids_c, out_c = tmp_path / "c" / "bids", tmp_path / "c" / "out"
+    shutil.copytree(bids_b, bids_c)
+    shutil.copytree(out_b, out_c)
+    description_path = bids_c / "dataset_description.json"
+    description = json.loads(description_path.read_text(encoding="utf-8"))
+    description_path.write_text(json.dumps({**description, "Name": "cohort c"}), encoding="utf-8")
+    before = _tree(out_a, out_b, out_c)
+    result = run_cli(str(bids_a), str(out_a), "group", "--cohort-name", "a", "--cohort", f"b={bids_b}:{out_b}",
+                     "--cohort", f"c={bids_c}:{out_c}", "--label", "diagnosis", "--model-name", "copy")  # fmt: skip
+    assert result.returncode == 65, result.stderr[-2000:]
+    assert f"{N_SUBJECTS} image(s) are in two cohorts" in result.stderr
+    assert "b/sub-001 ses-M000 = c/sub-001 ses-M000 (source_sha256" in result.stderr
+    assert _tree(out_a, out_b, out_c) == before
+
+
+def test_a_model_is_used_with_its_own_cohorts(trained: Path, cohorts) -> None:
+    (bids_a, out_a), (bids_b, out_b) = cohorts["a"], cohorts["b"]
+    alone = run_cli(str(bids_a), str(out_a), "group", "--stages", "predict", "--model-name", "pooled")
+    assert alone.returncode == 64, alone.stderr[-2000:]
+    assert "was trained on cohort(s) a, b, but this run names (BIDS_DIR/OUTPUT_DIR only)" in alone.stderr
+    metrics = trained / "split-0/best-loss/test/test_cohort-b_image_level_metrics.tsv"
+    written = metrics.read_bytes()
+    again = run_cli(str(bids_a), str(out_a), "group", "--stages", "predict", "--model-name", "pooled",
+                    "--cohort-name", "a", "--cohort", f"b={bids_b}:{out_b}", "--n-bootstrap", "20")  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert metrics.read_bytes() == written

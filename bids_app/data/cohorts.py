@@ -115,7 +115,7 @@ def _check_distinct_datasets(cohorts: Sequence[CohortConfig]) -> None:
 
 
 def describe_cohorts(cfg: RunConfig, table: pd.DataFrame, maps_dir: Path) -> list[dict[str, Any]]:
-    """The model folder's record of a multi-cohort training table (``maps.json`` key ``cohorts``).
+    """The model folder's record of a multi-cohort training table (its key ``cohorts``).
 
     One entry per cohort: ``name``, ``bids_dir`` and ``output_dir`` relative to the model folder (as a model
     folder moved together with its cohorts still names them), the dataset identity (``data.origin``
