@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CARD_VERSION = 1
+# participant_settings keys that parametrise the mode (no paths: ROI masks travel by name and sha256)
+MODE_SETTINGS = ("patch_size", "stride", "slice_direction", "discarded_slices", "roi_names", "roi_crop",
+                 "roi_mask_sha256")  # fmt: skip
 HYPER_PARAMETERS = ("optimizer", "learning_rate", "weight_decay", "dropout", "epochs", "batch_size", "augmentations",
                     "class_weighted_sampling")  # fmt: skip
 UNKNOWN = "not recorded"
@@ -66,11 +69,14 @@ def _training_command(output_dir: Path, created: str) -> str:
 
 
 def _input_settings(maps: Maps, output_dir: Path, created: str, sidecar: dict[str, Any]) -> dict[str, Any]:
-    """Mode, shape, template and crop the model's tensors were made with.
+    """Mode, shape, template and crop the model's tensors were made with (file names and hashes, no paths).
 
-    The tensors' sidecars say mode, space, normalisation and shape; the template file and crop come from the
-    participant-level run that preceded the model (its ``config.toml``), the template hashed when still there.
+    The model record's ``participant_settings`` (read from the training tensors' sidecars) decide; a model made
+    before they were recorded falls back on the tensors' sidecar and the participant-level run that preceded
+    the model (its ``config.toml``), the template hashed when still there.
     """
+    from bids_app.data.origin import common_settings
+
     record = maps.record
     settings: dict[str, Any] = {
         "mode": record.mode.value,
@@ -83,7 +89,21 @@ def _input_settings(maps: Maps, output_dir: Path, created: str, sidecar: dict[st
         "template_file": UNKNOWN,
         "template_sha256": UNKNOWN,
         "crop_shape": UNKNOWN,
+        "registration": UNKNOWN,
     }
+    recorded = common_settings(maps.participant_settings)
+    if recorded:
+        settings.update(
+            template_space=recorded.get("template_space", UNKNOWN),
+            normalization=recorded.get("normalization", UNKNOWN),
+            tensor_dtype=recorded.get("dtype", UNKNOWN),
+            template_file=recorded.get("template", UNKNOWN),
+            template_sha256=recorded.get("template_sha256", UNKNOWN),
+            crop_shape=recorded.get("crop_shape") or "the template frame",
+            registration=recorded.get("registration", UNKNOWN),
+            mode_parameters={key: recorded[key] for key in MODE_SETTINGS if key in recorded},
+        )
+        return settings
     for folder in _run_logs(output_dir, "participant", created):
         try:
             config = tomllib.loads((folder / "config.toml").read_text(encoding="utf-8"))
@@ -247,7 +267,8 @@ def make_card(
             "what_a_fingerprint_reveals": _disclosure(),
         },
         "provenance": {
-            "command": _training_command(output_dir, created),
+            "command": str((record.extra.get("training_run") or {}).get("command") or "")
+            or _training_command(output_dir, created),
             "seed": config.seed,
             "trained": created or UNKNOWN,
             "trained_with_bids_app": record.version,
@@ -292,7 +313,7 @@ def format_card(card: dict[str, Any], *, format_version: int) -> str:
         f"- mode: {inp['mode']}, sample shape {inp['sample_shape']} ({inp['channels']} channel(s)), "
         f"{inp['tensor_dtype']}, normalisation {inp['normalization']}",
         f"- template: space {inp['template_space']}, file {inp['template_file']}, sha256 {inp['template_sha256']}",
-        f"- crop: {inp['crop_shape']}; registration {inp.get('registration', UNKNOWN)}; mode parameters "
+        f"- crop: {inp['crop_shape']}; registration {inp['registration']}; mode parameters "
         f"{json.dumps(inp['mode_parameters'], sort_keys=True)}",
         "",
         "## Training data",
