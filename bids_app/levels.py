@@ -194,6 +194,11 @@ def _run_group(cfg: RunConfig, ctx: RunContext) -> int:
     elif maps is not None:
         check_same_settings(maps.participant_settings, settings, cfg.output_dir, maps.root)
         maps.check_input_shape(sample_shape(table, mode), cfg.output_dir)
+    if cfg.predict.predict_from is not None and GroupStage.PREDICT in stages:
+        # before any stage reads them: tensors made otherwise than the model's are refused by name, not by shape
+        reference = settings if training else maps.participant_settings if maps is not None else []
+        other = read_settings(index_tensors(cfg.predict.predict_from, mode))
+        check_same_settings(reference, other, cfg.predict.predict_from, final.root)
         maps.check_tensors_unchanged(table, cfg.output_dir)
     if training or {GroupStage.BASELINE, GroupStage.PREDICT, GroupStage.INTERPRET} & set(stages):
         # every tensor read from here on is the one its sidecar vouches for (rank 0 reads them once for all)

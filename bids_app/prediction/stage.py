@@ -315,7 +315,6 @@ def run_predict_stage(cfg: RunConfig, maps: Maps, table: GroupTable, tracker: Tr
         InputMissingError: no trained split.
     """
     from bids_app.data.dataset import TensorDataset
-    from bids_app.data.origin import check_same_settings, read_settings
     from bids_app.data.tables import external_table, rows_for
     from bids_app.runtime import resolve_device
 
@@ -337,7 +336,6 @@ def run_predict_stage(cfg: RunConfig, maps: Maps, table: GroupTable, tracker: Tr
     else:
         other_name = check_group_name(cfg.predict)
         other = external_table(cfg.predict.predict_from, record.mode, record.config.labels)
-        check_same_settings(maps.participant_settings, read_settings(other), cfg.predict.predict_from, maps.root)
     predictor = Predictor(
         maps, cfg.predict, cfg.runtime, training_checksums(maps, table), linear_baseline=cfg.train.linear_baseline
     )

@@ -118,6 +118,15 @@ def test_tensors_made_otherwise_are_refused_then_from_model_matches_them(site) -
     folder = maps / "split-0" / "best-loss" / "siteb"
     assert len(pd.read_csv(folder / "siteb_image_level_prediction.tsv", sep="\t")) == 4
     assert (folder / "siteb_image_level_metrics.tsv").is_file() and (folder / "leak_report.json").is_file()
+    # the same site without its diagnoses: predictions and the leak report only
+    for table in [second.bids_dir / "participants.tsv", *second.bids_dir.glob("sub-*/sub-*_sessions.tsv")]:
+        pd.read_csv(table, sep="\t", dtype=str).drop(columns="diagnosis").to_csv(table, sep="\t", index=False)
+    unlabelled = run_cli(*group_args(first.bids_dir, out_a, *predict[:-1], "siteb-unlabelled"))
+    assert unlabelled.returncode == 0, unlabelled.stderr[-3000:]
+    folder = maps / "split-0" / "best-loss" / "siteb-unlabelled"
+    rows = pd.read_csv(folder / "siteb-unlabelled_image_level_prediction.tsv", sep="\t", keep_default_na=False)
+    assert len(rows) == 4 and set(rows["true_label"]) == {"n/a"}
+    assert (folder / "leak_report.json").is_file() and not list(folder.glob("*_metrics.tsv"))
 
 
 def test_another_template_or_normalisation_is_named(site, tmp_path: Path) -> None:
