@@ -101,13 +101,13 @@ def run_import(file: Path, dest: Path) -> int:
 
 
 def run_info(file: Path, as_json: bool) -> int:
-    from bids_app.portable.archive import CARD_JSON, read_archive
+    from bids_app.portable.archive import CARD_JSON, CARD_MD, read_archive
 
     archive = read_archive(file)
     if as_json:
         print(archive.members[CARD_JSON].decode("utf-8"), end="")
     else:
-        print(archive.members["MODEL_CARD.md"].decode("utf-8"))
+        print(archive.members[CARD_MD].decode("utf-8"))
         print(f"Archive sha256 {archive.sha256}; format {archive.manifest['format_version']}; "
               f"{len(archive.members) + 1} members verified.")  # fmt: skip
     return 0

@@ -186,6 +186,10 @@ def _limits(maps: Maps, guard: TravellingGuard, n_pool: int, metric_rows: list[d
         )
     if n_pool < 50:
         limits.append(f"Small training pool ({n_pool} participants): wide confidence intervals, unstable models.")
+    unknown = int(guard.images["source_sha256"].isin(["", NA]).sum())
+    if unknown:
+        limits.append(f"{unknown} training/validation image(s) had no tensor left when the model was exported: the "
+                      "leak guard knows them by id only, not by checksum or fingerprint.")  # fmt: skip
     if guard.fingerprints is None:
         limits.append(
             f"No anatomical fingerprints: receiving sites cannot detect re-scans of training participants "
