@@ -9,7 +9,8 @@ folders and search trials (``mlflow ui --backend-store-uri <store>``). In the st
   ``command.txt``, the group report, and
   the prediction metrics averaged over the trained splits (``test/best-loss/balanced_accuracy``);
 - one nested run per split: per-epoch ``train_loss``, ``learning_rate`` and ``validation_<metric>`` (step =
-  epoch), the best value and epoch per selection metric, every predicted group's metrics with their bootstrap
+  epoch), the best value and epoch per selection metric, whether the network learned (tags
+  ``bids_app.learning_status`` and ``bids_app.learning_reason``), every predicted group's metrics with their bootstrap
   interval (``test/best-loss/roc_auc``, ``test/best-loss/roc_auc_ci_low``), ``training.tsv`` and ``summary.json``;
   the linear baseline's metrics likewise, prefixed ``baseline_`` (``baseline_test/best-loss/roc_auc``), in the
   split's run and averaged in the MAPS' run.
@@ -296,6 +297,10 @@ class MlflowTracker(Tracker):
             self._metrics(run_id, best)
             if "final_weights_sha256" in summary:
                 self.client.set_tag(run_id, "bids_app.final_weights_sha256", summary["final_weights_sha256"])
+            learning = summary.get("learning")
+            if learning:  # whether the network learned (training.learning): filterable in the run list
+                self.client.set_tag(run_id, "bids_app.learning_status", learning["status"])
+                self.client.set_tag(run_id, "bids_app.learning_reason", learning["reason"][:MAX_PARAM_LENGTH])
             for path in (self.layout.training_tsv(split), self.layout.summary_json(split)):
                 if path.is_file():
                     self.client.log_artifact(run_id, str(path))

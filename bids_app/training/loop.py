@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from bids_app.config import Task
 from bids_app.errors import ConfigError, DataError, TemporaryFailure
 from bids_app.labels import NO_SESSION
+from bids_app.training.learning import PREDICTED_CLASSES, PREDICTION_SD
 
 LOSSES: dict[Task, tuple[str, ...]] = {  # the first is the task's default
     Task.CLASSIFICATION: ("cross_entropy",),
@@ -185,7 +186,9 @@ def validate(loop: Loop, loader: DataLoader[Any], task: Task, desc: str = "valid
 
     Returns:
         ``{"loss": ..., <metric>: ...}`` with the names of ``metrics.metric_names(task)`` (``roc_auc`` in
-        classification, computed from the softmax scores).
+        classification, computed from the softmax scores), and what ``training.learning`` reads to tell a
+        collapsed model: ``n_predicted_classes`` (classes predicted for at least one sample; classification) or
+        ``prediction_sd`` (standard deviation of the predictions; regression).
 
     Raises:
         DataError: a sample's loss is not finite (see ``stop_on_non_finite``); on every rank of a process group.
@@ -241,8 +244,11 @@ def validate(loop: Loop, loader: DataLoader[Any], task: Task, desc: str = "valid
                 task, np.concatenate(truths), scores.argmax(axis=1), y_score=scores, positive_class=loop.positive_class
             )
         )
+        result[PREDICTED_CLASSES] = float(np.unique(scores.argmax(axis=1)).size)
     elif task is Task.REGRESSION:
-        result.update(compute_metrics(task, np.concatenate(truths), np.concatenate(outputs)))
+        predictions = np.concatenate(outputs)
+        result.update(compute_metrics(task, np.concatenate(truths), predictions))
+        result[PREDICTION_SD] = float(predictions.std())
     else:
         result.update(mean_of_columns(**{name: np.concatenate(v) for name, v in per_image.items()}))
     return result

@@ -1,0 +1,118 @@
+"""The "did not learn" alarm: the diagnosis on synthetic curves, and whole trainings on random and real labels."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bids_app.config import Task
+from bids_app.maps import Maps
+from bids_app.maps.folder import LearningStatus, MapsLayout
+from bids_app.training.learning import MIN_TRAIN_DROP, chance_loss, diagnose_learning, train_loss_drop
+
+LN2 = math.log(2)
+
+
+def history(train_losses: list[float], **columns: list[float]) -> list[dict[str, float]]:
+    """``training.tsv`` rows: one per epoch, with ``validation_<name>`` columns."""
+    rows = []
+    for epoch, loss in enumerate(train_losses):
+        row = {"epoch": epoch, "learning_rate": 1e-4, "train_loss": loss, "validation_loss": LN2}
+        row |= {f"validation_{name}": values[epoch] for name, values in columns.items()}
+        rows.append(row)
+    return rows
+
+
+# -- the diagnosis ----------------------------------------------------------------------------------------
+
+
+def test_flat_at_ln2_is_an_alarm() -> None:
+    rng = np.random.default_rng(0)
+    losses = list(LN2 + rng.normal(0, 0.02, 20))  # noise of a tiny training set, a 6 % dip in one epoch
+    losses[7] = LN2 * 0.94
+    verdict = diagnose_learning(Task.CLASSIFICATION, history(losses, n_predicted_classes=[2] * 20), LN2, {"loss": 5})
+    assert verdict is not None and verdict.status is LearningStatus.DID_NOT_LEARN
+    assert "chance level" in verdict.reason and "0.6931" in verdict.reason
+    assert "--learning-rate" in verdict.advice and "baseline" in verdict.advice
+    assert verdict.chance_loss == pytest.approx(LN2)
+
+
+def test_a_loss_above_chance_is_an_alarm() -> None:
+    """A learning rate too high: the loss jumps around above ln 2."""
+    losses = [1.6, 0.73, 0.85, 0.74, 0.71, 0.72, 0.75, 0.69, 0.69, 0.71]
+    verdict = diagnose_learning(Task.CLASSIFICATION, history(losses, n_predicted_classes=[1] * 10), LN2, {"loss": 8})
+    assert verdict is not None and verdict.status is LearningStatus.DID_NOT_LEARN
+    assert train_loss_drop(losses, LN2) < 0.05
+
+
+def test_a_decreasing_loss_that_predicts_both_classes_learned() -> None:
+    losses = list(np.linspace(0.70, 0.35, 15))
+    verdict = diagnose_learning(
+        Task.CLASSIFICATION, history(losses, n_predicted_classes=[1] * 5 + [2] * 10), LN2, {"loss": 12}
+    )
+    assert verdict is not None and verdict.status is LearningStatus.LEARNED, verdict
+    assert verdict.advice == "" and verdict.train_loss_drop == pytest.approx((LN2 - 0.375) / LN2)  # last 3 epochs
+
+
+def test_one_class_predictions_of_the_selected_model_are_an_alarm() -> None:
+    """The training loss fell (memorised), but the kept model predicts one class for every validation sample."""
+    losses = list(np.linspace(0.70, 0.40, 15))
+    classes = [2] * 15
+    classes[3] = 1
+    rows = history(losses, n_predicted_classes=classes)
+    verdict = diagnose_learning(Task.CLASSIFICATION, rows, LN2, {"loss": 3, "balanced_accuracy": 9})
+    assert verdict is not None and verdict.status is LearningStatus.DID_NOT_LEARN
+    assert "best-loss (epoch 3)" in verdict.reason and "balanced_accuracy" not in verdict.reason
+    assert "--class-weighted-sampling" in verdict.advice
+    same = diagnose_learning(Task.CLASSIFICATION, rows, LN2, {"loss": 3}, n_validation_classes=1)
+    assert same is not None and same.status is LearningStatus.LEARNED, "one true class: one predicted is no collapse"
+
+
+def test_regression_flat_at_the_variance_is_an_alarm_and_a_falling_loss_learned() -> None:
+    targets = np.array([60.0, 62, 65, 70, 71, 75, 80, 83])
+    chance = chance_loss(Task.REGRESSION, "mse", targets)
+    assert chance == pytest.approx(targets.var())
+    flat = diagnose_learning(Task.REGRESSION, history([chance * 1.01, chance * 0.97, chance * 1.02, chance]), chance,
+                             {"loss": 1}, target_sd=targets.std())  # fmt: skip
+    assert flat is not None and flat.status is LearningStatus.DID_NOT_LEARN and "R²" in flat.reason
+    falling = [chance * f for f in (3.0, 1.0, 0.7, 0.5, 0.4)]
+    spread = [targets.std() * 0.6] * 5
+    learned = diagnose_learning(Task.REGRESSION, history(falling, prediction_sd=spread), chance, {"loss": 4},
+                                target_sd=targets.std())  # fmt: skip
+    assert learned is not None and learned.status is LearningStatus.LEARNED
+    constant = diagnose_learning(Task.REGRESSION, history(falling, prediction_sd=[1e-3] * 5), chance, {"loss": 4},
+                                 target_sd=targets.std())  # fmt: skip
+    assert constant is not None and constant.status is LearningStatus.DID_NOT_LEARN and "constant" in constant.reason
+
+
+def test_chance_level_follows_the_class_frequencies_the_sampler_draws() -> None:
+    unbalanced = np.array([0] * 9 + [1] * 3)
+    entropy = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert chance_loss(Task.CLASSIFICATION, None, unbalanced) == pytest.approx(entropy)
+    assert chance_loss(Task.CLASSIFICATION, None, unbalanced, class_weighted=True) == pytest.approx(LN2)
+    assert chance_loss(Task.CLASSIFICATION, None, np.array([0, 1, 2, 2])) == pytest.approx(
+        -(0.5 * math.log(0.25) + 0.5 * math.log(0.5))
+    )
+    # A model that predicts the training frequencies of an unbalanced set sits at chance, though below ln 2.
+    losses = [entropy * 0.97, entropy * 0.99, entropy * 0.96, entropy]
+    verdict = diagnose_learning(Task.CLASSIFICATION, history(losses), entropy, {"loss": 3})
+    assert verdict is not None and verdict.status is LearningStatus.DID_NOT_LEARN
+    targets = np.array([0.0, 1.0, 2.0, 10.0])
+    assert chance_loss(Task.REGRESSION, "l1", targets) == pytest.approx(np.abs(targets - 1.5).mean())
+    huber = chance_loss(Task.REGRESSION, "huber", targets)
+    assert huber is not None and 0 < huber < chance_loss(Task.REGRESSION, "l1", targets)
+    assert chance_loss(Task.RECONSTRUCTION, None, targets) is None
+
+
+def test_the_running_mean_ignores_one_lucky_epoch() -> None:
+    losses = [LN2, LN2, LN2 * 0.8, LN2, LN2]  # one epoch 20 % below chance
+    assert train_loss_drop(losses, LN2) == pytest.approx(0.2 / 3)
+    assert train_loss_drop(losses, LN2) < MIN_TRAIN_DROP
+    assert math.isnan(train_loss_drop([float("nan")], LN2))
+    assert diagnose_learning(Task.RECONSTRUCTION, history([0.1]), 0.2, {"loss": 0}) is None
