@@ -322,8 +322,9 @@ def _predictions(output_dir: Path, layout: MapsLayout, record: MapsRecord, split
         count = f", {n_correct} of {n_labelled} correct" if record.task is Task.CLASSIFICATION else ""
         summary = f"Predictions of best-{metric} on the {group} group: {len(prediction)} image(s){count}"
         opened = " open" if len(prediction) <= OPEN_DETAILS_ROWS else ""
+        tags = f'data-split="{split}" data-metric="{html.escape(metric)}" data-group="{group}"{opened}'
         parts.append(
-            f'<details class="predictions" data-group="{group}"{opened}><summary>{html.escape(summary)}</summary>'
+            f'<details class="predictions" {tags}><summary>{html.escape(summary)}</summary>'
             f"{_scroll(f'<table><tr>{head}</tr>{chr(10).join(rows)}</table>')}</details>"
         )
     if parts and positive is not None:

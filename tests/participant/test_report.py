@@ -14,6 +14,7 @@ import pytest
 from bids_app.extraction.storage import write_tensor
 from bids_app.participant.panels import GAP_PX, TILE_PX, Geometry, cut, render_panels
 from bids_app.participant.report import MOSAIC_SLICES, ReportEntry, section_id, write_participant_report
+from tests.browser import needs_chromium, page_widths
 
 SHAPE = (20, 24, 18)
 FIGURE = re.compile(r'<figure class="([a-z-]+)"( data-mode="([a-z]+)")?><img src="data:image/png;base64,([^"]+)"')
@@ -159,3 +160,11 @@ def test_tiles_have_one_size_whatever_the_aspect_and_bytes_repeat() -> None:
     png = render_panels([panels])
     assert png == render_panels([panels])  # same arrays, same bytes
     assert decode(base64.b64encode(png).decode()).shape == grid_shape(1, 3)
+
+
+@needs_chromium
+@pytest.mark.parametrize("width", [400, 1400])
+def test_page_never_scrolls_sideways_in_chromium(report, width: int) -> None:
+    html_path, _, _ = report
+    scroll_width, client_width = page_widths(html_path, width)
+    assert client_width > 0.9 * width - 40 and scroll_width <= client_width
