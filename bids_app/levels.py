@@ -194,12 +194,12 @@ def _run_group(cfg: RunConfig, ctx: RunContext) -> int:
     elif maps is not None:
         check_same_settings(maps.participant_settings, settings, cfg.output_dir, maps.root)
         maps.check_input_shape(sample_shape(table, mode), cfg.output_dir)
+        maps.check_tensors_unchanged(table, cfg.output_dir)
     if cfg.predict.predict_from is not None and GroupStage.PREDICT in stages:
         # before any stage reads them: tensors made otherwise than the model's are refused by name, not by shape
         reference = settings if training else maps.participant_settings if maps is not None else []
         other = read_settings(index_tensors(cfg.predict.predict_from, mode))
         check_same_settings(reference, other, cfg.predict.predict_from, final.root)
-        maps.check_tensors_unchanged(table, cfg.output_dir)
     if training or {GroupStage.BASELINE, GroupStage.PREDICT, GroupStage.INTERPRET} & set(stages):
         # every tensor read from here on is the one its sidecar vouches for (rank 0 reads them once for all)
         distributed.on_main(verify_tensors, table)
@@ -309,10 +309,12 @@ def run_imported_model(cfg: RunConfig, ctx: RunContext) -> int:
     checked to have its sample shape and participant-level settings (``data.origin.check_same_settings``), and
     predicted after the travelling leak guard's checks.
     """
+    import dataclasses
+
     from bids_app.data.origin import check_same_settings, read_settings
     from bids_app.data.tables import external_table, sample_shape, verify_tensors
     from bids_app.portable import open_model
-    from bids_app.prediction.guard import run_predict_imported
+    from bids_app.prediction.guard import check_imported_group, run_predict_imported
     from bids_app.tracking import open_tracker
 
     assert cfg.predict.model is not None
@@ -324,8 +326,14 @@ def run_imported_model(cfg: RunConfig, ctx: RunContext) -> int:
     maps.check_input_shape(sample_shape(table, maps.record.mode), cfg.output_dir)
     check_same_settings(maps.participant_settings, read_settings(table), cfg.output_dir, maps.root)
     verify_tensors(table)
+    group = check_imported_group(cfg, imported, table)  # the travelling guard, before any prediction is written
     with open_tracker(cfg, maps.layout, ctx.log_dir, new_maps=False).session() as tracker:
-        run_predict_imported(cfg, imported, table, tracker)
+        if cfg.train.linear_baseline:  # the baseline the archive carries, merged beside the network's metrics
+            from bids_app.baseline.stage import predict_with_saved_baselines
+
+            predict_from = dataclasses.replace(cfg.predict, predict_from=cfg.output_dir)
+            predict_with_saved_baselines(dataclasses.replace(cfg, predict=predict_from), maps, tracker)
+        run_predict_imported(cfg, imported, table, group, tracker)
     log.info("Group level done: predictions in %s", maps.root)
     return 0
 
