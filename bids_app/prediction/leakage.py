@@ -32,6 +32,7 @@ from bids_app.data.tables import GroupTable, LabelTable, TensorIndex
 from bids_app.derivatives import atomic_path, atomic_write_json
 from bids_app.errors import DataError, LeakError
 from bids_app.labels import NA as MISSING
+from bids_app.labels import image_keys
 from bids_app.maps import Maps
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def training_checksums(maps: Maps, table: TensorIndex) -> LabelTable:
     wanted = [c for c in (*SHA_COLUMNS, *DATASET_COLUMNS) if c in table.columns or c in SHA_COLUMNS]
     if all(column in train.columns for column in wanted):
         return train
-    keys = ["participant_id", "session_id"]
+    keys = [c for c in image_keys(train) if c in table.columns]  # with cohorts, one label may name two people
     filled = [c for c in wanted if c not in train.columns]
     known = table[[*keys, *filled]].astype(str)
     merged = train.merge(known, on=keys, how="left")
@@ -235,7 +236,7 @@ def _datasets(table: pd.DataFrame) -> list[dict[str, object]]:
         return [{"dataset_id": UNKNOWN, "n_images": len(table)}]
     columns = [c for c in DATASET_COLUMNS if c in table.columns]
     counts = table[columns].astype(str).value_counts(sort=False).reset_index(name="n_images")
-    return [{**row, "n_images": int(row["n_images"])} for row in counts.to_dict("records")]
+    return [{str(k): (int(v) if k == "n_images" else v) for k, v in row.items()} for row in counts.to_dict("records")]
 
 
 def enforce_no_leak(findings: list[LeakFinding], group_name: str, allow_leak: bool, group_dir: Path) -> None:
