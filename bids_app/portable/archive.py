@@ -59,6 +59,7 @@ MEMBER_PATTERNS = tuple(
         r"groups/([A-Za-z0-9_+-]+/)*[A-Za-z0-9_+-]+\.tsv",
         r"split-\d+/training_logs/(summary\.json|training\.tsv)",
         r"split-\d+/best-[A-Za-z0-9_]+/(model\.safetensors|selection\.json|voting_weights\.tsv)",
+        r"split-\d+/baseline/best-[A-Za-z0-9_]+/(model\.safetensors|selection\.json)",
         rf"{GUARD_DIR}/(images\.tsv|fingerprints\.json|fingerprints\.safetensors)",
     )
 )

@@ -3,8 +3,9 @@
 The archive's members mirror the imported folder: the model record (narrowed to the exported models),
 ``environment.json``, the split files under ``groups/`` (ids, labels, age and sex: no image data), for each
 exported split its ``training_logs/summary.json`` and ``training.tsv`` and, for each chosen selection metric,
-``best-<metric>/model.safetensors``, ``selection.json`` and the voting weights of multi-part modes; the leak
-guard under ``leak_guard/``; ``MODEL_CARD.md`` and ``model_card.json``; ``manifest.json``. An imported folder
+``best-<metric>/model.safetensors``, ``selection.json`` and the voting weights of multi-part modes, and the
+linear baseline selected like it (``baseline/best-<metric>/``: coefficients and standardisation, safetensors);
+the leak guard under ``leak_guard/``; ``MODEL_CARD.md`` and ``model_card.json``; ``manifest.json``. An imported folder
 is therefore a model folder the group level opens like any other (``Maps.open``), plus its guard and card.
 """
 
@@ -91,6 +92,7 @@ def model_members(maps: Maps, splits: Sequence[int], metrics: Sequence[str]) -> 
         for metric in metrics:
             paths += [layout.model_path(split, metric), layout.selection_json(split, metric)]
             paths.append(layout.best_dir(split, metric) / VOTING_WEIGHTS)
+            paths += [layout.baseline_model_path(split, metric), layout.baseline_selection_json(split, metric)]
     for path in paths:
         if path.is_file():
             members[path.relative_to(root).as_posix()] = path.read_bytes()

@@ -5,7 +5,8 @@
 fingerprints of ``prediction.identity`` with the pool's mask, mean and calibration. ``run_predict_imported``
 is the prediction stage for a model imported from an archive: the new site's images are checked against those
 tables (participant ids inside one dataset, preprocessed and raw checksums, fingerprints) exactly as
-``--predict-from`` checks another output against a local training pool, then predicted.
+``--predict-from`` checks another output against a local training pool (``check_imported_group``), then
+predicted (``run_predict_imported``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from bids_app.portable.guard import IMAGE_COLUMNS, Fingerprints, TravellingGuard
 from bids_app.prediction.leakage import (
     LeakFinding,
     check_leaks,
+    enforce_no_leak,
     find_label_coincidences,
     training_checksums,
     write_leak_report,
@@ -159,26 +161,76 @@ def check_imported_group_name(cfg: RunConfig) -> str:
     return name
 
 
-def run_predict_imported(
-    cfg: RunConfig, imported: ImportedModel, table: GroupTable, tracker: Tracker | None = None
-) -> None:
-    """Predict OUTPUT_DIR's images with an imported model, after the travelling guard's three checks.
+@dataclasses.dataclass(frozen=True)
+class GuardedGroup:
+    """A new site's group that passed the travelling guard (or is let through with ``--allow-leak``).
 
-    The checks, per group and before any prediction: participant ids (inside one dataset), preprocessed and raw
-    file checksums (any dataset), and anatomical fingerprints when the model carries them. Each is recorded in
-    the group's ``leak_report.json`` with ``IdentityCheck`` saying whether fingerprints were compared. No
-    validation group is predicted (its images stay at the training site): multi-part modes use the voting
-    weights the archive carries.
+    Attributes:
+        name: the group's name (``--group-name``).
+        identity_findings: the fingerprint pairs found (recorded again with the predictions when allowed).
+    """
+
+    name: str
+    identity_findings: tuple[LeakFinding, ...]
+
+
+def check_imported_group(cfg: RunConfig, imported: ImportedModel, table: GroupTable) -> GuardedGroup:
+    """The travelling guard's three checks of OUTPUT_DIR's images, before anything is predicted.
+
+    Participant ids (inside one dataset), preprocessed and raw file checksums (any dataset), and anatomical
+    fingerprints when the model carries them. Every check and its result go to each model's
+    ``<group>/leak_report.json``, whose ``IdentityCheck`` says whether fingerprints were compared.
 
     Args:
-        cfg: the run configuration (``predict.group_name``, ``predict.allow_leak``, runtime, ``train.splits``).
+        cfg: the run configuration (``predict.group_name``, ``predict.allow_leak``, ``train.splits``).
         imported: the model (``portable.open_model``).
-        table: OUTPUT_DIR's images of the model's mode, labelled where the label is known
-            (``data.tables.external_table``).
-        tracker: where each group's metrics are mirrored.
+        table: OUTPUT_DIR's images of the model's mode (``data.tables.external_table``).
 
     Raises:
         LeakError: an image is, or is a copy or re-scan of, a training image (unless ``allow_leak``).
+        ConfigError: no usable ``--group-name``.
+    """
+    maps, guard = imported.maps, imported.guard
+    name = check_imported_group_name(cfg)
+    identity = check_fingerprints(guard, table, name)
+    coincidences = find_label_coincidences(table, guard.images)
+    findings = [*check_leaks(maps, table, guard.images), *identity]
+    identity_check = (
+        {"Made": True, "Threshold": guard.fingerprints.calibration["threshold"], "NPool": len(guard.fingerprints.ids)}
+        if guard.fingerprints is not None
+        else {"Made": False, "Reason": f"not possible: the model carries no fingerprints ({guard.absent_reason})"}
+    )
+    refused = bool(findings) and not cfg.predict.allow_leak
+    out_dirs = [
+        maps.layout.group_dir(split, metric, name)
+        for split in maps.trained_splits(cfg.train.splits)
+        for metric in maps.record.config.train.selection_metrics
+    ]
+    for out_dir in out_dirs:
+        report = write_leak_report(out_dir, name, findings, coincidences, table, guard.images, refused=refused)
+        content = json.loads(report.read_text(encoding="utf-8"))
+        atomic_write_json(report, {**content, "Guard": "travelling (from the model archive)",
+                                   "IdentityCheck": identity_check})  # fmt: skip
+    if refused:  # with --allow-leak, each model's prediction records the pairs in its leak_warning.json
+        enforce_no_leak(findings, name, False, out_dirs[0])
+    return GuardedGroup(name, tuple(identity))
+
+
+def run_predict_imported(
+    cfg: RunConfig, imported: ImportedModel, table: GroupTable, group: GuardedGroup, tracker: Tracker | None = None
+) -> None:
+    """Predict OUTPUT_DIR's images with an imported model, once ``check_imported_group`` passed them.
+
+    No validation group is predicted (its images stay at the training site): multi-part modes use the voting
+    weights the archive carries. The linear baseline's predictions of the group, when the model carries a
+    baseline and they were made first, are merged beside the network's metrics.
+
+    Args:
+        cfg: the run configuration (prediction options, runtime, ``train.splits``, ``train.linear_baseline``).
+        imported: the model (``portable.open_model``).
+        table: the images ``check_imported_group`` checked.
+        group: its result.
+        tracker: where each group's metrics are mirrored.
     """
     from bids_app.data.dataset import TensorDataset
     from bids_app.runtime import resolve_device
@@ -186,29 +238,13 @@ def run_predict_imported(
     tracker = tracker or Tracker()
     maps, guard = imported.maps, imported.guard
     record = maps.record
-    name = check_imported_group_name(cfg)
-    train_table = guard.images
-    identity = check_fingerprints(guard, table, name)
-    coincidences = find_label_coincidences(table, train_table)
-    findings = [*check_leaks(maps, table, train_table), *identity]
-    identity_check = (
-        {"Made": True, "Threshold": guard.fingerprints.calibration["threshold"], "NPool": len(guard.fingerprints.ids)}
-        if guard.fingerprints is not None
-        else {"Made": False, "Reason": f"not possible: the model carries no fingerprints ({guard.absent_reason})"}
-    )
-    predictor = Predictor(maps, cfg.predict, cfg.runtime, train_table)
+    predictor = Predictor(maps, cfg.predict, cfg.runtime, guard.images, linear_baseline=cfg.train.linear_baseline)
     device = resolve_device(cfg.runtime.device)
     for split in maps.trained_splits(cfg.train.splits):
         for metric in record.config.train.selection_metrics:
-            out_dir = maps.layout.group_dir(split, metric, name)
-            refused = bool(findings) and not cfg.predict.allow_leak
-            report = write_leak_report(out_dir, name, findings, coincidences, table, train_table, refused=refused)
-            content = json.loads(report.read_text(encoding="utf-8"))
-            atomic_write_json(report, {**content, "Guard": "travelling (from the model archive)",
-                                       "IdentityCheck": identity_check})  # fmt: skip
             model = maps.load_model(split, metric, device)
             dataset = TensorDataset(table, record.mode, record.task, label_encoding=record.label_encoding)
-            predictor.predict_group(model, split, metric, name, table, dataset, identity)
-            tracker.log_group(split, metric, name)
-    write_split_summaries(maps, (name,))
+            predictor.predict_group(model, split, metric, group.name, table, dataset, group.identity_findings)
+            tracker.log_group(split, metric, group.name)
+    write_split_summaries(maps, (group.name,))
     tracker.log_prediction_means()

@@ -24,7 +24,7 @@ OPTIONS = ("--modes", "image", "--skip-bids-validation")
 def group_args(bids_dir: Path, out: Path, *extra: str) -> list[str]:
     return [str(bids_dir), str(out), "group", "--label", "diagnosis", "--architecture", "small_cnn", "--mode",
             "image", "--epochs", "1", "--batch-size", "4", "--n-splits", "2", "--test-size", "0.25", "--model-name",
-            "cnn", "--seed", "1", "--no-baseline", *extra]  # fmt: skip
+            "cnn", "--seed", "1", *extra]  # fmt: skip
 
 
 def renamed_copy(first, second, root: Path, training_participant: str) -> tuple[Path, Path]:
@@ -71,8 +71,9 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def predictions(maps: Path, group: str) -> dict[str, bytes]:
-    found = {p.relative_to(maps).as_posix(): p.read_bytes() for p in maps.glob(f"split-*/best-*/{group}/*.tsv")}
-    return dict(sorted(found.items()))
+    """Every TSV the network and the linear baseline wrote for ``group``, by path in the model folder."""
+    paths = [*maps.glob(f"split-*/best-*/{group}/*.tsv"), *maps.glob(f"split-*/baseline/best-*/{group}/*.tsv")]
+    return dict(sorted((p.relative_to(maps).as_posix(), p.read_bytes()) for p in paths))
 
 
 def test_export_import_predict_is_byte_identical_to_the_original_folder(sites, tmp_path: Path) -> None:
@@ -83,7 +84,10 @@ def test_export_import_predict_is_byte_identical_to_the_original_folder(sites, t
     assert original.returncode == 0, original.stderr[-3000:]
     expected = predictions(sites["maps"], "siteb")
     kinds = ("confusion_matrix", "image_level_metrics", "image_level_prediction")
-    assert sorted(expected) == [f"split-{k}/best-loss/siteb/siteb_{kind}.tsv" for k in (0, 1) for kind in kinds]
+    network = [f"split-{k}/best-loss/siteb/siteb_{kind}.tsv" for k in (0, 1) for kind in kinds]
+    baseline = [f"split-{k}/baseline/best-loss/siteb/siteb_{kind}.tsv" for k in (0, 1) for kind in kinds[1:]]
+    assert set(network) <= set(expected) and set(baseline) <= set(expected), sorted(expected)
+    assert b"baseline_value" in expected["split-0/best-loss/siteb/siteb_image_level_metrics.tsv"]
 
     # the archive given straight to the group level: imported into OUTPUT_DIR/models/cnn, then predicted
     site = tmp_path / "site_b"
@@ -114,6 +118,7 @@ def test_export_twice_gives_identical_bytes_and_info_writes_nothing(sites, tmp_p
         assert {info.date_time for info in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
         assert not any(name.endswith((".pt", ".pkl", ".npy", ".html")) or "tensorboard" in name for name in names)
         assert "split-0/best-loss/model.safetensors" in names and "leak_guard/fingerprints.safetensors" in names
+        assert "split-0/baseline/best-loss/model.safetensors" in names
         card = json.loads(archive.read("model_card.json"))
     assert card["classes"] == ["AD", "CN"] and card["positive_class"] == "CN" and card["input"]["mode"] == "image"
     assert card["input"]["crop_shape"] == [int(v) for v in TINY_CROP] and len(card["input"]["template_sha256"]) == 64
