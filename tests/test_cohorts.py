@@ -107,6 +107,10 @@ def test_predictions_and_per_cohort_metrics(trained: Path) -> None:
             assert {"ci_low", "ci_high"} <= set(metrics.columns)
         validation = trained / f"split-{k}/best-loss/validation"
         assert (validation / "validation_cohort-a_image_level_metrics.tsv").is_file()
+    for cohort in ("a", "b"):  # each cohort's metrics summarised across the two splits, as the pooled ones
+        summary = read_tsv(trained / f"summary/test_cohort-{cohort}_best-loss_metrics_across_splits.tsv")
+        assert list(summary.columns[:4]) == ["metric", "n_splits", "mean", "sd"]
+        assert {"split-0", "split-1"} <= set(summary.columns)
 
 
 def test_model_folder_records_the_cohorts(trained: Path, cohorts) -> None:
@@ -148,8 +152,6 @@ def test_same_seed_same_bytes(trained: Path, cohorts) -> None:
     compared = [p for p in files if p.parts[0] == "groups" or "best-loss" in p.parts]
     assert any(p.name == "test_cohort-b_image_level_metrics.tsv" for p in compared)
     for path in compared:
-        if path.name in ("selection.json",):
-            continue
         assert (again / path).read_bytes() == (trained / path).read_bytes(), path
 
 
@@ -164,6 +166,7 @@ def _tree(*roots: Path) -> list[str]:
         ("not a dataset", 66, "not a BIDS dataset"),
         ("duplicate name", 64, "given twice"),
         ("same dataset", 64, "one dataset"),
+        ("same dataset elsewhere", 64, "same dataset id"),
         ("unknown held-out cohort", 64, "names no cohort"),
         ("held out without cohorts", 64, "needs other cohorts"),
         ("malformed", 64, "NAME=BIDS_DIR"),
@@ -180,6 +183,7 @@ def test_bad_cohort_options_refused_before_any_write(cohorts, tmp_path: Path, ca
         "not a dataset": ["--cohort", f"b={tmp_path}:{out_b}"],
         "duplicate name": ["--cohort-name", "b", "--cohort", f"b={bids_b}:{out_b}"],
         "same dataset": ["--cohort", f"b={bids_a}:{out_b}"],
+        "same dataset elsewhere": ["--cohort", f"b={tmp_path / 'copy'}:{out_b}"],
         "unknown held-out cohort": ["--cohort", f"b={bids_b}:{out_b}", "--leave-cohort-out", "c"],
         "held out without cohorts": ["--leave-cohort-out", "b"],
         "malformed": ["--cohort", str(bids_b)],
@@ -187,6 +191,9 @@ def test_bad_cohort_options_refused_before_any_write(cohorts, tmp_path: Path, ca
         "no tensors of the mode": ["--cohort", f"b={bids_b}:{out_b}", "--mode", "slice"],
         "label column missing": ["--cohort", f"b={bids_b}:{out_b}", "--label", "no_such_column"],
     }[case]
+    if case == "same dataset elsewhere":  # a copy of cohort a's dataset at another path: the same description
+        (tmp_path / "copy").mkdir()
+        (tmp_path / "copy" / "dataset_description.json").write_bytes((bids_a / "dataset_description.json").read_bytes())
     before = _tree(out_a, out_b, bids_a, bids_b)
     result = run_cli(*base, *extra)
     assert result.returncode == code, result.stderr[-2000:]

@@ -39,6 +39,7 @@ from bids_app.errors import ConfigError, DataError
 from bids_app.labels import COHORT
 from bids_app.maps import Maps
 from bids_app.maps.results import (
+    cohort_metrics_tsv,
     describe_beside_baseline,
     format_tsv,
     proba_columns,
@@ -374,9 +375,13 @@ def write_split_summaries(maps: Maps, groups: Sequence[str]) -> None:
     metric TSVs of every trained split that has one.
     """
     layout, splits = maps.layout, maps.trained_splits()
+    cohorts = [str(entry["name"]) for entry in maps.record.extra.get("cohorts") or []]
     for group in groups:
         for metric in maps.record.config.train.selection_metrics:
             path = layout.split_summary_tsv(group, metric)
             paths = {split: layout.metrics_tsv(split, metric, group) for split in splits}
             if write_split_summary(path, paths) is not None:
                 log.info("Group '%s', best-%s: metrics across %d splits in %s", group, metric, len(splits), path)
+            for cohort in cohorts:  # summary/<group>_cohort-<name>_best-<metric>_metrics_across_splits.tsv
+                paths = {s: cohort_metrics_tsv(layout.group_dir(s, metric, group), group, cohort) for s in splits}
+                write_split_summary(layout.split_summary_tsv(f"{group}_cohort-{cohort}", metric), paths)
