@@ -35,7 +35,7 @@ HYPER_PARAMETERS = ("optimizer", "learning_rate", "weight_decay", "dropout", "ep
                     "class_weighted_sampling")  # fmt: skip
 UNKNOWN = "not recorded"
 INTENDED_USE = (
-    "Research only. Predicting the label below for images prepared exactly as the training images were (same "
+    "Research only. Predicting the label named above for images prepared exactly as the training images were (same "
     "modality, template, crop and extraction, from the bids_app participant level with the settings listed under "
     "Input), from a population like the training cohorts. Not a medical device; not for diagnosis of individuals."
 )
@@ -177,8 +177,9 @@ def _limits(maps: Maps, guard: TravellingGuard, n_pool: int, metric_rows: list[d
     limits = [
         "Trained and evaluated on the cohorts listed under Training data only; performance on other scanners, "
         "protocols or populations is unknown until measured there.",
-        "The inputs must be prepared with the participant-level settings listed under Input; bids_app refuses "
-        "tensors of another sample shape but cannot see every other difference.",
+        "The inputs must be prepared with the participant-level settings listed under Input (bids_app-model import, "
+        "then the participant level with --from-model); bids_app refuses tensors of another sample shape or made "
+        "with other recorded settings, but cannot see scanner or protocol differences.",
     ]
     if not any(row["group"] == "test" for row in metric_rows):
         limits.append(
