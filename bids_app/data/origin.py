@@ -215,7 +215,7 @@ CONFIG_KEYS = {
     "template_path": ("preprocess", "template_path", "--template"),
     "template_space": ("preprocess", "template_space", "--template-space"),
     "crop_shape": ("preprocess", "crop_shape", "--crop-shape"),
-    "registration": ("preprocess", "registration", "preprocess.registration"),
+    "registration": ("preprocess", "registration", "--registration"),
     "mode": ("extraction", "modes", "--modes"),
     "patch_size": ("extraction", "patch_size", "--patch-size"),
     "stride": ("extraction", "stride", "--stride"),
@@ -360,15 +360,15 @@ def model_participant_config(nested: Mapping[str, Any], maps_dir: Path) -> dict[
                                                                                    settings))  # fmt: skip
     elif given_template is None and "template_path" in settings:
         recorded = Path(str(settings["template_path"]))
-        if not recorded.is_file():
+        if not recorded.is_file() or (template_sha and file_sha256(recorded) != template_sha):
             default = default_template_path()
             if template_sha and default.is_file() and file_sha256(default) == template_sha:
                 wanted["preprocess"]["template_path"] = str(default)
             else:
                 raise InputMissingError(
                     f"Model {maps.name} was trained on tensors registered to template {recorded.name} (sha256 "
-                    f"{str(template_sha)[:12]}…), which is not at {recorded}. Pass a copy of it with --template PATH "
-                    "(its sha256 is checked)."
+                    f"{str(template_sha)[:12]}…), which is not at {recorded} (or changed since). Pass a copy of it "
+                    "with --template PATH (its sha256 is checked)."
                 )
     given_modes = explicit["extraction"].get("modes")
     if given_modes is not None and "mode" in settings and settings["mode"] not in [str(m) for m in given_modes]:
@@ -382,10 +382,11 @@ def model_participant_config(nested: Mapping[str, Any], maps_dir: Path) -> dict[
                 refuse("--roi-mask", f"{name}={path}", ", ".join(f"{n} (sha256 {s[:12]}…)" for n, s in masks.items()))
     elif masks:
         for name, path in wanted["extraction"].get("roi_masks") or []:
-            if not Path(path).is_file():
+            if not Path(path).is_file() or file_sha256(Path(path)) != masks.get(name):
                 raise InputMissingError(
-                    f"Model {maps.name} was trained with ROI mask {name} (sha256 {masks[name][:12]}…), which is not "
-                    f"at {path}. Pass a copy of it with --roi-mask {name}=PATH (its sha256 is checked)."
+                    f"Model {maps.name} was trained with ROI mask {name} (sha256 {str(masks.get(name))[:12]}…), which "
+                    f"is not at {path} (or changed since). Pass a copy of it with --roi-mask {name}=PATH (its sha256 "
+                    "is checked)."
                 )
     for key, (section, name, flag) in CONFIG_KEYS.items():
         if key in ("template_path", "mode", "roi_mask_path") or name not in explicit[section]:

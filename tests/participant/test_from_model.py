@@ -174,3 +174,52 @@ def test_from_model_refuses_contradicting_options_and_a_missing_template(site, t
     given = run_cli(*participant_args(second, tmp_path / "out", "--from-model", str(moved), "--template",
                                       str(first.template_path)))  # fmt: skip
     assert given.returncode == 0, given.stderr[-3000:]
+
+
+def fake_model(root: Path, settings: dict) -> Path:
+    """A model folder (record and environment only) whose training tensors were made with ``settings``."""
+    from bids_app.config import AnalysisLevel, RunConfig
+    from bids_app.maps import Maps
+
+    entry = {"dataset_id": "ds-a", "dataset_name": "A", "dataset_doi": "n/a", "n_images": 2, "settings": settings}
+    extra = {"input_shape": [1, 2, 2, 2], "n_outputs": 2, "label_encoding": {"AD": 0, "CN": 1},
+             "participant_settings": [entry]}  # fmt: skip
+    Maps.create(root / "maps", RunConfig(root / "bids", root / "out", AnalysisLevel.GROUP), extra)
+    return root / "maps"
+
+
+def test_from_model_copies_roi_masks_and_checks_every_file_by_checksum(tmp_path: Path) -> None:
+    from bids_app.data.origin import model_participant_config
+    from bids_app.errors import InputMissingError, UsageError
+    from bids_app.template import default_template_path
+
+    template, mask = tmp_path / "tpl-X_T1w.nii.gz", tmp_path / "hippo.nii.gz"
+    template.write_bytes(b"template")
+    mask.write_bytes(b"mask")
+    settings = {"template_path": str(template), "template_sha256": file_sha256(template), "template_space": "X",
+                "crop_shape": [4, 5, 6], "mode": "roi", "roi_names": ["hippo"], "roi_crop": False,
+                "roi_mask_path": {"hippo": str(mask)}, "roi_mask_sha256": {"hippo": file_sha256(mask)},
+                "normalization": "zscore", "dtype": "float16"}  # fmt: skip
+    maps = fake_model(tmp_path, settings)
+    nested = model_participant_config({"run": {"seed": 3}}, maps)
+    assert nested["run"] == {"seed": 3}
+    assert nested["preprocess"] == {"template_path": str(template), "template_space": "X", "crop_shape": [4, 5, 6]}
+    assert nested["extraction"] == {"modes": ["roi"], "roi_masks": [["hippo", str(mask)]], "roi_crop": False,
+                                    "normalization": "zscore", "dtype": "float16"}  # fmt: skip
+    other = tmp_path / "other.nii.gz"
+    other.write_bytes(b"another mask")
+    with pytest.raises(UsageError, match=r"--roi-mask hippo=.*other.nii.gz contradicts --from-model"):
+        model_participant_config({"extraction": {"roi_masks": [["hippo", str(other)]]}}, maps)
+    agreeing = model_participant_config({"extraction": {"modes": ["image", "roi"], "roi_crop": False}}, maps)
+    assert agreeing["extraction"]["modes"] == ["image", "roi"]
+    mask.write_bytes(b"edited since")
+    with pytest.raises(InputMissingError, match="--roi-mask hippo=PATH"):
+        model_participant_config({}, maps)
+    template.write_bytes(b"edited since")
+    with pytest.raises(InputMissingError, match="--template PATH"):
+        model_participant_config({}, maps)
+    # a model from another machine made with nilearn's MNI152: found where this installation keeps it
+    default = default_template_path()
+    moved = fake_model(tmp_path / "moved", {"template_path": "/elsewhere/" + default.name, "mode": "image",
+                                            "template_sha256": file_sha256(default)})  # fmt: skip
+    assert model_participant_config({}, moved)["preprocess"]["template_path"] == str(default)
