@@ -222,7 +222,9 @@ def _list_rows(table: pd.DataFrame, limit: int = 10) -> str:
     return ", ".join(rows[:limit]) + (f" ... ({len(rows)} in all)" if len(rows) > limit else "")
 
 
-def load_labels(bids_dir: Path, cfg: LabelConfig, sessions: pd.DataFrame | None = None) -> pd.DataFrame:
+def load_labels(
+    bids_dir: Path, cfg: LabelConfig, sessions: pd.DataFrame | None = None, *, check_classes: bool = True
+) -> pd.DataFrame:
     """The label table of the images to use (columns ``TABLE_COLUMNS``, naturally sorted).
 
     Args:
@@ -230,6 +232,8 @@ def load_labels(bids_dir: Path, cfg: LabelConfig, sessions: pd.DataFrame | None 
         cfg: Target column, task, classes to keep and the baseline-only filter.
         sessions: Optional ``participant_id``/``session_id`` pairs that have participant-level outputs; the
             table is restricted to them (a pair without a label is an error, not silently dropped).
+        check_classes: refuse a ``cfg.classes`` class absent from this dataset, or a single class. False for one
+            cohort of several (a cohort of patients only is fine): the caller checks the cohorts together.
 
     Raises:
         InputMissingError: participants.tsv is missing.
@@ -306,7 +310,7 @@ def load_labels(bids_dir: Path, cfg: LabelConfig, sessions: pd.DataFrame | None 
     if cfg.classes:
         present = sorted(set(table["label"]))
         absent = [c for c in cfg.classes if c not in present]
-        if absent:
+        if absent and check_classes:
             cased = [f"'{c}' is spelled '{p}'" for c in absent for p in present if p.lower() == c.lower()]
             hint = f" Class names are case-sensitive: {', '.join(cased)}." if cased else ""
             raise DataError(
@@ -315,7 +319,7 @@ def load_labels(bids_dir: Path, cfg: LabelConfig, sessions: pd.DataFrame | None 
             )
         table = table[table["label"].isin(cfg.classes)].reset_index(drop=True)
     classes = sorted(set(table["label"]))
-    if cfg.task is Task.CLASSIFICATION and len(classes) < 2:
+    if cfg.task is Task.CLASSIFICATION and len(classes) < 2 and check_classes:
         raise DataError(
             f"Label '{cfg.label}' has a single class ({classes[0]}) among the {len(table)} selected image(s) "
             f"of {bids_dir}: a classifier cannot be trained. Select at least two classes."

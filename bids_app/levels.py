@@ -483,6 +483,7 @@ def check_cohorts(cfg: RunConfig, stages: Sequence[GroupStage]) -> None:
         UsageError: conflicting cohort options, or two cohorts that are one dataset.
         InputMissingError: a cohort's folder, or its tensors of the mode, are missing.
         DataError: a cohort's labels lack the label column, or one scan is in two cohorts.
+        LeakError: one person (same scan, or same anatomy when a split is drawn) in two cohorts.
     """
     from bids_app.config import GroupStage
     from bids_app.data.cohorts import check_cohort_options
@@ -496,7 +497,9 @@ def check_cohorts(cfg: RunConfig, stages: Sequence[GroupStage]) -> None:
     if GroupStage.TRAIN not in stages and Maps.exists(final.root):
         record = Maps.read_record(final.root)  # the model decides mode and labels when it is not trained here
         mode, labels_cfg = record.mode, record.config.labels
-    cohort_tables(cfg, mode, labels_cfg)
+    _, table = cohort_tables(cfg, mode, labels_cfg)
+    if GroupStage.SPLIT in stages:
+        _refuse_people_in_two_cohorts(table, allow=cfg.predict.allow_leak)
 
 
 def check_model_cohorts(cfg: RunConfig) -> None:
@@ -544,7 +547,7 @@ def cohort_tables(cfg: RunConfig, mode: ExtractionMode, labels_cfg: LabelConfig)
 
     import pandas as pd
 
-    from bids_app.data.cohorts import list_cohorts
+    from bids_app.data.cohorts import check_cohort_classes, list_cohorts
     from bids_app.data.tables import index_tensors
     from bids_app.errors import InputMissingError
     from bids_app.labels import COHORT
@@ -554,7 +557,7 @@ def cohort_tables(cfg: RunConfig, mode: ExtractionMode, labels_cfg: LabelConfig)
         one = dataclasses.replace(cfg, bids_dir=cohort.bids_dir, output_dir=cohort.output_dir, cohorts=())
         try:
             index = index_tensors(cohort.output_dir, mode)
-            table = group_table(one, index, labels_cfg, mode)
+            table = group_table(one, index, labels_cfg, mode, cohort=True)
         except (DataError, InputMissingError) as exc:
             raise type(exc)(f"Cohort '{cohort.name}' ({cohort.bids_dir}): {exc}") from None
         index.insert(0, COHORT, cohort.name)
@@ -564,8 +567,69 @@ def cohort_tables(cfg: RunConfig, mode: ExtractionMode, labels_cfg: LabelConfig)
         log.info("Cohort '%s': %d labelled image(s) of %d participant(s) from %s", cohort.name, len(table),
                  table["participant_id"].nunique(), cohort.output_dir)  # fmt: skip
     stacked = pd.concat(tables, ignore_index=True)
+    check_cohort_classes(stacked, labels_cfg)
     _refuse_scans_in_two_cohorts(stacked)
     return pd.concat(tensors, ignore_index=True), stacked
+
+
+def _refuse_people_in_two_cohorts(table: GroupTable, *, allow: bool) -> None:
+    """LeakError when an image of one cohort has the anatomy of another cohort's image (``prediction.identity``).
+
+    The same person re-scanned in two datasets under two labels has no common checksum; the fingerprints of the
+    preprocessed images find them. Each cohort's own pairs calibrate a threshold (``identity.calibrate``: above
+    its different people, below its re-scans) and the highest is used, so a pair of cohorts is compared with a
+    threshold none of them finds strangers above. With ``allow`` (``--allow-leak``) the pairs are a warning.
+    """
+    import numpy as np
+
+    from bids_app.errors import LeakError
+    from bids_app.labels import COHORT
+    from bids_app.prediction import identity as fingerprint
+
+    paths = [fingerprint.preprocessed_image_path(Path(str(p))) for p in table["tensor_path"]]
+    rows = table[[p is not None for p in paths]].reset_index(drop=True)
+    if len(rows) < len(table):
+        log.warning("%d image(s) have no preprocessed image left: not compared across cohorts by anatomy.",
+                    len(table) - len(rows))  # fmt: skip
+    names = list(dict.fromkeys(rows[COHORT]))
+    if len(names) < 2:
+        return
+    volumes = np.stack([fingerprint.lowres_volume(p) for p in paths if p is not None])
+    model = fingerprint.fit_model(volumes)
+    values, prints = fingerprint.features(volumes, model), fingerprint.fingerprints(volumes, model)
+    members = {name: np.flatnonzero((rows[COHORT] == name).to_numpy()) for name in names}
+    calibrations = [
+        fingerprint.calibrate(
+            values[index], list(rows["participant_id"].iloc[index]), list(rows["session_id"].iloc[index])
+        )
+        for index in members.values()
+    ]
+    thresholds = [c.threshold for c in calibrations if c is not None]
+    if not thresholds:
+        log.warning("No cohort has two participants with preprocessed images: cohorts not compared by anatomy.")
+        return
+    threshold = max(thresholds)
+    found = []
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            a, b = members[first], members[second]
+            for x, y, score in fingerprint.matching_pairs(prints[a], prints[b], threshold):
+                one, other = rows.iloc[a[x]], rows.iloc[b[y]]
+                found.append(f"{first}/{one['participant_id']} {one['session_id']} ~ {second}/"
+                             f"{other['participant_id']} {other['session_id']} (similarity {score:.2f})")  # fmt: skip
+    log.info("Cohorts compared by anatomy: %d pair(s) above the threshold %.3f.", len(found), threshold)
+    if not found:
+        return
+    message = (
+        f"{len(found)} image pair(s) of two cohorts look like one person (anatomical fingerprints, threshold "
+        f"{threshold:.2f}): {'; '.join(found[:5])}. One person in two cohorts could be on both sides of the split"
+    )
+    if allow:
+        log.warning("%s; kept because of --allow-leak.", message)
+        return
+    raise LeakError(
+        f"{message}. Remove the re-scans from one cohort, or pass --allow-leak if they are different people."
+    )
 
 
 def _refuse_scans_in_two_cohorts(table: GroupTable) -> None:
@@ -707,8 +771,13 @@ def run_split(cfg: RunConfig, table: GroupTable, tensors: TensorIndex, layout: M
     run_split_stage(cfg, table, layout.groups_dir, parent_table=parent_table, source=source)
 
 
-def group_table(cfg: RunConfig, tensors: TensorIndex, labels_cfg: LabelConfig, mode: ExtractionMode) -> GroupTable:
-    """Labels joined with the tensors the participant level produced for ``mode``."""
+def group_table(
+    cfg: RunConfig, tensors: TensorIndex, labels_cfg: LabelConfig, mode: ExtractionMode, *, cohort: bool = False
+) -> GroupTable:
+    """Labels joined with the tensors the participant level produced for ``mode``.
+
+    ``cohort``: the table is one cohort of several, whose classes are checked together (``data.cohorts``).
+    """
     from bids_app.errors import InputMissingError
     from bids_app.labels import load_labels
 
@@ -717,7 +786,8 @@ def group_table(cfg: RunConfig, tensors: TensorIndex, labels_cfg: LabelConfig, m
             f"No complete {mode.value} tensors in {cfg.output_dir}. Run the participant level first "
             f"with --modes {mode.value}."
         )
-    labels = load_labels(cfg.bids_dir, labels_cfg, sessions=tensors[["participant_id", "session_id"]])
+    labels = load_labels(cfg.bids_dir, labels_cfg, sessions=tensors[["participant_id", "session_id"]],
+                         check_classes=not cohort)  # fmt: skip
     table = labels.merge(tensors, on=["participant_id", "session_id"], how="inner", validate="one_to_one")
     _say_what_the_participant_level_left_out(cfg, tensors, table)
     if table.empty:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -22,9 +23,15 @@ def read_tsv(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
 
 
-def _cohort(root: Path, name: str, seed: int) -> tuple[Path, Path]:
-    """A tiny generated dataset named ``name`` in its description, processed at participant level (image mode)."""
-    dataset = make_dataset(root, N_SUBJECTS, 1, seed=seed)
+def _cohort(root: Path, name: str, seed: int, n_subjects: int = N_SUBJECTS, **options: Any) -> tuple[Path, Path]:
+    """A tiny generated dataset named ``name`` in its description, processed at participant level (image mode);
+    ``options`` go to the generator."""
+    dataset, out = _generated_cohort(root, name, seed, n_subjects, **options)
+    return dataset.bids_dir, out
+
+
+def _generated_cohort(root: Path, name: str, seed: int, n_subjects: int, **options: Any) -> tuple[Any, Path]:
+    dataset = make_dataset(root, n_subjects, 1, seed=seed, **options)
     description_path = dataset.bids_dir / "dataset_description.json"
     description = json.loads(description_path.read_text(encoding="utf-8"))
     description_path.write_text(json.dumps({**description, "Name": f"cohort {name}"}), encoding="utf-8")
@@ -33,7 +40,7 @@ def _cohort(root: Path, name: str, seed: int) -> tuple[Path, Path]:
                      "--template", str(dataset.template_path), "--crop-shape", *TINY_CROP, "--nprocs", "2",
                      "--modes", "image", "--skip-bids-validation")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    return dataset.bids_dir, out
+    return dataset, out
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +239,32 @@ def test_a_model_is_used_with_its_own_cohorts(trained: Path, cohorts) -> None:
                     "--cohort-name", "a", "--cohort", f"b={bids_b}:{out_b}", "--n-bootstrap", "20")  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
     assert metrics.read_bytes() == written
+
+
+def test_one_person_rescanned_in_two_cohorts_is_refused(tmp_path: Path) -> None:
+    """Cohort r2 holds re-scans (other noise, other labels) of two participants of r1: no checksum is shared, the
+    anatomy is; refused before anything is written, or kept with a warning under --allow-leak."""
+    from bids_app.synthetic.dataset import generate_dataset
+
+    first = tmp_path / "r1"
+    bids_1, out_1 = _cohort(first, "r1", 41, n_subjects=4)
+    original = generate_dataset(tmp_path / "r1-again", n_subjects=4, n_sessions=1, preset="tiny", seed=41,
+                                effect_size=0.6, preprocessed="derivative")  # fmt: skip
+    second, out_2 = _generated_cohort(tmp_path / "r2", "r2", 42, 4, first_label=101, rescans_of=original,
+                                      n_rescans=2)  # fmt: skip
+    bids_2 = second.bids_dir
+    args = [str(bids_1), str(out_1), "group", "--cohort-name", "r1", "--cohort", f"r2={bids_2}:{out_2}",
+            "--label", "diagnosis", "--model-name", "rescans", "--stages", "split", "--n-splits", "2",
+            "--test-size", "0"]  # fmt: skip
+    before = _tree(out_1, out_2)
+    refused = run_cli(*args)
+    assert refused.returncode == 65, refused.stderr[-3000:]
+    assert "2 image pair(s) of two cohorts look like one person" in refused.stderr, refused.stderr[-3000:]
+    for new, old in second.rescans:
+        assert f"r1/sub-{old} ses-M000 ~ r2/sub-{new} ses-M000" in refused.stderr, refused.stderr[-3000:]
+    assert _tree(out_1, out_2) == before
+    allowed = run_cli(*args, "--allow-leak")
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "kept because of --allow-leak" in allowed.stderr
+    # r2 holds one class only: allowed for one cohort of several, with a warning that cohort and class go together
+    assert "Cohort 'r2' has only class(es)" in allowed.stderr, allowed.stderr[-3000:]

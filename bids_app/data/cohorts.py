@@ -10,6 +10,7 @@ two cohorts' ``sub-001`` are two people. See docs/cohorts.md.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,10 +18,12 @@ from typing import Any
 
 import pandas as pd
 
-from bids_app.config import CohortConfig, RunConfig
+from bids_app.config import CohortConfig, LabelConfig, RunConfig, Task
 from bids_app.data.origin import DATASET_COLUMNS, UNKNOWN, read_dataset_identity
-from bids_app.errors import InputMissingError, UsageError
+from bids_app.errors import DataError, InputMissingError, UsageError
 from bids_app.labels import COHORT, subject_ids
+
+log = logging.getLogger(__name__)
 
 PRIMARY_COHORT = "primary"  # the cohort name of BIDS_DIR/OUTPUT_DIR when --cohort-name is not given
 
@@ -112,6 +115,31 @@ def _check_distinct_datasets(cohorts: Sequence[CohortConfig]) -> None:
                     "are truly two datasets, give them distinct Name or DatasetDOI in dataset_description.json."
                 )
             seen[key] = cohort.name
+
+
+def check_cohort_classes(table: pd.DataFrame, cfg: LabelConfig) -> None:
+    """The classes of the cohorts together (each cohort's own check is relaxed: a cohort of patients only is fine).
+
+    Raises:
+        DataError: a ``--classes`` class absent from every cohort, or a single class in all cohorts together.
+    """
+    if cfg.task is not Task.CLASSIFICATION or COHORT not in table.columns:
+        return
+    present = sorted(set(table["label"].astype(str)))
+    absent = [c for c in cfg.classes if c not in present]
+    if absent or len(present) < 2:
+        what = f"Class(es) {', '.join(absent)} have" if absent else f"Only class {present[0] if present else '-'} has"
+        raise DataError(
+            f"{what} images in the cohorts {', '.join(dict.fromkeys(table[COHORT].astype(str)))} (label "
+            f"'{cfg.label}', present: {', '.join(present) or 'none'}): a classifier needs two classes. Fix "
+            "--classes or add a cohort with the other class."
+        )
+    for cohort, rows in table.groupby(COHORT, sort=False):
+        classes = sorted(set(rows["label"].astype(str)))
+        if len(classes) < len(present):
+            log.warning("Cohort '%s' has only class(es) %s of %s: its cohort and its class go together, so a model "
+                        "may learn the site instead of the disease; compare the per-cohort metrics.", cohort,
+                        ", ".join(classes), ", ".join(present))  # fmt: skip
 
 
 def describe_cohorts(cfg: RunConfig, table: pd.DataFrame, maps_dir: Path) -> list[dict[str, Any]]:
