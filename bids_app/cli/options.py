@@ -326,7 +326,16 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
             "help": "predict OUTPUT_DIR's images with a portable model (bids_app-model export), after its leak guard",
         },
     ),
-    (F, "allow_leak", "predict.allow_leak", (), {"action": "store_true", "help": "predict despite a leak"}),
+    (
+        F,
+        "allow_leak",
+        "predict.allow_leak",
+        (),
+        {
+            "action": "store_true",
+            "help": "predict despite a leak, and split cohorts despite an anatomical match across them (recorded)",
+        },
+    ),
     (F, "voting_threshold", "predict.voting_threshold", (), {"type": float, "help": "drop weaker parts"}),
     (F, "n_bootstrap", "predict.n_bootstrap", (), {"type": int, "help": "bootstrap resamples"}),
     (
