@@ -1,12 +1,13 @@
 """Data-leak checks between a group to predict and a model's training pool.
 
 An image leaks when the model saw it, or the same scan under another name, in training or validation: its
-participant id is in the MAPS' ``groups/train+validation.tsv``, or its preprocessed (``source_sha256``) or raw
-(``raw_source_sha256``) source file has the sha256 of a training/validation image, or, for a group from another
-output (``--predict-from``), when its anatomical fingerprint is more alike a training/validation image's than
-any two different participants of the training pool are (``check_identity_leaks``, ``prediction.identity``):
-the same person re-scanned under another name. ``predict`` refuses such a group unless ``allow_leak`` is set,
-in which case the pairs are recorded in ``leak_warning.json``. See docs/leakage.md.
+participant id is in the MAPS' ``groups/train+validation.tsv`` (same dataset), or its preprocessed
+(``source_sha256``) or raw (``raw_source_sha256``) source file has the sha256 of a training/validation image, or,
+for a group from another output (``--predict-from``), when its anatomical fingerprint is more alike a
+training/validation image's than any two different participants of the training pool are
+(``check_identity_leaks``, ``prediction.identity``): the same person re-scanned under another name. ``predict``
+refuses such a group unless ``allow_leak`` is set, in which case the pairs are recorded in
+``leak_warning.json``. See docs/leakage.md.
 
 A participant label names a person only inside one dataset (``data.origin``): the participant rule applies to
 two images of the same ``dataset_id`` (or of an unknown one); the checksum and fingerprint rules apply across
@@ -48,9 +49,9 @@ IDENTITY_ARRAY = "identity_fingerprints.npy"  # the pool's low-resolution volume
 class LeakFinding:
     """An image of the predicted group that is also (or is the same scan as) a training/validation image.
 
-    ``reason`` is ``participant`` (same participant id), ``source_sha256`` (same preprocessed image file) or
-    ``raw_source_sha256`` (same raw scan) or ``fingerprint`` (same anatomy: the same person under another
-    name); ``sha256`` is the shared digest ("" otherwise); ``similarity`` the fingerprints' (``fingerprint``).
+    ``reason`` is ``participant`` (same participant id in one dataset), ``source_sha256`` (same preprocessed
+    image file) or ``raw_source_sha256`` (same raw scan) or ``fingerprint`` (same anatomy: the same person under
+    another name); ``sha256`` is the shared digest ("" otherwise); ``similarity`` the fingerprints' (``fingerprint``).
     """
 
     reason: str
