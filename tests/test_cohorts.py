@@ -268,3 +268,17 @@ def test_one_person_rescanned_in_two_cohorts_is_refused(tmp_path: Path) -> None:
     assert "kept because of --allow-leak" in allowed.stderr
     # r2 holds one class only: allowed for one cohort of several, with a warning that cohort and class go together
     assert "Cohort 'r2' has only class(es)" in allowed.stderr, allowed.stderr[-3000:]
+
+
+def test_saliency_maps_of_two_cohorts_do_not_collide(trained: Path, cohorts) -> None:
+    (bids_a, out_a), (bids_b, out_b) = cohorts["a"], cohorts["b"]
+    result = run_cli(str(bids_a), str(out_a), "group", "--stages", "interpret", "--model-name", "pooled",
+                     "--cohort-name", "a", "--cohort", f"b={bids_b}:{out_b}", "--interpret-methods", "gradients",
+                     "--splits", "0")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    test = read_tsv(trained / "groups/test/data.tsv")
+    maps_dir = trained / "split-0/best-loss/test/interpret/gradients"
+    written = sorted(p.relative_to(maps_dir).parts[0] for p in maps_dir.glob("cohort-*/*saliency.nii.gz"))
+    assert written == sorted(f"cohort-{c}" for c in test["cohort"])
+    targets = read_tsv(maps_dir.parent / "targets.tsv")
+    assert list(targets.columns[:2]) == ["cohort", "participant_id"] and len(targets) == len(test)
