@@ -268,6 +268,26 @@ def run_baseline_stage(cfg: RunConfig, maps: Maps, table: GroupTable, tracker: T
     write_baseline_summaries(maps, (VALIDATION_GROUP, other[0]))
 
 
+def read_saved_selection(maps: Maps, split: int, metric: str) -> tuple[Pooling, float]:
+    """The pooling and the chosen hyper-parameter of a saved baseline (its ``selection.json``).
+
+    Raises:
+        DataError: the file is missing or lacks a key although the baseline's ``model.safetensors`` exists.
+    """
+    path = maps.layout.baseline_selection_json(split, metric)
+    try:
+        selection = json.loads(path.read_text(encoding="utf-8"))
+        features = selection["features"]
+        pooling = Pooling(int(features["n_parts"]), tuple(int(side) for side in features["part_shape"]),
+                          int(features["block_voxels_per_side"]))  # fmt: skip
+        return pooling, float(selection["chosen_value"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(
+            f"{path} is missing or malformed ({exc!r}) although {maps.layout.baseline_model_path(split, metric)} "
+            "exists. Fit the baseline again (--stages baseline predict) or pass --no-baseline."
+        ) from exc
+
+
 def predict_with_saved_baselines(cfg: RunConfig, maps: Maps, tracker: Tracker | None = None) -> None:
     """Predict the ``--predict-from`` group with the baselines the model folder holds (no fit, no selection).
 
@@ -287,25 +307,13 @@ def predict_with_saved_baselines(cfg: RunConfig, maps: Maps, tracker: Tracker | 
         log.info("Model %s holds no linear baseline: group '%s' is predicted by the network only (run --stages "
                  "baseline predict to fit one).", maps.name, group_name)  # fmt: skip
         return
+    records = [(split, metric, *read_saved_selection(maps, split, metric)) for split, metric in saved]
     rows = external_table(cfg.predict.predict_from, record.mode, record.config.labels)
     writer: BaselineWriter | None = None
-    for split, metric in saved:
-        path = layout.baseline_selection_json(split, metric)
-        try:
-            selection = json.loads(path.read_text(encoding="utf-8"))
-            features = selection["features"]
-            pooling = Pooling(int(features["n_parts"]), tuple(int(side) for side in features["part_shape"]),
-                              int(features["block_voxels_per_side"]))  # fmt: skip
-            chosen = float(selection["chosen_value"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise DataError(
-                f"{path} is missing or malformed ({exc!r}) although {layout.baseline_model_path(split, metric)} "
-                "exists. Fit the baseline again (--stages baseline predict) or pass --no-baseline."
-            ) from exc
+    for split, metric, pooling, chosen in records:
         if writer is None or writer.cache.pooling != pooling:
-            writer = BaselineWriter(
-                maps, FeatureCache(record.mode, pooling), cfg.predict.n_bootstrap, tracker or Tracker()
-            )
+            cache = FeatureCache(record.mode, pooling)
+            writer = BaselineWriter(maps, cache, cfg.predict.n_bootstrap, tracker or Tracker())
         arrays = load_arrays(layout.baseline_model_path(split, metric))
         model = LinearModel(arrays["coef"], arrays["intercept"], chosen, True)
         standardisation = Standardisation(arrays["feature_mean"], arrays["feature_scale"])

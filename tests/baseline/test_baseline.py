@@ -15,9 +15,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bids_app.baseline.features import MAX_FEATURES, choose_pooling, pool_mean
+from bids_app.baseline.features import MAX_FEATURES, choose_pooling, image_features, pool_mean
 from bids_app.baseline.linear import ALPHA_GRID, C_GRID, choose, predict_linear, score, select_models
-from bids_app.config import Task
+from bids_app.baseline.stage import predict_with_saved_baselines
+from bids_app.config import AnalysisLevel, ExtractionMode, PredictConfig, RunConfig, Task
+from bids_app.errors import DataError
+from bids_app.extraction.storage import write_tensor
+from bids_app.maps import Maps
 from bids_app.maps.weights import load_arrays
 from tests.conftest import make_cohort, run_cli
 
@@ -77,7 +81,7 @@ def test_baseline_metrics_sit_beside_the_network_s_and_in_its_own_files(trained)
             for ours, theirs in (("baseline_value", "value"), ("baseline_ci_low", "ci_low"),
                                  ("baseline_ci_high", "ci_high")):  # fmt: skip
                 assert list(network[ours]) == list(baseline[theirs])
-            assert list(baseline.columns) == [c for c in columns if not c.startswith("baseline_")]
+            assert [c for c in columns if c in baseline.columns] == list(baseline.columns)  # the same format
             assert set(baseline["n_images"]) == set(network["n_images"])
             predictions = read(best / f"{group}/{group}_image_level_prediction.tsv")
             network_predictions = read(maps / f"split-{split}/best-loss/{group}/{group}_image_level_prediction.tsv")
@@ -165,6 +169,27 @@ def test_a_predict_from_group_is_predicted_by_the_baseline_too(cohort, trained, 
     network = read(maps / "split-0/best-loss/site2/site2_image_level_metrics.tsv")
     baseline = read(maps / "split-0/baseline/best-loss/site2/site2_image_level_metrics.tsv")
     assert list(network["baseline_value"]) == list(baseline["value"])
+
+
+def test_a_saved_baseline_without_its_selection_is_refused_before_any_read(trained, tmp_path: Path) -> None:
+    maps_dir, _ = trained
+    copy = tmp_path / "models" / MODEL
+    shutil.copytree(maps_dir, copy)
+    (copy / "split-1/baseline/best-loss/selection.json").unlink()
+    predict = PredictConfig(predict_from=tmp_path / "absent", group_name="site2")
+    cfg = RunConfig(tmp_path, tmp_path, AnalysisLevel.GROUP, predict=predict)
+    with pytest.raises(DataError, match=r"selection.json is missing or malformed .* or pass --no-baseline"):
+        predict_with_saved_baselines(cfg, Maps.open(copy))
+    assert not (copy / "split-0/baseline/best-loss/site2").exists()
+
+
+def test_a_tensor_of_another_shape_is_refused_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "sub-01_desc-roi_T1w.npy"
+    write_tensor(path, np.zeros((2, 1, 3, 3, 3), np.float32), {"Mode": "roi"})
+    with pytest.raises(DataError, match=r"sub-01_desc-roi_T1w.npy has shape \(2, 1, 3, 3, 3\), but the baseline's "
+                                        r"features were made from 3 part\(s\)"):  # fmt: skip
+        image_features(path, ExtractionMode.ROI, choose_pooling(3, (3, 3, 3)))
+    assert image_features(path, ExtractionMode.ROI, choose_pooling(2, (3, 3, 3))).shape == (54,)
 
 
 # -- units: the choice of the hyper-parameter, the pooling --------------------------------------------------
