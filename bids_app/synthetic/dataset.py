@@ -65,7 +65,8 @@ class GeneratedDataset:
 
     Attributes:
         bids_dir: the raw BIDS dataset.
-        template_path: template the images were made from (tiny, medium: the written 4 or 2 mm one; realistic: nilearn's).
+        template_path: template the images were made from (tiny, medium: the written 4 or 2 mm one; realistic:
+            nilearn's).
         roi_mask_path: binary atrophy region on ``template_path``'s grid.
         participants: bare participant labels (``"001"``...).
         sessions: bare session labels (``"M000"``...), the same for every participant.

@@ -309,6 +309,25 @@ def test_realistic_preset_uses_the_1mm_template(tmp_path: Path) -> None:
     assert _validate(ds.bids_dir).returncode == 0
 
 
+def test_medium_preset_writes_its_2mm_template_and_names_it(tmp_path: Path) -> None:
+    import json
+
+    ds = generate_dataset(tmp_path / "bids", n_subjects=2, n_sessions=1, preset="medium", preprocessed="derivative")
+    assert ds.template_path.name == "tpl-MNI152NLin2009aSym_res-2mm_T1w.nii.gz"
+    assert ds.template_path.parent == ds.bids_dir / "code" / "template"
+    assert (ds.template_path.parent / "tpl-MNI152NLin2009aSym_res-2mm_label-GM_probseg.nii.gz").is_file()
+    template = nib.Nifti1Image.from_filename(ds.template_path)
+    assert np.allclose(np.diag(template.affine)[:3], 2.0)
+    raw = nib.Nifti1Image.from_filename(ds.bids_dir / "sub-001/ses-M000/anat/sub-001_ses-M000_T1w.nii.gz")
+    assert raw.shape == (88, 104, 88) and np.allclose(np.abs(np.diag(raw.affine)[:3]), 2.0)
+    preproc = ds.derivative_dir / "sub-002/ses-M000/anat" / f"sub-002_ses-M000_{PREPROC}"  # type: ignore[operator]
+    for path in (ds.roi_mask_path, preproc):
+        other = nib.Nifti1Image.from_filename(path)
+        assert other.shape == template.shape and np.allclose(other.affine, template.affine)
+    sidecar = json.loads(Path(str(preproc).replace(".nii.gz", ".json")).read_text())
+    assert sidecar["SpatialReference"] == "bids:raw:code/template/tpl-MNI152NLin2009aSym_res-2mm_T1w.nii.gz"
+
+
 # -- kinds, re-scans, labels --------------------------------------------------------------------------
 
 
