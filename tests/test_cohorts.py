@@ -282,3 +282,11 @@ def test_saliency_maps_of_two_cohorts_do_not_collide(trained: Path, cohorts) -> 
     assert written == sorted(f"cohort-{c}" for c in test["cohort"])
     targets = read_tsv(maps_dir.parent / "targets.tsv")
     assert list(targets.columns[:2]) == ["cohort", "participant_id"] and len(targets) == len(test)
+
+
+def test_report_shows_each_cohorts_metrics(trained: Path) -> None:
+    report = (trained / "report.html").read_text(encoding="utf-8")
+    test = read_tsv(trained / "groups/test/data.tsv")
+    for cohort in ("a", "b"):
+        n = int((test["cohort"] == cohort).sum())
+        assert f"<h4>Cohort {cohort} ({n} participant(s), {n} image(s))</h4>" in report

@@ -465,6 +465,19 @@ def _metric_table(metrics: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
+def _cohort_results(folder: Path, group: str) -> str:
+    """Each cohort's metrics on ``group`` (multi-cohort models, docs/cohorts.md), with its n; "" otherwise."""
+    parts = []
+    prefix, suffix = f"{group}_cohort-", "_image_level_metrics.tsv"
+    for path in sorted(folder.glob(f"{prefix}*{suffix}")):
+        metrics = _read_tsv(path, f"{group} metrics of a cohort")
+        _required_columns(metrics, ("metric", "value", "ci_low", "ci_high", "n_images", "n_participants"), path)
+        cohort = path.name.removeprefix(prefix).removesuffix(suffix)
+        n = f"{_first(metrics, 'n_participants')} participant(s), {_first(metrics, 'n_images')} image(s)"
+        parts.append(f"<h4>Cohort {html.escape(cohort)} ({html.escape(n)})</h4>{_table(_metric_table(metrics))}")
+    return "".join(parts)
+
+
 def _test_results(layout: MapsLayout, record: MapsRecord, split: int, metric: str, group: str = TEST_GROUP) -> str:
     """Predictions and metrics of one model on ``group`` (the test group, or validation without a test set)."""
     folder = layout.group_dir(split, metric, group)
@@ -489,6 +502,7 @@ def _test_results(layout: MapsLayout, record: MapsRecord, split: int, metric: st
         parts.append(_scatter(prediction, title))
     parts.append(_table(_metric_table(metrics)))
     parts.append(_metric_notes(metrics, record))
+    parts.append(_cohort_results(folder, group))
     if set(BASELINE_COLUMNS) <= set(metrics.columns):
         parts.append(
             '<p class="note">Linear baseline: the same metric of the linear model fitted on the same tensors and '
