@@ -338,8 +338,8 @@ def make_leave_cohort_out_splits(table: pd.DataFrame, cfg: SplitConfig, task: Ta
         test = test[test["is_baseline"]]
     splits = Splits(test.reset_index(drop=True), inner.folds, seed, inner.attempts, inner.p_values)
     check_splits(splits, "the leave-cohort-out split")
-    log.info("Leave-cohort-out: the %d image(s) of %d participant(s) of cohort %s are the test set", len(test),
-             subject_ids(test).nunique(), cohort)  # fmt: skip
+    log.info("Leave-cohort-out: the %d image(s) of %d participant(s) of cohort %s are the test set (split.test_size "
+             "is not used)", len(test), subject_ids(test).nunique(), cohort)  # fmt: skip
     return splits
 
 
