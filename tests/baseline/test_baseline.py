@@ -176,11 +176,11 @@ def test_a_saved_baseline_without_its_selection_is_refused_before_any_read(train
     copy = tmp_path / "models" / MODEL
     shutil.copytree(maps_dir, copy)
     (copy / "split-1/baseline/best-loss/selection.json").unlink()
-    predict = PredictConfig(predict_from=tmp_path / "absent", group_name="site2")
+    predict = PredictConfig(predict_from=tmp_path / "absent", group_name="site9")
     cfg = RunConfig(tmp_path, tmp_path, AnalysisLevel.GROUP, predict=predict)
     with pytest.raises(DataError, match=r"selection.json is missing or malformed .* or pass --no-baseline"):
         predict_with_saved_baselines(cfg, Maps.open(copy))
-    assert not (copy / "split-0/baseline/best-loss/site2").exists()
+    assert not (copy / "split-0/baseline/best-loss/site9").exists()
 
 
 def test_a_tensor_of_another_shape_is_refused_by_name(tmp_path: Path) -> None:
