@@ -41,11 +41,12 @@ def main() -> None:
         out = root / "out"
         tiny = args.preset == "tiny"
         command = [sys.executable, "-m", "bids_app", str(dataset.bids_dir), str(out), "participant",
-                   "--template", str(dataset.template_path), "--modes", *MODES,
-                   "--roi-mask", f"hippocampus={dataset.roi_mask_path}", "--nprocs", "1",
-                   *(("--crop-shape", "40", "48", "40", "--patch-size", "16", "--stride", "16",
-                      "--discarded-slices", "8") if tiny else ())]  # fmt: skip
-        subprocess.run(command, check=True, capture_output=True)
+                   "--modes", *MODES, "--roi-mask", f"hippocampus={dataset.roi_mask_path}", "--nprocs", "1",
+                   *(("--template", str(dataset.template_path), "--crop-shape", "40", "48", "40", "--patch-size",
+                      "16", "--stride", "16", "--discarded-slices", "8") if tiny else ())]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            sys.exit(f"The participant level failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
         template = nib.load(dataset.template_path)
         crop_shape = (40, 48, 40) if tiny else (169, 208, 179)
         template_crop = crop_image(template, crop_box(template, crop_shape))
