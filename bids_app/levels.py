@@ -263,9 +263,16 @@ def _run_group_stages(
             if main and maps is not None:
                 run_baseline(cfg, stages, maps, table, tracker)
             if main and maps is not None and GroupStage.PREDICT in stages:
+                from bids_app.errors import LeakError
                 from bids_app.prediction.stage import run_predict_stage
 
-                run_predict_stage(cfg, maps, table, tracker)
+                try:
+                    run_predict_stage(cfg, maps, table, tracker)
+                except LeakError:  # the baseline predicted the refused group first: its files go with the refusal
+                    from bids_app.baseline.stage import remove_baseline_group
+
+                    remove_baseline_group(maps, cfg.predict.group_name or "test")
+                    raise
             if main and maps is not None and GroupStage.INTERPRET in stages:
                 from bids_app.interpret.stage import run_interpret_stage
 

@@ -323,6 +323,25 @@ def predict_with_saved_baselines(cfg: RunConfig, maps: Maps, tracker: Tracker | 
     write_baseline_summaries(maps, (group_name,))
 
 
+def remove_baseline_group(maps: Maps, group_name: str) -> None:
+    """Remove the baseline's files of a group the prediction stage refused (a leak): no result of it remains.
+
+    The baseline predicts a ``--predict-from`` group before the network's prediction checks it for leaks
+    (``levels`` calls this when that check refuses it).
+    """
+    import shutil
+
+    layout = maps.layout
+    removed = [path for path in sorted(layout.root.glob(f"split-*/baseline/best-*/{group_name}")) if path.is_dir()]
+    for path in removed:
+        shutil.rmtree(path)
+    for metric in maps.record.config.train.selection_metrics:
+        layout.baseline_summary_tsv(group_name, metric).unlink(missing_ok=True)
+    if removed:
+        log.info("The linear baseline's predictions of the refused group '%s' were removed (%d folder(s)).",
+                 group_name, len(removed))  # fmt: skip
+
+
 def write_baseline_summaries(maps: Maps, groups: tuple[str, ...]) -> None:
     """With several splits, each group's baseline metrics summarised across splits (``baseline_summary_tsv``)."""
     layout, splits = maps.layout, maps.trained_splits()

@@ -171,6 +171,18 @@ def test_a_predict_from_group_is_predicted_by_the_baseline_too(cohort, trained, 
     assert list(network["baseline_value"]) == list(baseline["value"])
 
 
+def test_a_group_refused_as_a_leak_keeps_no_baseline_prediction(cohort, trained) -> None:
+    """The baseline predicts a --predict-from group before the network's leak check: a refusal removes them."""
+    dataset, out = cohort
+    maps, _ = trained
+    result = run_cli(str(dataset.bids_dir), str(out), "group", "--stages", "predict", "--model-name", MODEL,
+                     "--predict-from", str(out), "--group-name", "itself", "--n-bootstrap", "20")  # fmt: skip
+    assert result.returncode == 65, result.stderr[-3000:]
+    assert "Group 'itself' shares" in result.stderr
+    assert "predictions of the refused group 'itself' were removed" in result.stderr
+    assert not list(maps.glob("split-*/baseline/best-*/itself")) and not list(maps.glob("summary/itself_*"))
+
+
 def test_a_saved_baseline_without_its_selection_is_refused_before_any_read(trained, tmp_path: Path) -> None:
     maps_dir, _ = trained
     copy = tmp_path / "models" / MODEL
