@@ -10,8 +10,7 @@ N_SESSIONS=${N_SESSIONS:-2}
 NPROCS=${NPROCS:-2}
 MODE=${MODE:-roi}            # roi: the medial-temporal region; image: the whole 169x208x179 volume
 ARCH=${ARCH:-conv4_fc3}
-EPOCHS=${EPOCHS:-40}
-LR=${LR:-0.003}
+EPOCHS=${EPOCHS:-20}  # the defaults (lr 1e-3, batch 8, z-scored tensors): benchmarks/bench_effect_sweep.py
 rm -rf "$WORK"
 mkdir -p "$WORK"
 t() { date +%s; }
@@ -27,7 +26,7 @@ bids_app "$WORK/bids" "$WORK/out" participant --nprocs "$NPROCS" --omp-nthreads 
 t2=$(t)
 group() {  # $1 bids dir, $2 model name
   bids_app "$1" "$WORK/out" group --label diagnosis --task classification --mode "$MODE" --architecture "$ARCH" \
-    --epochs "$EPOCHS" --batch-size 4 --learning-rate "$LR" --n-splits 1 --test-size 0.25 \
+    --epochs "$EPOCHS" --n-splits 1 --test-size 0.25 \
     --selection-metrics loss balanced_accuracy --model-name "$2" --seed 7 --omp-nthreads 2 2>"$WORK/$2.log"
 }
 group "$WORK/bids" real

@@ -103,7 +103,7 @@ class ExtractionConfig:
     discarded_slices: int = 20
     roi_masks: tuple[tuple[str, Path], ...] = ()  # (name, binary mask in template space)
     roi_crop: bool = True  # crop each region to its bounding box; False keeps the full frame (masked)
-    normalization: Normalization = Normalization.MINMAX
+    normalization: Normalization = Normalization.ZSCORE  # min-max left ROIs too flat to learn (docs/performance.md)
     dtype: TensorDtype = TensorDtype.FLOAT32
 
 
@@ -142,7 +142,7 @@ class TrainConfig:
     architecture: str = "conv5_fc3"
     mode: ExtractionMode = ExtractionMode.IMAGE
     optimizer: str = "adam"
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-3  # 1e-4 stayed near ln 2 for 20 epochs, 3e-3 can collapse (docs/performance.md)
     weight_decay: float = 1e-4
     dropout: float = 0.5
     epochs: int = 20

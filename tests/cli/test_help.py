@@ -164,7 +164,7 @@ def descriptor() -> dict:
 def test_descriptor_inputs_carry_their_defaults_and_choices() -> None:
     inputs = {i["id"]: i for i in descriptor()["inputs"]}
     assert inputs["epochs"]["default-value"] == 20
-    assert inputs["learning_rate"]["default-value"] == pytest.approx(1e-4)
+    assert inputs["learning_rate"]["default-value"] == pytest.approx(1e-3)
     assert inputs["architecture"]["default-value"] == "conv5_fc3"
     assert inputs["modes"]["default-value"] == ["image", "patch", "slice"]
     assert inputs["mode"]["value-choices"] == ["image", "patch", "slice", "roi"]

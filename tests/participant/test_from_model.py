@@ -84,7 +84,7 @@ def test_maps_json_and_config_toml_record_the_tensors_settings(site) -> None:
     assert settings["crop_shape"] == [int(v) for v in TINY_CROP]
     assert settings["template"] == first.template_path.name
     assert settings["template_sha256"] == file_sha256(first.template_path)
-    assert settings["mode"] == "image" and settings["normalization"] == "minmax" and settings["dtype"] == "float32"
+    assert settings["mode"] == "image" and settings["normalization"] == "zscore" and settings["dtype"] == "float32"
     # the record's configuration is the data's, not the group run's defaults (crop 169x208x179, nilearn's MNI)
     assert maps["config"]["preprocess"]["crop_shape"] == [40, 48, 40]
     assert maps["config"]["preprocess"]["template_path"].endswith(first.template_path.name)
@@ -136,7 +136,7 @@ def test_another_template_or_normalisation_is_named(site, tmp_path: Path) -> Non
     nib.save(nib.Nifti1Image(np.asarray(image.dataobj, dtype=np.float32) * 1.5, image.affine), other_template)
     for extra, named in (
         (("--template", str(other_template), "--template-space", "Other"), "template_sha256"),
-        (("--template", str(first.template_path), "--normalization", "zscore"), "normalization"),
+        (("--template", str(first.template_path), "--normalization", "minmax"), "normalization"),  # not the default
     ):
         out = tmp_path / named
         made = run_cli(*participant_args(second, out, "--crop-shape", *TINY_CROP, *extra))
@@ -155,7 +155,7 @@ def test_from_model_refuses_contradicting_options_and_a_missing_template(site, t
     for extra, named in (
         (("--crop-shape", "36", "44", "36"), "--crop-shape 36 44 36"),
         (("--modes", "slice"), "--modes slice"),
-        (("--normalization", "zscore"), "--normalization zscore"),
+        (("--normalization", "minmax"), "--normalization minmax"),
     ):
         result = run_cli(*participant_args(second, tmp_path / "out", "--from-model", str(maps), *extra))
         assert result.returncode == 64, result.stderr[-3000:]

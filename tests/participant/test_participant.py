@@ -100,7 +100,7 @@ def test_report_shows_each_image_and_what_the_network_sees(tiny_dataset, process
     modes = [mode for kind, mode in figures if kind == "network-input"]
     assert sorted(modes) == sorted(["image", "patch", "roi", "slice"] * n_sessions)
     assert "input image (top)" in page  # the raw input was found and drawn
-    assert f"slice</b>: tensor ({CROP[0] - 4}, 1, {CROP[1]}, {CROP[2]}) float32, minmax normalisation" in page
+    assert f"slice</b>: tensor ({CROP[0] - 4}, 1, {CROP[1]}, {CROP[2]}) float32, zscore normalisation" in page
     assert not (processed / "sub-001" / "figures").exists()
 
 
