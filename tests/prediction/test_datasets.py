@@ -182,3 +182,24 @@ def test_rescans_in_another_dataset_are_refused_by_their_anatomy(sites) -> None:
     found = {(p["participant_id"], p["train_participant_id"]) for p in report["Leaks"]}
     assert found == {(new, old) for new, old in (("sub-005", "sub-001"), ("sub-006", "sub-002")) if old in pool}
     assert {p["reason"] for p in report["Leaks"]} == {"fingerprint"}
+
+
+def test_same_labels_inside_one_dataset_are_refused_as_participants(sites, tmp_path: Path) -> None:
+    """Other scans filed under site A's own description (one dataset): its sub-00k are site A's sub-00k."""
+    first, out_a, out_b, _, _ = sites
+    bids = tmp_path / "bids"
+    shutil.copytree(out_b.parent / "bids", bids)
+    shutil.copyfile(first.bids_dir / "dataset_description.json", bids / "dataset_description.json")
+    made = run_cli(str(bids), str(tmp_path / "out"), "participant", "-d", str(bids / "derivatives" / "preproc"),
+                   "--template", str(first.template_path), "--crop-shape", "40", "48", "40", *OPTIONS)  # fmt: skip
+    assert made.returncode == 0, made.stderr[-3000:]
+    result = run_cli(*group_args(first, out_a, "--stages", "predict", "--predict-from", str(tmp_path / "out"),
+                                 "--group-name", "samesite"))  # fmt: skip
+    assert result.returncode == 65, result.stderr[-3000:]
+    assert "(participant)" in result.stderr and "sha256" not in result.stderr.strip().splitlines()[-1]
+    assert "give them a distinct Name or DatasetDOI" in result.stderr
+    report = json.loads(
+        (out_a / "models" / "cnn" / "split-0" / "best-loss" / "samesite" / "leak_report.json").read_text()
+    )
+    assert {p["reason"] for p in report["Leaks"]} == {"participant"}
+    assert report["SameLabelOtherDataset"]["Pairs"] == []
