@@ -292,3 +292,21 @@ def test_report_shows_each_cohorts_metrics(trained: Path) -> None:
     for cohort in ("a", "b"):
         n = int((test["cohort"] == cohort).sum())
         assert f"<h4>Cohort {cohort} ({n} participant(s), {n} image(s))</h4>" in report
+
+
+def test_split_record_and_demographics_per_cohort(trained: Path) -> None:
+    groups = trained / "groups"
+    record = json.loads((groups / "splits.json").read_text(encoding="utf-8"))["cohorts"]
+    test = read_tsv(groups / "test/data.tsv")
+    for cohort in ("a", "b"):
+        counts = record[cohort]
+        assert counts["test"] == int((test["cohort"] == cohort).sum())
+        assert counts["test"] + counts["train+validation"] == N_SUBJECTS
+        for k in (0, 1):
+            validation = read_tsv(groups / f"split-{k}/validation.tsv")
+            assert counts[f"split-{k}/validation"] == int((validation["cohort"] == cohort).sum())
+    demographics = read_tsv(groups / "demographics.tsv")
+    assert demographics.columns[0] == "cohort" and set(demographics["cohort"]) == {"all", "a", "b"}
+    rows = demographics[(demographics["group"] == "test") & (demographics["label"] == "all")]
+    n = dict(zip(rows["cohort"], rows["n_subjects"].astype(int), strict=True))
+    assert n["all"] == n["a"] + n["b"] == len(test)

@@ -27,6 +27,7 @@ from bids_app.labels import (
     natural_key,
     read_tsv,
     sort_table,
+    subject_ids,
 )
 from bids_app.maps.splits import (
     SPLITS_JSON,
@@ -72,7 +73,7 @@ def write_splits(
         # cohorts is two people, and the leak checks tell them apart by these columns, not by a join on ids.
         kept = [c for c in POOL_COLUMNS if c in seen.columns]
         frames["train+validation.tsv"] = frames["train+validation.tsv"].join(sort_table(seen)[kept])
-    frames["demographics.tsv"] = demographics_table(pd.concat(named))
+    frames["demographics.tsv"] = _demographics(pd.concat(named))
     hashes = {}
     for name, frame in frames.items():
         text = format_label_table(frame)
@@ -104,7 +105,31 @@ def write_splits(
         "label_table_sha256": table_sha256(table),
         "files": hashes,
     }
+    if COHORT in table.columns:  # who is where, per cohort (absent from a single-cohort split)
+        record["cohorts"] = {
+            str(cohort): {
+                name.removesuffix(".tsv").removesuffix("/data"): int(subject_ids(f[f[COHORT] == cohort]).nunique())
+                for name, f in frames.items()
+                if COHORT in f.columns and name != "demographics.tsv"
+            }
+            for cohort in dict.fromkeys(table[COHORT])
+        }
     atomic_write_json(groups_dir / SPLITS_JSON, record)
+
+
+def _demographics(named: pd.DataFrame) -> pd.DataFrame:
+    """``labels.demographics_table`` of the split's groups; in a multi-cohort split also per cohort, with a
+    leading ``cohort`` column (``all`` for the cohorts together)."""
+    pooled = demographics_table(named)
+    if COHORT not in named.columns:
+        return pooled
+    parts = [pooled.assign(**{COHORT: "all"})]
+    for cohort, rows in named.groupby(COHORT, sort=False):
+        parts.append(demographics_table(rows).assign(**{COHORT: str(cohort)}))
+    frame = pd.concat(parts, ignore_index=True)
+    frame = frame[[COHORT, *(c for c in frame.columns if c != COHORT)]]
+    sexes = [c for c in frame.columns if c.startswith("sex_")]
+    return frame.fillna({c: 0 for c in sexes}).astype({c: int for c in sexes})
 
 
 def _select(table: pd.DataFrame, rows: pd.DataFrame, has_session: bool) -> pd.DataFrame:
