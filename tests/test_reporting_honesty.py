@@ -13,7 +13,8 @@ from bids_app.metrics import classification_metrics
 from tests.conftest import make_cohort, run_cli
 
 SMALL_SPLIT_COLUMNS = ["metric", "value", "ci_low", "ci_high", "baseline_value", "baseline_ci_low",
-                       "baseline_ci_high", "n_images", "n_participants", "positive_class", "warning"]  # fmt: skip
+                       "baseline_ci_high", "n_images", "n_participants", "positive_class", "warning",
+                       "training_status"]  # fmt: skip
 
 
 def read_tsv(path: Path) -> pd.DataFrame:

@@ -60,6 +60,7 @@ class LearningVerdict:
         advice: likely causes and what to try; empty when it learned.
         chance_loss: the training loss of the best constant prediction (None when unknown).
         train_loss_drop: the largest relative drop of the smoothed training loss below ``chance_loss``.
+        validation_loss_drop: the relative drop of the lowest validation loss below that of the chance prediction.
     """
 
     status: LearningStatus
@@ -67,9 +68,14 @@ class LearningVerdict:
     advice: str
     chance_loss: float | None = None
     train_loss_drop: float | None = None
+    validation_loss_drop: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        numbers = {"chance_loss": self.chance_loss, "train_loss_drop": self.train_loss_drop}
+        numbers = {
+            "chance_loss": self.chance_loss,
+            "train_loss_drop": self.train_loss_drop,
+            "validation_loss_drop": self.validation_loss_drop,
+        }
         finite = {key: value if value is not None and math.isfinite(value) else None for key, value in numbers.items()}
         return {"status": self.status.value, "reason": self.reason, "advice": self.advice, **finite}
 
@@ -624,7 +630,7 @@ class Maps:
         if entry is None:
             return None
         try:
-            numbers = {key: entry.get(key) for key in ("chance_loss", "train_loss_drop")}
+            numbers = {key: entry.get(key) for key in ("chance_loss", "train_loss_drop", "validation_loss_drop")}
             return LearningVerdict(
                 LearningStatus(entry["status"]),
                 str(entry["reason"]),

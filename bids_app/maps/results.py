@@ -252,6 +252,7 @@ def write_image_outputs(
     n_bootstrap: int,
     positive_class: str | None = None,
     baseline: pd.DataFrame | None = None,
+    training_status: str | None = None,
 ) -> tuple[str | None, pd.DataFrame | None]:
     """Write ``<group>_image_level_prediction.tsv``, and the metric and confusion-matrix TSVs when labelled.
 
@@ -263,6 +264,8 @@ def write_image_outputs(
         n_bootstrap: resamples of the 95 % intervals.
         positive_class: the model's ``labels.positive_class`` (None: the class of index 1).
         baseline: the baseline's metric table of the same images, merged as ``BASELINE_COLUMNS``.
+        training_status: the ``training_status`` column, last: whether the network learned
+            (``Maps.learning_status``: ``learned``, ``did-not-learn``, ``n/a``); None leaves it out.
 
     Returns:
         The small-group warning written in the metric TSV (``group_size_warning``; None when there is none or no
@@ -283,6 +286,8 @@ def write_image_outputs(
     metrics, matrix = metric_table(labelled, task, class_names, n_bootstrap, positive_class, warning)
     if baseline is not None:
         metrics = add_baseline_columns(metrics, baseline)
+    if training_status is not None:
+        metrics["training_status"] = training_status
     atomic_write_text(out_dir / f"{group_name}_image_level_metrics.tsv", format_tsv(metrics))
     if matrix is not None:
         frame = pd.DataFrame(matrix, columns=list(class_names))
@@ -338,12 +343,14 @@ def write_cohort_metrics(
     class_names: Sequence[str],
     n_bootstrap: int,
     positive_class: str | None = None,
+    training_status: str | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Per-cohort metric TSVs of a multi-cohort group (``cohort_metrics_tsv``), in the pooled TSV's format.
 
     Each cohort's labelled images get their own ``metric_table`` (values, 95 % bootstrap intervals, n and the
     small-group warning), so a model that does well pooled but poorly on one cohort shows it. A table without
-    the ``cohort`` column writes nothing; files of cohorts no longer in the group are removed.
+    the ``cohort`` column writes nothing; files of cohorts no longer in the group are removed. A
+    ``training_status`` adds that column, as in ``write_image_outputs``.
 
     Returns:
         The metric table written per cohort name.
@@ -355,6 +362,8 @@ def write_cohort_metrics(
             rows = labelled[labelled[COHORT].astype(str) == cohort]
             warning = group_size_warning(rows, task, class_names)
             metrics, _ = metric_table(rows, task, class_names, n_bootstrap, positive_class, warning)
+            if training_status is not None:
+                metrics["training_status"] = training_status
             atomic_write_text(cohort_metrics_tsv(out_dir, group_name, cohort), format_tsv(metrics))
             written[cohort] = metrics
     keep = {cohort_metrics_tsv(out_dir, group_name, cohort).name for cohort in written}

@@ -9,7 +9,9 @@ Outputs of ``predict_group`` under ``<maps>/split-<k>/best-<metric>/<group>/``:
 - ``<group>_image_level_metrics.tsv`` (labelled groups): ``metric``, ``value``, ``ci_low``, ``ci_high``
   (95 % percentile bootstrap over images, seeded), ``n_images``, ``n_participants``, ``positive_class``
   (classification) and ``warning`` (``maps.results.metric_table``; the small-group rule is
-  ``metrics.SMALL_GROUP_RULE``);
+  ``metrics.SMALL_GROUP_RULE``), and last ``training_status``: ``learned`` or ``did-not-learn`` as the split's
+  ``summary.json`` says (``training.learning``), ``n/a`` for a model trained before that verdict existed or a
+  reconstruction model; a split whose network did not learn is also named in a warning before it predicts;
 - ``<group>_confusion_matrix.tsv`` (labelled classification): rows true class, columns predicted class;
 - ``<maps>/summary/<group>_best-<metric>_metrics_across_splits.tsv`` with several trained splits: each
   metric's mean and sd over splits and its value per split (``maps.results.split_summary_table``);
@@ -38,6 +40,7 @@ from bids_app.derivatives import atomic_write_text
 from bids_app.errors import ConfigError, DataError
 from bids_app.labels import COHORT
 from bids_app.maps import Maps
+from bids_app.maps.folder import LearningStatus
 from bids_app.maps.results import (
     cohort_metrics_tsv,
     describe_beside_baseline,
@@ -268,7 +271,17 @@ class Predictor:
             baseline = read_baseline_metrics(layout.baseline_prediction_tsv(split, metric, group_name),
                                              layout.baseline_metrics_tsv(split, metric, group_name), image)  # fmt: skip
         warning = write_group_outputs(
-            out_dir, group_name, dataset.mode.value, parts, image, task, names, options.n_bootstrap, positive, baseline
+            out_dir,
+            group_name,
+            dataset.mode.value,
+            parts,
+            image,
+            task,
+            names,
+            options.n_bootstrap,
+            positive,
+            baseline,
+            training_status=self.maps.learning_status(split),
         )
         if baseline is not None:
             beside = describe_beside_baseline(layout.metrics_tsv(split, metric, group_name), task)
@@ -353,6 +366,10 @@ def run_predict_stage(cfg: RunConfig, maps: Maps, table: GroupTable, tracker: Tr
                      shown)  # fmt: skip
     device = resolve_device(cfg.runtime.device)
     for split in trained:
+        verdict = maps.learning(split)
+        if verdict is not None and verdict.status is LearningStatus.DID_NOT_LEARN:
+            log.warning("Split %d: predicting with a network that did not learn (training_status did-not-learn in "
+                        "the metric TSVs): %s %s", split, verdict.reason, verdict.advice)  # fmt: skip
         validation = rows_for(folds[split].validation, table, "validation group")
         for metric in record.config.train.selection_metrics:
             model = maps.load_model(split, metric, device)

@@ -53,6 +53,7 @@ from bids_app.maps.folder import LearningStatus, LearningVerdict
 SMOOTHING_EPOCHS = 3  # running mean of the training loss: one lucky epoch of a tiny training set is not learning
 MIN_TRAIN_DROP = 0.10  # relative drop below the chance-level loss that counts as having fitted the training set
 MIN_PREDICTION_SD = 0.05  # regression: validation predictions' sd below this share of the targets' sd = constant
+MIN_VALIDATION_DROP = 0.01  # relative drop of the best validation loss below the chance prediction's = generalised
 
 PREDICTED_CLASSES = "n_predicted_classes"  # validate()'s name; training.tsv: validation_n_predicted_classes
 PREDICTION_SD = "prediction_sd"
@@ -71,6 +72,12 @@ ADVICE_COLLAPSED = (
     "batches (--batch-size 8 or more), labels that do not match the images (check the label column). Compare "
     "with the linear baseline on the same splits: if it is at chance too, the tensors may not hold the signal."
 )
+ADVICE_NOT_GENERALISED = (
+    "Likely causes: labels that do not depend on the images (check the label column; with random labels a "
+    "network memorises its training set), too few training images for the network's size (a smaller "
+    "--architecture, more --dropout, --augmentations), or a validation set too small to show an effect. Compare "
+    "with the linear baseline on the same splits: if it is at chance too, the tensors may not hold the signal."
+)
 ADVICE_CONSTANT = (
     "Likely causes: targets on a large scale with a learning rate too low or too few --epochs (the network "
     "first has to learn their mean), a learning rate too high, batch norm with tiny batches (--batch-size 8 or "
@@ -79,8 +86,10 @@ ADVICE_CONSTANT = (
 )
 
 
-def chance_loss(task: Task, loss: str | None, targets: np.ndarray, *, class_weighted: bool = False) -> float | None:
-    """The mean training loss of the best constant prediction: what a network that learned nothing reaches.
+def chance_prediction(
+    task: Task, loss: str | None, targets: np.ndarray, *, class_weighted: bool = False
+) -> np.ndarray | float | None:
+    """The best constant prediction for the training targets: what a network that learned nothing outputs.
 
     Args:
         task: classification or regression (reconstruction: None).
@@ -89,25 +98,62 @@ def chance_loss(task: Task, loss: str | None, targets: np.ndarray, *, class_weig
         class_weighted: classes are drawn equally often (``--class-weighted-sampling``).
 
     Returns:
-        In nats for cross-entropy, in squared target units for ``mse``, target units for ``l1`` and ``huber``;
-        None for reconstruction or without targets.
+        Class probabilities ``(n_classes,)`` (the frequencies the sampler draws), the constant that minimises
+        the regression loss (the mean for ``mse``, the median for ``l1``), or None for reconstruction or
+        without targets.
     """
     values = np.asarray(targets)
     if task is Task.RECONSTRUCTION or values.size == 0:
         return None
     if task is Task.CLASSIFICATION:
-        counts = np.bincount(values.astype(np.int64))
-        counts = counts[counts > 0]
+        counts = np.bincount(values.astype(np.int64)).astype(np.float64)
         if class_weighted:
-            return math.log(len(counts))
-        frequencies = counts / counts.sum()
-        return float(-(frequencies * np.log(frequencies)).sum())
+            counts = (counts > 0).astype(np.float64)
+        return counts / counts.sum()
     y = values.astype(np.float64)
     if loss in (None, "mse"):
-        return float(y.var())
+        return float(y.mean())
     if loss == "l1":
-        return float(np.abs(y - np.median(y)).mean())
-    return float(min(_huber(y, c) for c in np.linspace(y.min(), y.max(), 513)))
+        return float(np.median(y))
+    candidates = np.linspace(y.min(), y.max(), 513)
+    return float(candidates[np.argmin([_huber(y, c) for c in candidates])])
+
+
+def constant_loss(task: Task, loss: str | None, prediction: np.ndarray | float, targets: np.ndarray) -> float:
+    """The mean loss of predicting ``prediction`` (``chance_prediction``) for every sample of ``targets``.
+
+    Cross-entropy in nats in classification (a class the prediction never gives counts as impossible: inf);
+    squared target units for ``mse``, target units for ``l1`` and ``huber``.
+    """
+    if task is Task.CLASSIFICATION:
+        probabilities = np.asarray(prediction, dtype=np.float64)
+        classes = np.asarray(targets).astype(np.int64)
+        with np.errstate(divide="ignore"):
+            log_p = np.log(np.concatenate([probabilities, np.zeros(max(0, classes.max() + 1 - len(probabilities)))]))
+        return float(-log_p[classes].mean())
+    y = np.asarray(targets, dtype=np.float64)
+    constant = float(np.asarray(prediction))
+    if loss in (None, "mse"):
+        return float(((y - constant) ** 2).mean())
+    if loss == "l1":
+        return float(np.abs(y - constant).mean())
+    return _huber(y, constant)
+
+
+def chance_loss(task: Task, loss: str | None, targets: np.ndarray, *, class_weighted: bool = False) -> float | None:
+    """The training loss of the best constant prediction (``chance_prediction``) on the training targets.
+
+    With balanced classes ``ln(n_classes)``; the entropy of the class frequencies otherwise (``ln(n_classes)``
+    again with class-weighted sampling); the variance of the targets for ``mse``. None for reconstruction.
+    """
+    prediction = chance_prediction(task, loss, targets, class_weighted=class_weighted)
+    if prediction is None:
+        return None
+    if task is Task.CLASSIFICATION:
+        p = np.asarray(prediction)
+        p = p[p > 0]
+        return float(-(p * np.log(p)).sum())
+    return constant_loss(task, loss, prediction, targets)
 
 
 def _huber(y: np.ndarray, constant: float, delta: float = 1.0) -> float:
@@ -130,12 +176,26 @@ def train_loss_drop(train_losses: Sequence[float], chance: float) -> float:
     return float(((chance - smoothed) / chance).max())
 
 
+def validation_loss_drop(validation_losses: Sequence[float], validation_chance: float | None) -> float:
+    """The relative drop ``(chance - loss) / chance`` of the lowest validation loss below the validation chance.
+
+    ``validation_chance`` is the validation loss of the training set's ``chance_prediction``; ``nan`` when it is
+    unknown, infinite (a validation class absent from training) or 0, or without a finite validation loss.
+    """
+    losses = np.asarray(validation_losses, dtype=np.float64)
+    losses = losses[np.isfinite(losses)]
+    if validation_chance is None or not math.isfinite(validation_chance) or validation_chance <= 0 or not losses.size:
+        return math.nan
+    return float((validation_chance - losses.min()) / validation_chance)
+
+
 def diagnose_learning(
     task: Task,
     history: Sequence[Mapping[str, Any]],
     chance: float | None,
     selected_epochs: Mapping[str, int],
     *,
+    validation_chance: float | None = None,
     n_validation_classes: int = 2,
     target_sd: float = math.nan,
 ) -> LearningVerdict | None:
@@ -143,10 +203,13 @@ def diagnose_learning(
 
     Args:
         task: the model's task; reconstruction gets no verdict.
-        history: the rows of ``training.tsv`` (``epoch``, ``train_loss``, and ``validation_n_predicted_classes``
-            in classification or ``validation_prediction_sd`` in regression when recorded).
+        history: the rows of ``training.tsv`` (``epoch``, ``train_loss``, ``validation_loss``, and
+            ``validation_n_predicted_classes`` in classification or ``validation_prediction_sd`` in regression
+            when recorded).
         chance: ``chance_loss`` of the training set.
         selected_epochs: selection metric → epoch of its ``best-<metric>`` model.
+        validation_chance: the validation loss of the training set's chance prediction (``constant_loss``);
+            None skips the generalisation check.
         n_validation_classes: classes present among the validation samples; a one-class prediction of a
             one-class validation set is no collapse.
         target_sd: standard deviation of the training targets (regression).
@@ -158,6 +221,8 @@ def diagnose_learning(
         return None
     losses = [float(row["train_loss"]) for row in history]
     drop = train_loss_drop(losses, chance)
+    validation_drop = validation_loss_drop([float(row.get("validation_loss", math.nan)) for row in history],
+                                           validation_chance)  # fmt: skip
     chance_name = {
         Task.CLASSIFICATION: "the loss of always predicting the training class frequencies",
         Task.REGRESSION: "the loss of always predicting the best constant (training R² near 0)",
@@ -166,16 +231,19 @@ def diagnose_learning(
         f"chance level {chance:.4g} ({chance_name}), training loss {losses[0]:.4g} at the first epoch and "
         f"{losses[-1]:.4g} at the last of {len(losses)}"
     )
+
+    def verdict(status: LearningStatus, reason: str, advice: str) -> LearningVerdict:
+        return LearningVerdict(status, reason, advice, chance, drop, validation_drop)
+
     if not drop >= MIN_TRAIN_DROP:  # nan included
         shown = "never" if math.isnan(drop) else f"at most {100 * drop:.1f} % below it, never"
-        return LearningVerdict(
+        return verdict(
             LearningStatus.DID_NOT_LEARN,
             f"the training loss stayed at chance level: its {SMOOTHING_EPOCHS}-epoch running mean fell {shown} "
             f"{100 * MIN_TRAIN_DROP:.0f} % or more below the {figures}.",
             ADVICE_NOT_FITTED,
-            chance,
-            drop,
         )
+    fitted = f"the training loss fell {100 * drop:.1f} % below the {figures}"
     by_epoch = {int(row["epoch"]): row for row in history}
     collapsed = []
     for metric, epoch in selected_epochs.items():
@@ -189,33 +257,33 @@ def diagnose_learning(
             if sd is not None and target_sd > 0 and sd < MIN_PREDICTION_SD * target_sd:
                 collapsed.append(f"best-{metric} (epoch {epoch}: sd {sd:.3g})")
     if collapsed:
+        several = len(collapsed) > 1
+        models = f"the selected model{'s' if several else ''} {' and '.join(collapsed)} predict{'' if several else 's'}"
         if task is Task.CLASSIFICATION:
-            what = (
-                f"predicts one class for every validation sample although the validation set holds "
-                f"{n_validation_classes} classes"
-            )
+            what = f"one class for every validation sample although the validation set holds {n_validation_classes}"
+            what += " classes"
             advice = ADVICE_COLLAPSED
         else:
             what = (
-                f"predicts a near-constant value on validation (sd below {100 * MIN_PREDICTION_SD:.0f} % of the "
-                f"training targets' sd {target_sd:.4g})"
+                f"a near-constant value on validation (sd below {100 * MIN_PREDICTION_SD:.0f} % of the training "
+                f"targets' sd {target_sd:.4g})"
             )
             advice = ADVICE_CONSTANT
-        return LearningVerdict(
+        return verdict(LearningStatus.DID_NOT_LEARN, f"{models} {what}; {fitted}.", advice)
+    if validation_drop < MIN_VALIDATION_DROP and validation_chance is not None:  # nan: no check
+        return verdict(
             LearningStatus.DID_NOT_LEARN,
-            f"the selected model {', '.join(collapsed)} {what}; the training loss fell {100 * drop:.1f} % below "
-            f"the {figures}.",
-            advice,
-            chance,
-            drop,
+            f"the network fitted its training set but did not generalise: its lowest validation loss "
+            f"{validation_chance * (1 - validation_drop):.4g} is {100 * validation_drop:.1f} % below the validation "
+            f"loss {validation_chance:.4g} of the chance prediction, less than {100 * MIN_VALIDATION_DROP:.0f} %; "
+            f"{fitted}.",
+            ADVICE_NOT_GENERALISED,
         )
-    return LearningVerdict(
+    return verdict(
         LearningStatus.LEARNED,
-        f"the training loss fell {100 * drop:.1f} % below the {figures}, and the selected models' validation "
-        "predictions vary.",
+        f"{fitted}; the selected models' validation predictions vary and the lowest validation loss is "
+        f"{100 * validation_drop:.1f} % below that of the chance prediction.",
         "",
-        chance,
-        drop,
     )
 
 

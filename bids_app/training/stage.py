@@ -350,22 +350,24 @@ def diagnose_split(
 ) -> LearningVerdict | None:
     """Whether the split's network learned (``training.learning``), from its epochs and its datasets' targets.
 
-    The chance level is that of the training samples the sampler draws (``--class-weighted-sampling``
-    balances the classes); the selected models are those kept in ``state.best``. None for reconstruction.
+    The training chance level is that of the training samples the sampler draws (``--class-weighted-sampling``
+    balances the classes); the validation one is the loss of the best constant for the validation targets
+    themselves (their class frequencies, their mean), a reference no network can beat without information from
+    the images. The selected models are those kept in ``state.best``. None for reconstruction.
     """
     from bids_app.training.learning import chance_loss, diagnose_learning
 
     train_targets, val_targets = train_ds.sample_targets, val_ds.sample_targets
-    if task is Task.RECONSTRUCTION or train_targets is None:
+    if task is Task.RECONSTRUCTION or train_targets is None or val_targets is None:
         return None
-    chance = chance_loss(task, cfg.train.loss, train_targets, class_weighted=cfg.train.class_weighted_sampling)
-    n_validation_classes = len(np.unique(val_targets)) if val_targets is not None else 0
+    loss = cfg.train.loss
     return diagnose_learning(
         task,
         state.history,
-        chance,
+        chance_loss(task, loss, train_targets, class_weighted=cfg.train.class_weighted_sampling),
         {metric: epoch for metric, (_, epoch) in state.best.items()},
-        n_validation_classes=n_validation_classes,
+        validation_chance=chance_loss(task, loss, val_targets),
+        n_validation_classes=len(np.unique(val_targets)),
         target_sd=float(np.std(train_targets)) if task is Task.REGRESSION else float("nan"),
     )
 

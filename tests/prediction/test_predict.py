@@ -332,8 +332,10 @@ def test_prediction_tsv_columns_rows_and_metrics(maps: Maps, tmp_path: Path) -> 
     assert float(parts["proba_AD"][1]) == pytest.approx(p_ad(0.9), abs=1e-6)
     metrics = read_tsv(out / "test_image_level_metrics.tsv")
     assert list(metrics.columns) == [
-        "metric", "value", "ci_low", "ci_high", "n_images", "n_participants", "positive_class", "warning"
+        "metric", "value", "ci_low", "ci_high", "n_images", "n_participants", "positive_class", "warning",
+        "training_status"
     ]  # fmt: skip
+    assert set(metrics["training_status"]) == {"n/a"}, "no learning verdict: a split trained before the verdict existed"
     assert metrics["metric"].tolist() == [
         "balanced_accuracy", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "mcc", "roc_auc"
     ]  # fmt: skip

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from bids_app.config import Task
+from bids_app.config import ExtractionMode, Task
 from bids_app.maps import Maps
 from bids_app.maps.folder import LearningStatus, MapsLayout
+from bids_app.maps.splits import Fold, Splits
 from bids_app.training.learning import MIN_TRAIN_DROP, chance_loss, diagnose_learning, train_loss_drop
+from tests.conftest import make_cohort, run_cli
+from tests.training.test_train import make_config, make_data, train
 
 LN2 = math.log(2)
 
@@ -116,3 +121,98 @@ def test_the_running_mean_ignores_one_lucky_epoch() -> None:
     assert train_loss_drop(losses, LN2) < MIN_TRAIN_DROP
     assert math.isnan(train_loss_drop([float("nan")], LN2))
     assert diagnose_learning(Task.RECONSTRUCTION, history([0.1]), 0.2, {"loss": 0}) is None
+
+
+# -- whole trainings ----------------------------------------------------------------------------------------
+
+
+def shuffled(table: pd.DataFrame, splits: Splits) -> tuple[pd.DataFrame, Splits]:
+    """The same images with their diagnoses permuted across participants: labels independent of the images."""
+    participants = sorted(table["participant_id"].unique())
+    permuted = np.random.default_rng(0).permutation([table.set_index("participant_id").loc[p, "label"]
+                                                     for p in participants])  # fmt: skip
+    labels = dict(zip(participants, permuted, strict=True))
+    table = table.assign(label=table["participant_id"].map(labels))
+
+    def relabel(rows: pd.DataFrame) -> pd.DataFrame:
+        return rows.assign(label=rows["participant_id"].map(labels))
+
+    folds = tuple(Fold(f.index, relabel(f.train), relabel(f.validation)) for f in splits.folds)
+    return table, dataclasses.replace(splits, folds=folds)
+
+
+@pytest.mark.parametrize("random_labels", [False, True], ids=["strong-effect", "shuffled-labels"])
+def test_training_diagnoses_a_strong_effect_and_shuffled_labels(
+    tmp_path: Path, random_labels: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """AD images are 0.6 brighter than CN ones (noise in [0, 1)): learned in 10 epochs; permuted labels are not."""
+    table, splits = make_data(tmp_path, ExtractionMode.IMAGE, Task.CLASSIFICATION)
+    if random_labels:
+        table, splits = shuffled(table, splits)
+    cfg = make_config(tmp_path, epochs=10, learning_rate=0.01, dropout=0.2, selection_metrics=("loss",))
+    with caplog.at_level(logging.WARNING, logger="bids_app.training.stage"):
+        maps_dir = train(cfg, table, splits)
+    learning = json.loads(MapsLayout(maps_dir).summary_json(0).read_text())["learning"]
+    history = pd.read_csv(MapsLayout(maps_dir).training_tsv(0), sep="\t")
+    assert history["validation_n_predicted_classes"].between(1, 2).all()
+    warnings = [r.getMessage() for r in caplog.records if "did not learn" in r.getMessage()]
+    if random_labels:
+        assert learning["status"] == "did-not-learn" and learning["advice"]
+        assert len(warnings) == 1 and warnings[0].startswith("Split 0: the network did not learn: ")
+        assert learning["reason"] in warnings[0] and learning["advice"] in warnings[0]
+    else:
+        assert learning["status"] == "learned", learning["reason"]
+        assert learning["train_loss_drop"] > 0.5 and learning["validation_loss_drop"] > 0.5
+        assert not warnings
+    assert learning["chance_loss"] == pytest.approx(-(3 / 7 * math.log(3 / 7) + 4 / 7 * math.log(4 / 7)))
+    assert Maps.open(maps_dir).learning_status(0) == learning["status"]
+
+
+@pytest.fixture(scope="module")
+def random_label_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, Path]:
+    """The generator's diagnoses drawn independently of the images (``--random-labels``), trained and predicted."""
+    root = tmp_path_factory.mktemp("random-labels")
+    dataset, out = make_cohort(root, 10, 1, "--modes", "image", "--skip-bids-validation", seed=4, effect_size=0.8,
+                               random_labels=True)  # fmt: skip
+    result = run_cli(str(dataset.bids_dir), str(out), "group", "--label", "diagnosis", "--mode", "image",
+                     "--architecture", "small_cnn", "--epochs", "3", "--batch-size", "4", "--learning-rate", "0.001",
+                     "--n-splits", "1", "--test-size", "2", "--n-bootstrap", "20", "--no-linear-baseline",
+                     "--model-name", "random", "--seed", "3", "--skip-bids-validation")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / "models" / "random", result.stderr, dataset.bids_dir
+
+
+def metric_tables(maps_dir: Path) -> dict[str, pd.DataFrame]:
+    return {path.name: pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+            for path in sorted(maps_dir.glob("split-0/best-loss/*/*_image_level_metrics.tsv"))}  # fmt: skip
+
+
+def test_random_labels_raise_the_alarm_in_summary_log_and_metric_tsvs(random_label_run) -> None:
+    maps_dir, log, _ = random_label_run
+    learning = json.loads(MapsLayout(maps_dir).summary_json(0).read_text())["learning"]
+    assert learning["status"] == "did-not-learn" and learning["reason"] and "--learning-rate" in log
+    trained = [line for line in log.splitlines() if "WARNING" in line and "Split 0: the network did not learn" in line]
+    predicting = [line for line in log.splitlines() if "WARNING" in line and "Split 0: predicting with a network "
+                  "that did not learn" in line]  # fmt: skip
+    assert len(trained) == 1 and len(predicting) == 1
+    tables = metric_tables(maps_dir)
+    assert set(tables) == {"validation_image_level_metrics.tsv", "test_image_level_metrics.tsv"}
+    for table in tables.values():
+        assert table.columns[-1] == "training_status" and set(table["training_status"]) == {"did-not-learn"}
+
+
+def test_a_model_without_a_verdict_predicts_with_status_na(random_label_run, tmp_path: Path) -> None:
+    """A split trained before the verdict existed: ``n/a``, and no warning."""
+    maps_dir, _, bids_dir = random_label_run
+    out = tmp_path / "out"
+    shutil.copytree(maps_dir.parent.parent, out, symlinks=True)
+    summary_path = MapsLayout(out / "models" / "random").summary_json(0)
+    summary = json.loads(summary_path.read_text())
+    del summary["learning"]
+    summary_path.write_text(json.dumps(summary))
+    result = run_cli(str(bids_dir), str(out), "group", "--stages", "predict", "--model-name", "random",
+                     "--n-bootstrap", "20", "--skip-bids-validation")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "did not learn" not in result.stderr
+    for table in metric_tables(out / "models" / "random").values():
+        assert set(table["training_status"]) == {"n/a"}
