@@ -88,6 +88,8 @@ def test_store_mirrors_the_maps(tracked: tuple[Any, Path, Path]) -> None:
         assert run.data.metrics["best_loss"] == pytest.approx(summary["best"]["loss"]["value"])
         assert run.data.metrics["best_loss_epoch"] == summary["best"]["loss"]["epoch"]
         assert run.data.tags["bids_app.final_weights_sha256"] == summary["final_weights_sha256"]
+        assert run.data.tags["bids_app.learning_status"] == summary["learning"]["status"]
+        assert run.data.tags["bids_app.learning_reason"] == summary["learning"]["reason"]
         test = metric_table(maps_dir / f"split-{k}/best-loss/test/test_image_level_metrics.tsv")
         for column, suffix in (("value", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high")):
             expected = test.loc["balanced_accuracy", column]

@@ -79,6 +79,21 @@ def test_one_class_predictions_of_the_selected_model_are_an_alarm() -> None:
     assert same is not None and same.status is LearningStatus.LEARNED, "one true class: one predicted is no collapse"
 
 
+def test_a_memorised_training_set_that_does_not_generalise_is_an_alarm() -> None:
+    """Random labels: the training loss falls to 0, predictions vary, but validation never beats a constant."""
+    losses = list(np.linspace(0.70, 0.01, 12))
+    rows = history(losses, n_predicted_classes=[2] * 12)
+    for row, loss in zip(rows, np.linspace(0.70, 1.5, 12), strict=True):
+        row["validation_loss"] = loss  # confidently wrong on new images
+    memorised = diagnose_learning(Task.CLASSIFICATION, rows, LN2, {"loss": 0}, validation_chance=LN2)
+    assert memorised is not None and memorised.status is LearningStatus.DID_NOT_LEARN
+    assert "did not generalise" in memorised.reason and "memorises" in memorised.advice
+    assert memorised.validation_loss_drop == pytest.approx(-0.7 / LN2 + 1)
+    rows[5]["validation_loss"] = LN2 * 0.9  # one epoch 10 % below the validation set's best constant
+    generalised = diagnose_learning(Task.CLASSIFICATION, rows, LN2, {"loss": 5}, validation_chance=LN2)
+    assert generalised is not None and generalised.status is LearningStatus.LEARNED
+
+
 def test_regression_flat_at_the_variance_is_an_alarm_and_a_falling_loss_learned() -> None:
     targets = np.array([60.0, 62, 65, 70, 71, 75, 80, 83])
     chance = chance_loss(Task.REGRESSION, "mse", targets)
