@@ -56,15 +56,26 @@ def make_guard(maps: Maps, *, with_fingerprints: bool = True) -> tuple[Travellin
         The guard, and the sidecar of one training tensor (for the model card's input section; empty when none
         is left).
     """
+    import pandas as pd
+
+    from bids_app.data.cohorts import list_cohorts
     from bids_app.data.tables import index_tensors
+    from bids_app.labels import COHORT, image_keys, subject_ids
     from bids_app.prediction import identity
 
     output_dir = Path(maps.record.config.output_dir)
-    tensors = index_tensors(output_dir, maps.record.mode)
+    cohorts = list_cohorts(maps.record.config)
+    if cohorts:  # a multi-cohort model: every cohort's output holds part of the pool
+        indexes = [index_tensors(cohort.output_dir, maps.record.mode) for cohort in cohorts]
+        for cohort, index in zip(cohorts, indexes, strict=True):
+            index.insert(0, COHORT, cohort.name)
+        tensors = pd.concat(indexes, ignore_index=True)
+    else:
+        tensors = index_tensors(output_dir, maps.record.mode)
     pool = training_checksums(maps, tensors)
-    columns = [c for c in ("cohort", *IMAGE_COLUMNS, "dataset_name", "dataset_doi", "dataset_id") if c in pool]
+    columns = [c for c in (COHORT, *IMAGE_COLUMNS, "dataset_name", "dataset_doi", "dataset_id") if c in pool]
     images = pool[columns].astype(str).reset_index(drop=True)
-    keys = ["participant_id", "session_id"]
+    keys = [c for c in image_keys(images) if c in tensors.columns]
     located = images[keys].merge(tensors[[*keys, "tensor_path"]].astype(str), on=keys, how="inner")
     sidecar: dict[str, Any] = {}
     if len(located):
@@ -80,19 +91,20 @@ def make_guard(maps: Maps, *, with_fingerprints: bool = True) -> tuple[Travellin
         log.warning("%d training/validation image(s) have no preprocessed image left in %s: not fingerprinted, so "
                     "the receiving site cannot recognise their re-scans.", len(images) - len(kept),
                     output_dir)  # fmt: skip
-    if kept["participant_id"].nunique() < 2:
+    people = subject_ids(kept)  # <cohort>/<participant> in a multi-cohort pool: one label may name two people
+    if people.nunique() < 2:
         return TravellingGuard(images, None, FEW_PARTICIPANTS), sidecar
     volumes = np.stack([identity.lowres_volume(p) for p in paths if p is not None])
     model = identity.fit_model(volumes)
     calibration = identity.calibrate(
-        identity.features(volumes, model), kept["participant_id"].tolist(), kept["session_id"].tolist()
+        identity.features(volumes, model), people.tolist(), kept["session_id"].tolist()
     )
     assert calibration is not None  # two participants or more
     fingerprints = Fingerprints(
         mask=model.mask,
         mean=model.mean,
         prints=identity.fingerprints(volumes, model),
-        ids=tuple(zip(kept["participant_id"], kept["session_id"], strict=True)),
+        ids=tuple(zip(people, kept["session_id"], strict=True)),
         calibration=dataclasses.asdict(calibration),
         fingerprint_mm=identity.FINGERPRINT_MM,
         high_pass_mm=identity.HIGH_PASS_MM,

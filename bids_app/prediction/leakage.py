@@ -33,7 +33,7 @@ from bids_app.data.tables import GroupTable, LabelTable, TensorIndex
 from bids_app.derivatives import atomic_path, atomic_write_json
 from bids_app.errors import DataError, LeakError
 from bids_app.labels import NA as MISSING
-from bids_app.labels import image_keys
+from bids_app.labels import image_keys, subject_ids
 from bids_app.maps import Maps
 
 log = logging.getLogger(__name__)
@@ -330,9 +330,11 @@ def check_identity_leaks(
     """
     from bids_app.prediction import identity as fingerprint
 
-    keys = ["participant_id", "session_id"]
-    train_ids = maps.training_pool()[keys].astype(str)
-    pool = train_ids.merge(output_table[[*keys, "source_sha256", "tensor_path"]].astype(str), on=keys, how="inner")
+    training = maps.training_pool()
+    keys = [c for c in image_keys(training) if c in output_table.columns]  # with cohorts, one label, two people
+    pool = training[keys].astype(str).merge(
+        output_table[[*keys, "source_sha256", "tensor_path"]].astype(str), on=keys, how="inner"
+    )
     groups_dir = maps.layout.groups_dir
     pool, volumes = _pool_volumes(groups_dir, pool)
     calibration = None
@@ -340,7 +342,7 @@ def check_identity_leaks(
         model = fingerprint.fit_model(volumes)
         prints = fingerprint.fingerprints(volumes, model)
         values = fingerprint.features(volumes, model)
-        calibration = fingerprint.calibrate(values, pool["participant_id"].tolist(), pool["session_id"].tolist())
+        calibration = fingerprint.calibrate(values, subject_ids(pool).tolist(), pool["session_id"].tolist())
     if calibration is None:
         log.warning("Identity check skipped for group '%s': the training pool has fewer than two participants "
                     "with preprocessed images in the output.", group_name)  # fmt: skip
