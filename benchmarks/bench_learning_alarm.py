@@ -1,14 +1,15 @@
 """Where the "did not learn" alarm's thresholds come from: training curves on random labels and on a real effect.
 
 Generates a tiny cohort with an atrophy of ``--effect-size`` and, from the same seed, the same images with
-random labels (``--random-labels``); runs the participant level once, then the group level (split, train,
-predict) for each label set and each learning rate, and prints per split the figures the alarm reads
-(``bids_app.training.learning``): the chance-level training loss, the largest relative drop of the training
-loss below it over all epochs and over the last epochs, the predicted classes of the selected models on
-validation, and the validation balanced accuracy.
+random labels (``--random-labels``); runs the participant level for each (default settings), then the group
+level (split and train, no test set) for each label set and learning rate, and prints per split what the alarm
+(``bids_app.training.learning``) read from ``summary.json``: the chance-level training loss, the largest
+relative drop below it of the 3-epoch running mean of the training loss (and of a single epoch), the relative
+drop of the lowest validation loss below the validation set's best constant, the classes the best-loss model
+predicts on validation, its balanced accuracy, and the verdict. docs/reliability.md holds the table.
 
-Usage: python benchmarks/bench_learning_alarm.py WORK_DIR [--n-subjects 16] [--epochs 20] [--lr 1e-4 0.003]
-(needs the environment: make env; about a minute per run on 2 CPU cores with the defaults).
+Usage: python benchmarks/bench_learning_alarm.py WORK_DIR [--seed 5] [--lr 1e-3 3e-2] [--epochs 20]
+(needs the environment: make env; a few minutes per learning rate on 2 free CPU cores).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 CROP = ("40", "48", "40")
@@ -55,11 +55,13 @@ def main() -> None:
         datasets[name] = generate_dataset(work / name, n_subjects=args.n_subjects, n_sessions=args.n_sessions,
                                           preset="tiny", seed=args.seed, effect_size=args.effect_size,
                                           random_labels=random_labels, preprocessed="derivative")  # fmt: skip
-    print("seed labels lr epochs split chance train_drop(raw_max) validation_drop best-loss_classes best-loss_BA status")
+    print("seed labels lr epochs split chance train_drop(raw_max) validation_drop best-loss_classes best-loss_BA "
+          "status")  # fmt: skip
     for name, dataset in datasets.items():
         out = work / f"out-{name}"
-        bids_app(str(dataset.bids_dir), str(out), "participant", "-d", str(dataset.derivative_dir), "--template",
-                 str(dataset.template_path), "--crop-shape", *CROP, "--modes", "image", "--skip-bids-validation")  # fmt: skip
+        bids_app(str(dataset.bids_dir), str(out), "participant", "-d", str(dataset.derivative_dir),
+                 "--template", str(dataset.template_path), "--crop-shape", *CROP, "--modes", "image",
+                 "--skip-bids-validation")  # fmt: skip
         for lr in args.lr:
             model = f"{name}-lr{lr:g}".replace(".", "p")
             bids_app(str(dataset.bids_dir), str(out), "group", "--label", "diagnosis", "--mode", "image",

@@ -30,8 +30,8 @@ are done here, once, on the validation samples seen during training, rather than
 Where the thresholds come from (``benchmarks/bench_learning_alarm.py``, table in docs/reliability.md: the tiny
 generated cohort, 16 participants, atrophy 0.8, two splits of 8 training and 8 validation images, ``conv5_fc3``,
 batch 4, 20 epochs, and the same images with random labels): networks that did not fit (learning rate 0.003 or
-0.03) have single-epoch training losses up to 9 % below ln 2 but running means at most 6 % below; networks that
-fit reach 33-99 % below, so 10 % separates them. Random labels are often fitted (memorised: 33-99 % below) and
+0.03) have single-epoch training losses up to 9.5 % below ln 2 but running means at most 5.7 % below; networks
+that fit reach 33-99 % below, so 10 % separates them. Random labels are often fitted (memorised: 33-99 % below) and
 then caught by checks 2 and 3: their lowest validation loss was at most 1.1 % below chance, while networks
 trained on the real labels that did not collapse reached 3.8-41 % below; 3 % sits between the two.
 """
