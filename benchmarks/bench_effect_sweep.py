@@ -21,13 +21,14 @@ and splits (mean, min-max, n = test participants per run x runs), also written t
 tensors, all participants): the effect size a user would measure. Completed runs are reused when the script is
 started again on the same WORK_DIR with the same options (``--fresh`` starts over).
 
-Quick (about 5 min on 2 busy cores)::
+Quick (about 3 min on 2 busy cores)::
 
     python benchmarks/bench_effect_sweep.py --quick
 
-Full (what docs/performance.md reports)::
+What docs/performance.md reports (about 25 min, then 15 min, on 2 busy cores)::
 
-    python benchmarks/bench_effect_sweep.py --effect-sizes 0.1 0.2 0.4 --seeds 0 1 2 --modes roi image
+    python benchmarks/bench_effect_sweep.py --modes roi --settings script old new --seeds 0 1
+    python benchmarks/bench_effect_sweep.py --effect-sizes 0.2 --modes image --settings old new
 """
 
 from __future__ import annotations
@@ -291,8 +292,8 @@ def write_tsv(path: Path, rows: list[dict[str, object]] | list[dict[str, str]], 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/bids_app_effect_sweep"))
-    parser.add_argument("--effect-sizes", type=float, nargs="+", default=[0.1, 0.2, 0.4],
-                        help="generator --effect-size values (default 0.1 0.2 0.4)")  # fmt: skip
+    parser.add_argument("--effect-sizes", type=float, nargs="+", default=[0.05, 0.1, 0.2],
+                        help="generator --effect-size values (default 0.05 0.1 0.2)")  # fmt: skip
     parser.add_argument("--n-subjects", type=int, default=40, help="participants per cohort, half AD (default 40)")
     parser.add_argument("--modes", nargs="+", default=["roi", "image"], choices=sorted(DEFAULT_ARCHITECTURES))
     parser.add_argument("--architectures", nargs="+", default=[],
