@@ -32,7 +32,7 @@ generated cohort, 16 participants, atrophy 0.8, two splits of 8 training and 8 v
 batch 4, 20 epochs, and the same images with random labels): networks that did not fit (learning rate 0.003 or
 0.03) have single-epoch training losses up to 10 % below ln 2 but running means at most 5.7 % below; networks
 that fit reach 19-99 % below, so 10 % separates them. Random labels are often fitted (memorised: up to 99 %
-below) and then caught by checks 2 and 3 (12 of 12 splits, seeds 5-8): their lowest validation loss was at most
+below) and then caught by checks 2 and 3 (16 of 16 splits, seeds 5-8): their lowest validation loss was at most
 2.3 % below chance, while the real-label splits that learned (validation balanced accuracy 0.75-1.00, falling
 validation loss) were 3.8-41 % below; 3 % sits in that narrow gap (8 validation images per split).
 """
