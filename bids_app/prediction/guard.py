@@ -96,9 +96,7 @@ def make_guard(maps: Maps, *, with_fingerprints: bool = True) -> tuple[Travellin
         return TravellingGuard(images, None, FEW_PARTICIPANTS), sidecar
     volumes = np.stack([identity.lowres_volume(p) for p in paths if p is not None])
     model = identity.fit_model(volumes)
-    calibration = identity.calibrate(
-        identity.features(volumes, model), people.tolist(), kept["session_id"].tolist()
-    )
+    calibration = identity.calibrate(identity.features(volumes, model), people.tolist(), kept["session_id"].tolist())
     assert calibration is not None  # two participants or more
     fingerprints = Fingerprints(
         mask=model.mask,

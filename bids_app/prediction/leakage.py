@@ -332,8 +332,10 @@ def check_identity_leaks(
 
     training = maps.training_pool()
     keys = [c for c in image_keys(training) if c in output_table.columns]  # with cohorts, one label, two people
-    pool = training[keys].astype(str).merge(
-        output_table[[*keys, "source_sha256", "tensor_path"]].astype(str), on=keys, how="inner"
+    pool = (
+        training[keys]
+        .astype(str)
+        .merge(output_table[[*keys, "source_sha256", "tensor_path"]].astype(str), on=keys, how="inner")
     )
     groups_dir = maps.layout.groups_dir
     pool, volumes = _pool_volumes(groups_dir, pool)
