@@ -35,6 +35,8 @@ FORMAT_VERSION = 1
 # too (device and memory layout change where and how the same values are computed; a checkpoint's tensors
 # load into either), except the two runtime options that change the arithmetic itself.
 RESUMABLE_KEYS = ("resume", "epochs", "splits")
+# [train] options that act after the network is trained (the linear baseline is fitted beside it): not hashed.
+AFTER_TRAINING_KEYS = ("linear_baseline",)
 HASHED_RUNTIME_KEYS = ("amp", "deterministic")
 
 
@@ -246,7 +248,7 @@ def restore_checkpoint(
 def training_config_hash(cfg: RunConfig, split: int, train_table: pd.DataFrame, val_table: pd.DataFrame) -> str:
     """SHA-256 of everything a checkpoint depends on: training options, seed, split and its images."""
     nested = config_to_nested(cfg)
-    train_options = {k: v for k, v in nested["train"].items() if k not in RESUMABLE_KEYS}
+    train_options = {k: v for k, v in nested["train"].items() if k not in (*RESUMABLE_KEYS, *AFTER_TRAINING_KEYS)}
     train_options.update({k: nested["runtime"][k] for k in HASHED_RUNTIME_KEYS})
     images = {
         name: [

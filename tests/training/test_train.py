@@ -441,10 +441,15 @@ def test_checkpoint_config_hash_covers_the_training_options(tmp_path: Path) -> N
 
 def test_checkpoint_config_hash_is_the_fingerprint_of_bids_app_0_1_0() -> None:
     """Checkpoints of bids_app 0.1.0 stored this hash as ``fingerprint``, with the runtime options in [train]:
-    they still resume. The values were computed with 0.1.0's ``checkpoint.fingerprint``."""
+    they still resume. The values were computed with 0.1.0's ``checkpoint.fingerprint``, whose default learning
+    rate was 1e-4 (now 1e-3: a 0.1.0 checkpoint resumes when its rate is given, and is refused otherwise)."""
     rows = pd.DataFrame({"participant_id": ["sub-1"], "session_id": ["ses-1"], "label": ["AD"],
                          "tensor_path": ["sub-1_ses-1_image.npy"]})  # fmt: skip
     cfg = RunConfig(Path("/data/bids"), Path("/data/out"), AnalysisLevel.GROUP, seed=3)
+    assert checkpoint.training_config_hash(cfg, 0, rows, rows) != (
+        "12b97154aa829a36358c7352eb2aec8c88c822026bc6a68170a01838b9c8322e"
+    )
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, learning_rate=1e-4, linear_baseline=False))
     assert checkpoint.training_config_hash(cfg, 0, rows, rows) == (
         "12b97154aa829a36358c7352eb2aec8c88c822026bc6a68170a01838b9c8322e"
     )
