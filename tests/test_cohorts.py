@@ -294,6 +294,22 @@ def test_report_shows_each_cohorts_metrics(trained: Path) -> None:
         assert f"<h4>Cohort {cohort} ({n} participant(s), {n} image(s))</h4>" in report
 
 
+def test_report_names_each_participant_with_its_cohort_and_links_its_own_output(trained: Path, cohorts) -> None:
+    """Both cohorts call their participants sub-001...: the report must not show cohort b's with cohort a's QC."""
+    import os
+    import re
+
+    report = (trained / "report.html").read_text(encoding="utf-8")
+    pool = read_tsv(trained / "groups/train+validation.tsv")
+    for cohort, participant in zip(pool["cohort"], pool["participant_id"], strict=True):
+        links = re.findall(rf'<a href="([^"]+)">{cohort}/{participant}</a>', report)
+        assert links, f"{cohort}/{participant} is not linked in the report"
+        target = (trained / links[0]).resolve()
+        assert target.is_file() and target.is_relative_to(cohorts[cohort][1].resolve()), target
+    assert not re.search(r">sub-\d+</a>", report.split("<h2>Participants</h2>")[1]), "a participant without cohort"
+    assert os.sep not in "".join(pool["cohort"])
+
+
 def test_split_record_and_demographics_per_cohort(trained: Path) -> None:
     groups = trained / "groups"
     record = json.loads((groups / "splits.json").read_text(encoding="utf-8"))["cohorts"]

@@ -355,11 +355,12 @@ def check_identity_leaks(
         log.warning("%d image(s) of group '%s' have no preprocessed image: not fingerprinted.",
                     len(group_table) - len(group), group_name)  # fmt: skip
     findings: list[LeakFinding] = []
+    people = subject_ids(pool).tolist()  # <cohort>/<participant> for a multi-cohort pool, as the travelling guard
     if len(group):
         group_prints = fingerprint.fingerprints(np.stack([fingerprint.lowres_volume(p) for p in paths if p]), model)
         for i, j, score in fingerprint.matching_pairs(group_prints, prints, calibration.threshold):
             new, seen = group.iloc[i], pool.iloc[j]
-            pair = (str(new["participant_id"]), str(new["session_id"]), str(seen["participant_id"]))
+            pair = (str(new["participant_id"]), str(new["session_id"]), people[j])
             findings.append(LeakFinding("fingerprint", *pair, str(seen["session_id"]), "", score))
     record_path = groups_dir / IDENTITY_FILE
     try:

@@ -27,9 +27,9 @@ import io
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -227,6 +227,34 @@ def _learning_alarms(maps: Maps, splits: list[int]) -> str:
     return "".join(banners)
 
 
+class _Outputs:
+    """Where each cohort's participant-level files are: OUTPUT_DIR alone, or one output folder per cohort.
+
+    A participant is known by (cohort, participant_id) in a multi-cohort model (cohort ``""`` otherwise), so the
+    QC, the participant-level status and the report link of cohort B's ``sub-01`` are read from cohort B's
+    output, never from another cohort's.
+    """
+
+    def __init__(self, output_dir: Path, record: MapsRecord) -> None:
+        from bids_app.data.cohorts import list_cohorts
+
+        self.output_dir = output_dir
+        self.dirs = {cohort.name: Path(cohort.output_dir) for cohort in list_cohorts(record.config)}
+        self.qc: dict[tuple[str, str, str], str] = {}
+        self.status: dict[tuple[str, str], list[str]] = {}
+        for cohort, folder in (self.dirs or {"": output_dir}).items():
+            self.qc.update({(cohort, *key): value for key, value in _qc_status(folder).items()})
+            self.status.update({(cohort, key): value for key, value in _participant_level_status(folder).items()})
+
+    def folder(self, cohort: str) -> Path:
+        return self.dirs.get(cohort, self.output_dir)
+
+    @staticmethod
+    def cohort_of(row: Mapping[Hashable, Any]) -> str:
+        value = row.get("cohort")
+        return "" if value is None or pd.isna(value) else str(value)
+
+
 def _qc_status(output_dir: Path) -> dict[tuple[str, str], str]:
     """``(participant_id, session_id) → "pass"`` or the failing rule, from ``OUTPUT_DIR/qc_summary.tsv``."""
     path = output_dir / QC_SUMMARY_TSV
@@ -262,17 +290,18 @@ def _participant_level_status(output_dir: Path) -> dict[str, list[str]]:
     return failed
 
 
-def _report_link(output_dir: Path, layout: MapsLayout, participant_id: str) -> str:
-    """The participant's id, linked to its preprocessing report relative to the model folder when it exists."""
+def _report_link(output_dir: Path, layout: MapsLayout, participant_id: str, cohort: str = "") -> str:
+    """The participant's id (``<cohort>/<id>`` with cohorts), linked to its preprocessing report relative to the
+    model folder when it exists."""
     page = report_path(output_dir, participant_id.removeprefix("sub-"))
+    shown = f"{cohort}/{participant_id}" if cohort else participant_id
     if not page.is_file():
-        return html.escape(participant_id)
+        return html.escape(shown)
     href = Path(os.path.relpath(page, layout.home or layout.root)).as_posix()
-    return f'<a href="{html.escape(href)}">{html.escape(participant_id)}</a>'
+    return f'<a href="{html.escape(href)}">{html.escape(shown)}</a>'
 
 
-def _predictions(output_dir: Path, layout: MapsLayout, record: MapsRecord, split: int, metric: str,
-                 qc: dict[tuple[str, str], str]) -> str:  # fmt: skip
+def _predictions(outputs: _Outputs, layout: MapsLayout, record: MapsRecord, split: int, metric: str) -> str:
     """Every image's prediction by the ``best-<metric>`` model of ``split`` on test and validation, one row each."""
     if record.task is Task.RECONSTRUCTION:
         return ""
@@ -300,8 +329,9 @@ def _predictions(output_dir: Path, layout: MapsLayout, record: MapsRecord, split
         for row in prediction.to_dict("records"):
             participant = str(row["participant_id"])
             session = str(row["session_id"]) if pd.notna(row["session_id"]) else "n/a"
-            qc_text = qc.get((participant, session), "n/a")
-            cells = [_report_link(output_dir, layout, participant), html.escape(session)]
+            cohort = outputs.cohort_of(row)
+            qc_text = outputs.qc.get((cohort, participant, session), "n/a")
+            cells = [_report_link(outputs.folder(cohort), layout, participant, cohort), html.escape(session)]
             wrong = False
             if record.task is Task.CLASSIFICATION:
                 labelled = pd.notna(row["true_label"])
@@ -718,17 +748,23 @@ def _saliency_section(output_dir: Path, layout: MapsLayout, record: MapsRecord, 
     return "".join(parts) + f'<p class="note">{html.escape(note)}</p>'
 
 
-def _participants_section(output_dir: Path, layout: MapsLayout) -> str:
-    """Every participant of the model's groups: group, images, QC, participant-level status and report link."""
-    qc = _qc_status(output_dir)
-    status = _participant_level_status(output_dir)
+def _participants_section(outputs: _Outputs, layout: MapsLayout) -> str:
+    """Every participant of the model's groups: group, images, QC, participant-level status and report link
+    (a participant is ``<cohort>/<participant_id>`` in a multi-cohort model, read from its cohort's output)."""
     tables = {"train+validation": layout.train_validation_tsv, "test": layout.groups_dir / TEST_TSV}
     rows = []
     for group, path in tables.items():
         table = _read_tsv(path, f"{group} table")
-        for participant, images in table.groupby(table["participant_id"].astype(str), sort=True):
+        cohorts = table["cohort"].astype(str) if "cohort" in table.columns else pd.Series("", index=table.index)
+        for (cohort_key, participant_key), images in table.groupby(
+            [cohorts, table["participant_id"].astype(str)], sort=True
+        ):
+            cohort, participant = str(cohort_key), str(participant_key)
+            output_dir = outputs.folder(cohort)
             sessions = [str(s) if pd.notna(s) else "n/a" for s in images["session_id"]]
-            verdicts = [qc[(participant, s)] for s in sessions if (participant, s) in qc]
+            verdicts = [
+                outputs.qc[(cohort, participant, s)] for s in sessions if (cohort, participant, s) in outputs.qc
+            ]
             failed = [v for v in verdicts if v != "pass"]
             if not verdicts:
                 qc_text, qc_class = "n/a", ""
@@ -736,11 +772,11 @@ def _participants_section(output_dir: Path, layout: MapsLayout) -> str:
                 qc_text, qc_class = "; ".join(failed), ' class="fail"'
             else:
                 qc_text, qc_class = f"pass ({len(verdicts)} image(s))", ""
-            problems = status.get(participant)
+            problems = outputs.status.get((cohort, participant))
             level = "n/a" if problems is None else ("; ".join(problems) or "ok")
             level_class = ' class="fail"' if problems else ""
             page = report_path(output_dir, participant.removeprefix("sub-"))
-            link = _report_link(output_dir, layout, participant)
+            link = _report_link(output_dir, layout, participant, cohort)
             report = "report" if page.is_file() else "no report"
             rows.append(
                 f"<tr><td>{link}</td><td>{html.escape(group)}</td><td>{len(images)}</td>"
@@ -801,19 +837,19 @@ def write_group_report(output_dir: Path, maps: Maps, run: RunContext | None = No
             "validation group, on which the model was selected: they are optimistic, not an estimate of "
             "performance on new participants.</p>"
         )
-    qc = _qc_status(output_dir)
+    outputs = _Outputs(output_dir, record)
     for split in splits:
         sections.append(f"<h2>Split {split}</h2><h3>Learning curves</h3>")
         sections.append(_learning_curves(layout, record, split))
         sections.append('<p class="note">Dashed lines: epochs of the selected models.</p>')
         for metric in record.config.train.selection_metrics:
             sections.append(_test_results(layout, record, split, metric, group))
-            sections.append(_predictions(output_dir, layout, record, split, metric, qc))
+            sections.append(_predictions(outputs, layout, record, split, metric))
         sections.append(_selection_warning(layout, record, split))
     sections.append(_split_summary_section(layout, record, group))
     if record.task is Task.CLASSIFICATION:
         sections.append(_saliency_section(output_dir, layout, record, splits))
-    sections.append(_participants_section(output_dir, layout))
+    sections.append(_participants_section(outputs, layout))
     page = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
             '<meta name="viewport" content="width=device-width, initial-scale=1">',
             f"<title>{html.escape(name)} group report</title>", f"<style>{_CSS}</style></head><body>",
