@@ -304,8 +304,13 @@ def run_baseline(cfg: RunConfig, stages: Sequence[GroupStage], maps: Maps, table
         log.info("Linear baseline off (--no-baseline): the metric TSVs carry the network's values only.")
     elif fit:
         run_baseline_stage(cfg, maps, table, tracker)
-    else:
-        predict_with_saved_baselines(cfg, maps, tracker)
+    else:  # the group the prediction stage reads next (check_group_run: --predict-from comes with predict)
+        from bids_app.data.tables import external_table
+
+        assert cfg.predict.predict_from is not None
+        record = maps.record
+        rows = external_table(cfg.predict.predict_from, record.mode, record.config.labels)
+        predict_with_saved_baselines(cfg, maps, str(cfg.predict.group_name), rows, tracker)
 
 
 def run_imported_model(cfg: RunConfig, ctx: RunContext) -> int:
@@ -316,8 +321,6 @@ def run_imported_model(cfg: RunConfig, ctx: RunContext) -> int:
     checked to have its sample shape and participant-level settings (``data.origin.check_same_settings``), and
     predicted after the travelling leak guard's checks.
     """
-    import dataclasses
-
     from bids_app.data.origin import check_same_settings, read_settings
     from bids_app.data.tables import external_table, sample_shape, verify_tensors
     from bids_app.portable import open_model
@@ -335,11 +338,10 @@ def run_imported_model(cfg: RunConfig, ctx: RunContext) -> int:
     verify_tensors(table)
     group = check_imported_group(cfg, imported, table)  # the travelling guard, before any prediction is written
     with open_tracker(cfg, maps.layout, ctx.log_dir, new_maps=False).session() as tracker:
-        if cfg.train.linear_baseline:  # the baseline the archive carries, merged beside the network's metrics
+        if cfg.train.linear_baseline:  # the baseline the archive carries, on the very images the guard checked
             from bids_app.baseline.stage import predict_with_saved_baselines
 
-            predict_from = dataclasses.replace(cfg.predict, predict_from=cfg.output_dir)
-            predict_with_saved_baselines(dataclasses.replace(cfg, predict=predict_from), maps, tracker)
+            predict_with_saved_baselines(cfg, maps, group.name, table, tracker)
         run_predict_imported(cfg, imported, table, group, tracker)
     log.info("Group level done: predictions in %s", maps.root)
     return 0
@@ -350,7 +352,7 @@ def check_model_run(cfg: RunConfig, stages: Sequence[GroupStage]) -> None:
 
     Raises:
         UsageError: stages other than predict, or options of a local model (--predict-from, --transfer-from,
-            --split-file, cohorts).
+            --split-file, --cohort, --cohort-name, --leave-cohort-out, --resume, --overwrite).
         ConfigError: no usable --group-name.
         InputMissingError: the archive or folder does not exist.
     """
@@ -363,15 +365,18 @@ def check_model_run(cfg: RunConfig, stages: Sequence[GroupStage]) -> None:
             f"--model predicts with a model trained elsewhere: --stages {' '.join(s.value for s in stages)} is not "
             "possible with it. Drop --stages (or pass --stages predict)."
         )
-    for given, option in (
-        (cfg.predict.predict_from, "--predict-from"),
-        (cfg.train.transfer_from, "--transfer-from"),
-        (cfg.split.split_file, "--split-file"),
+    for given, option in (  # each would be dropped silently: the imported model decides, OUTPUT_DIR is predicted
+        (cfg.predict.predict_from is not None, "--predict-from"),
+        (cfg.train.transfer_from is not None, "--transfer-from"),
+        (cfg.split.split_file is not None, "--split-file"),
+        (bool(cfg.cohorts), "--cohort"),
+        (cfg.cohort_name is not None, "--cohort-name"),
+        (cfg.split.leave_cohort_out is not None, "--leave-cohort-out"),
+        (cfg.train.resume, "--resume"),
+        (cfg.overwrite, "--overwrite"),
     ):
-        if given is not None:
+        if given:
             raise UsageError(f"{option} cannot go with --model, which predicts OUTPUT_DIR's images. Drop {option}.")
-    if cfg.cohorts:
-        raise UsageError("--cohort cannot go with --model, which predicts OUTPUT_DIR's images. Drop --cohort.")
     check_imported_group_name(cfg)
     if not cfg.predict.model.exists():
         raise InputMissingError(f"--model {cfg.predict.model} does not exist. Check the path.")
@@ -458,6 +463,12 @@ def check_group_run(cfg: RunConfig) -> None:
     if cfg.predict.predict_from is not None:
         from bids_app.prediction.stage import check_group_name
 
+        if GroupStage.BASELINE in stages and GroupStage.PREDICT not in stages:  # predict checks the group first
+            raise UsageError(
+                f"--stages {' '.join(s.value for s in stages)} would have the baseline predict --predict-from's "
+                "group without the predict stage, which checks it for leaks and settings first. Add predict to "
+                "--stages or drop --predict-from."
+            )
         check_group_name(cfg.predict)
     for path, option in (
         (cfg.predict.predict_from, "--predict-from"),

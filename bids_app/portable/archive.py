@@ -7,6 +7,8 @@ model. Reading (``read_archive``) refuses, before anything is written:
 
 - a member path that is absolute, climbs out (``..``), is not normalised, or is a folder entry;
 - a symlink, device, FIFO, or a member with an executable, setuid or setgid mode bit;
+- an encrypted member, or one compressed otherwise than stored or deflated (what ``write_archive`` writes);
+- an archive without a member every model needs (``REQUIRED_MEMBERS``, at least one ``WEIGHTS_PATTERN`` file);
 - a member the format does not know (``MEMBER_PATTERNS``), or one the manifest does not list, or the reverse;
 - a member whose SHA-256 or size differs from the manifest's;
 - pickled content: a pickle file name, pickle or zip (torch checkpoint) magic bytes, a text member that is not
@@ -64,6 +66,17 @@ MEMBER_PATTERNS = tuple(
     )
 )
 TEXT_SUFFIXES = (".json", ".tsv", ".md")
+# What every model holds: without them it cannot be opened, described or guarded (a missing one is named).
+REQUIRED_MEMBERS = (
+    CARD_MD,
+    CARD_JSON,
+    "maps.json",
+    "groups/splits.json",
+    f"{GUARD_DIR}/images.tsv",
+    f"{GUARD_DIR}/fingerprints.json",
+)
+WEIGHTS_PATTERN = re.compile(r"split-\d+/best-[A-Za-z0-9_]+/model\.safetensors")
+COMPRESSIONS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +182,17 @@ def _check_info(info: zipfile.ZipInfo, where: Path) -> None:
             f"Archive {where}: member {info.filename!r} is executable or setuid/setgid (mode {oct(mode & 0o7777)})."
             " Refusing the whole archive; a portable model holds no program."
         )
+    if info.flag_bits & 0x1:
+        raise DataError(
+            f"Archive {where}: member {info.filename!r} is encrypted. Refusing the whole archive; a portable model "
+            "is never encrypted (ask its author for a file made by bids_app-model export)."
+        )
+    if info.compress_type not in COMPRESSIONS:
+        raise DataError(
+            f"Archive {where}: member {info.filename!r} uses zip compression method {info.compress_type}; a portable "
+            f"model uses {' or '.join(COMPRESSIONS.values())} only. Refusing the whole archive; export it again "
+            "with bids_app-model export."
+        )
     if info.file_size > MAX_MEMBER_BYTES:
         raise DataError(
             f"Archive {where}: member {info.filename!r} declares {info.file_size} bytes, over the "
@@ -213,6 +237,18 @@ def _check_content(name: str, data: bytes, where: Path) -> None:
                 f"Archive {where}: member {name!r} is not a safetensors file. Refusing the whole archive; weights "
                 "travel as safetensors only."
             )
+
+
+def check_required(names: set[str], where: Path) -> None:
+    """DataError naming the first member every model needs (``REQUIRED_MEMBERS``, a weights file) that is absent."""
+    missing = [name for name in REQUIRED_MEMBERS if name not in names]
+    if not any(WEIGHTS_PATTERN.fullmatch(name) for name in names):
+        missing.append("split-<k>/best-<metric>/model.safetensors")
+    if missing:
+        raise DataError(
+            f"{where} lacks {', '.join(missing)}, which every bids_app portable model holds. Refusing it; ask its "
+            "author for a file made by bids_app-model export."
+        )
 
 
 def check_format(manifest: Any, where: Path) -> None:
@@ -274,6 +310,7 @@ def read_archive(path: Path) -> Archive:
         if not isinstance(listed, dict):
             raise DataError(f"Archive {path}: {MANIFEST} lists no members. Nothing loaded.")
         present = set(names) - {MANIFEST}
+        check_required(present, path)
         if present != set(listed):
             extra, absent = sorted(present - set(listed)), sorted(set(listed) - present)
             raise DataError(

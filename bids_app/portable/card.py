@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from bids_app import read_version
 from bids_app.config import Task
-from bids_app.labels import NA, natural_key
+from bids_app.labels import NA, natural_key, subject_ids
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -127,14 +127,15 @@ def _demographics(table: pd.DataFrame, group: str) -> list[dict[str, Any]]:
 
     rows = []
     for label, part in sorted(table.groupby("label"), key=lambda item: natural_key(str(item[0]))):
-        baseline = part.drop_duplicates("participant_id")
+        people = subject_ids(part)  # <cohort>/<participant> with cohorts: two cohorts' sub-01 are two people
+        baseline = part[~people.duplicated()]
         ages = pd.to_numeric(baseline["age"], errors="coerce").dropna() if "age" in part.columns else pd.Series([])
         sexes = baseline["sex"].astype(str).value_counts() if "sex" in part.columns else pd.Series([], dtype=int)
         rows.append(
             {
                 "group": group,
                 "label": str(label),
-                "n_participants": int(part["participant_id"].nunique()),
+                "n_participants": int(people.nunique()),
                 "n_images": len(part),
                 "age_mean": round(float(ages.mean()), 1) if len(ages) else None,
                 "age_sd": round(float(ages.std()), 1) if len(ages) > 1 else None,
@@ -212,7 +213,6 @@ def make_card(
         guard: the exported leak guard (its counts and whether fingerprints travel).
         input_sidecar: the sidecar of one training tensor (mode, space, normalisation, shape).
     """
-    import pandas as pd
 
     record, layout = maps.record, maps.layout
     config = record.config
@@ -227,7 +227,7 @@ def make_card(
     for name in cohorts:
         rows = pool[pool["cohort"] == name] if "cohort" in pool.columns else pool
         cohort_names.append(
-            {"name": str(name), "n_participants": int(rows["participant_id"].nunique()), "n_images": len(rows)}
+            {"name": str(name), "n_participants": int(subject_ids(rows).nunique()), "n_images": len(rows)}
         )
     selections = []
     for split in splits:
@@ -237,7 +237,7 @@ def make_card(
                 {"split": split, "selection": metric, "epoch": chosen.get("epoch"), "value": chosen.get("value")}
             )
     metric_rows = _metrics(maps, splits, metrics)
-    n_pool = int(pool["participant_id"].nunique())
+    n_pool = int(subject_ids(pool).nunique())
     return {
         "card_version": CARD_VERSION,
         "model_name": maps.name,
@@ -253,7 +253,7 @@ def make_card(
             "cohorts": cohort_names,
             "n_participants_train_validation": n_pool,
             "n_images_train_validation": len(pool),
-            "n_participants_test": int(test["participant_id"].nunique()),
+            "n_participants_test": int(subject_ids(test).nunique()),
             "demographics": _demographics(pool, "train+validation")
             + (_demographics(test, "test") if len(test) else []),
             "split": {"n_splits": len(maps.splits.folds), "seed": maps.splits.seed},
@@ -264,7 +264,7 @@ def make_card(
         "limits": _limits(maps, guard, n_pool, metric_rows),
         "leak_guard": {
             "n_images": len(guard.images),
-            "n_participants": int(pd.Series(guard.images["participant_id"]).nunique()),
+            "n_participants": int(subject_ids(guard.images).nunique()),
             "checksums": ["source_sha256 (preprocessed image file)", "raw_source_sha256 (raw input file)"],
             "fingerprints": guard.fingerprints is not None,
             "fingerprints_absent_reason": guard.absent_reason or None,

@@ -12,6 +12,7 @@ is therefore a model folder the group level opens like any other (``Maps.open``)
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bids_app.derivatives import explain_write_error
 from bids_app.errors import DataError, InputMissingError, OutputError, UsageError
 from bids_app.maps import Maps
 from bids_app.portable.archive import (
@@ -30,6 +32,8 @@ from bids_app.portable.archive import (
     MANIFEST,
     Archive,
     check_format,
+    check_member_name,
+    check_required,
     read_archive,
     sha256_bytes,
     write_archive,
@@ -154,7 +158,7 @@ def import_archive(file: Path, dest: Path) -> ImportedModel:
     Raises:
         UsageError: ``dest`` already exists.
         DataError, InputMissingError: the archive is refused (``archive.read_archive``).
-        OutputError: ``dest``'s parent cannot be written.
+        OutputError, IOFailure: ``dest`` cannot be written (the partial folder is removed).
     """
     dest = Path(os.path.abspath(dest))
     if dest.exists():
@@ -164,24 +168,41 @@ def import_archive(file: Path, dest: Path) -> ImportedModel:
 
 
 def _write_folder(archive: Archive, dest: Path) -> ImportedModel:
+    """Write ``archive`` as the folder ``dest``: under a hidden sibling name first, renamed once it opens.
+
+    Raises:
+        OutputError, IOFailure: a write or the rename fails (``derivatives.explain_write_error``: permissions,
+            full disk, ``dest`` made meanwhile); the hidden folder is removed and ``dest`` is not created.
+    """
+    tmp = dest.parent / f".{dest.name}.importing-{os.getpid()}"
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".{dest.name}.importing-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     except OSError as exc:
-        raise OutputError(f"Cannot create {dest}: {exc.strerror or exc}. Check the permissions of its folder.") from exc
+        raise explain_write_error(exc, dest, "create folder") from exc
     try:
         for name, data in sorted({**archive.members, MANIFEST: archive.manifest_bytes}.items()):
             path = tmp.joinpath(*name.split("/"))
             if not path.resolve().is_relative_to(tmp.resolve()):  # check_member_name already refused this
                 raise DataError(f"Archive {archive.path}: member {name!r} would leave {dest}. Refusing.")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("xb") as handle:
-                handle.write(data)
-            path.chmod(0o644)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with path.open("xb") as handle:
+                    handle.write(data)
+                path.chmod(0o644)
+            except OSError as exc:
+                raise explain_write_error(exc, dest / name) from exc
         _open_folder(tmp, archive.members, archive.manifest)  # proves it loads before it is visible
-        tmp.rename(dest)
+        try:
+            tmp.rename(dest)
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise OutputError(
+                    f"Cannot create {dest}: it appeared while the model was being imported (another run?). Nothing "
+                    "was imported; remove it or choose another destination."
+                ) from exc
+            raise explain_write_error(exc, dest, "create folder") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -194,12 +215,26 @@ def open_imported(folder: Path) -> ImportedModel:
 
     Raises:
         InputMissingError: no manifest (not an imported model) or a listed file is gone.
-        DataError: a file changed since the import, or the manifest's format is not readable here.
+        DataError: a file changed since the import, the manifest is malformed (a member name the format does not
+            know or that climbs out, an entry without its SHA-256 and size), or its format is not readable here.
     """
     folder = Path(folder)
+    archive = read_folder(folder)
+    return _open_folder(folder, archive.members, archive.manifest)
+
+
+def read_folder(folder: Path) -> Archive:
+    """An imported model folder's files, each checked against its manifest (name, SHA-256, size), in memory.
+
+    The returned ``Archive``'s ``sha256`` is the manifest's (a folder has no archive file of its own).
+
+    Raises:
+        As ``open_imported``.
+    """
     path = folder / MANIFEST
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest_bytes = path.read_bytes()
+        manifest = json.loads(manifest_bytes.decode("utf-8"))
     except FileNotFoundError:
         raise InputMissingError(
             f"{folder} has no {MANIFEST}: it is not a model imported by bids_app-model import. Pass the archive "
@@ -208,36 +243,58 @@ def open_imported(folder: Path) -> ImportedModel:
     except (OSError, ValueError) as exc:
         raise DataError(f"{path} is unreadable ({exc}). Import the archive again.") from exc
     check_format(manifest, folder)
+    listed = manifest.get("members")
+    if not isinstance(listed, dict):
+        raise DataError(f"{path} lists no members. Import the archive again.")
+    check_required(set(listed), path)
     members: dict[str, bytes] = {}
-    for name, expected in dict(manifest.get("members") or {}).items():
+    for name, expected in listed.items():
+        check_member_name(str(name), path)
+        if name == MANIFEST or not isinstance(expected, dict) or not isinstance(expected.get("size"), int):
+            raise DataError(
+                f"{path} lists {name!r} without its sha256 and size. Refusing the folder; import the archive again."
+            )
         member = folder.joinpath(*name.split("/"))
+        if member.is_symlink() or not member.resolve().is_relative_to(folder.resolve()):
+            raise DataError(f"{member} is a link, not a file of the model folder. Refusing; import the archive again.")
         try:
             data = member.read_bytes()
         except FileNotFoundError:
             raise InputMissingError(f"{member}, listed in {path}, is missing. Import the archive again.") from None
-        if sha256_bytes(data) != expected.get("sha256"):
-            raise DataError(f"{member} changed since it was imported (sha256 differs from {path}). Import again.")
+        except OSError as exc:
+            raise DataError(f"{member} is unreadable ({exc}). Import the archive again.") from exc
+        if sha256_bytes(data) != expected.get("sha256") or len(data) != expected["size"]:
+            raise DataError(
+                f"{member} changed since it was imported (sha256 or size differs from {path}). Import it again."
+            )
         members[name] = data
-    return _open_folder(folder, members, manifest)
+    return Archive(folder, sha256_bytes(manifest_bytes), manifest, manifest_bytes, members)
 
 
 def open_model(source: Path, models_dir: Path) -> ImportedModel:
-    """The model ``--model`` names: an archive is imported into ``models_dir/<its model name>`` first (once).
+    """The model ``--model`` names, as a folder under OUTPUT_DIR (``models_dir``'s parent), where predictions go.
 
-    An archive whose model name is already imported there from the same archive (same manifest) is re-used, so
-    a second prediction run adds its group beside the first; a different model under that name is refused.
+    An archive, or an imported folder outside OUTPUT_DIR, is verified and written to ``models_dir/<its model
+    name>`` first (once): nothing is ever written outside OUTPUT_DIR. A folder inside OUTPUT_DIR is used in place
+    after the same checks. A model already there from the same manifest is re-used, so a second prediction run adds
+    its group beside the first; a different model under that name is refused.
 
     Raises:
         UsageError: ``models_dir/<name>`` holds another model.
         DataError, InputMissingError: the archive or folder is refused.
+        OutputError, IOFailure: the copy cannot be written.
     """
     source = Path(source)
+    output_dir = Path(os.path.abspath(models_dir)).parent
     if source.is_dir():
-        return open_imported(source)
-    archive = read_archive(source)
+        if Path(os.path.abspath(source)).resolve().is_relative_to(output_dir.resolve()):
+            return open_imported(source)
+        archive = read_folder(source)
+    else:
+        archive = read_archive(source)
     name = str(archive.manifest.get("model_name") or source.stem)
     if not name.replace("-", "").replace("_", "").isalnum():
-        raise DataError(f"Archive {source} names its model {name!r}, not a usable folder name. Export it again.")
+        raise DataError(f"Model {source} names itself {name!r}, not a usable folder name. Export it again.")
     dest = Path(os.path.abspath(models_dir / name))
     if dest.exists():
         try:
@@ -248,6 +305,6 @@ def open_model(source: Path, models_dir: Path) -> ImportedModel:
             raise UsageError(
                 f"{dest} already holds another model than {source}. Remove it, or predict into another OUTPUT_DIR."
             )
-        log.info("Model %s was already imported from this archive into %s; re-using it.", name, dest)
+        log.info("Model %s was already imported from %s into %s; re-using it.", name, source, dest)
         return open_imported(dest)
     return _write_folder(archive, dest)
