@@ -35,6 +35,7 @@ from bids_app.config import ExtractionMode, RunConfig, Task
 from bids_app.data.tables import UNLABELLED, GroupTable, external_table, rows_for
 from bids_app.derivatives import atomic_write_json
 from bids_app.errors import DataError
+from bids_app.labels import COHORT
 from bids_app.maps import Maps
 from bids_app.maps.results import proba_columns, write_image_outputs, write_split_summary
 from bids_app.maps.weights import load_arrays, save_arrays
@@ -69,20 +70,55 @@ class FeatureCache:
 
 
 def encode_targets(rows: GroupTable, task: Task, encoding: Mapping[str, int] | None) -> np.ndarray:
-    """Float targets of ``rows``: class index or value; ``nan`` where the image is unlabelled."""
+    """Float targets of ``rows``: class index or value; ``nan`` where the image is unlabelled.
+
+    Raises:
+        DataError: a class the model does not know, or a regression label that is not a number (naming the
+            image's tensor, its participant and session, the value and the fix).
+    """
     labels = rows["label"].astype(str) if "label" in rows.columns else pd.Series([UNLABELLED] * len(rows))
     values = np.full(len(rows), np.nan)
+    known = dict(encoding or {})
     for index, label in enumerate(labels):
         if label in (UNLABELLED, ""):
             continue
-        values[index] = float((encoding or {})[label]) if task is Task.CLASSIFICATION else float(label)
+        if task is Task.CLASSIFICATION:
+            if label not in known:
+                raise DataError(
+                    f"{_image_name(rows, index)} has label {label!r}, which is not a class of the model "
+                    f"({', '.join(sorted(known))}). Check the label column, or drop the image "
+                    "(--participant-label, --session-label)."
+                )
+            values[index] = float(known[label])
+            continue
+        try:
+            values[index] = float(label)
+        except ValueError:
+            raise DataError(
+                f"{_image_name(rows, index)} has label {label!r}, but a regression label must be a number. Fix "
+                "the label column (n/a for an unknown value)."
+            ) from None
     return values
 
 
+def _image_name(rows: GroupTable, index: int) -> str:
+    """The tensor, participant and session of ``rows``' ``index``-th image, for an error message."""
+    row = rows.iloc[index]
+    who = f"{row['participant_id']} {row['session_id']}"
+    if COHORT in rows.columns:
+        who = f"{row[COHORT]}/{who}"
+    return f"{row['tensor_path']} ({who})" if "tensor_path" in rows.columns else who
+
+
 def image_table(rows: GroupTable, targets: np.ndarray, output: np.ndarray, task: Task) -> pd.DataFrame:
-    """The image table of ``maps.results`` for ``rows`` and the model's ``output`` (``linear.predict_linear``)."""
+    """The image table of ``maps.results`` for ``rows`` and the model's ``output`` (``linear.predict_linear``).
+
+    A multi-cohort table keeps its ``cohort`` column first, as the network's prediction TSVs do: a participant id
+    names a person only within its cohort.
+    """
     image = pd.DataFrame(
         {
+            **({COHORT: rows[COHORT].astype(str).to_numpy()} if COHORT in rows.columns else {}),
             "participant_id": rows["participant_id"].astype(str).to_numpy(),
             "session_id": rows["session_id"].astype(str).to_numpy(),
             "true_label": targets,
@@ -288,18 +324,27 @@ def read_saved_selection(maps: Maps, split: int, metric: str) -> tuple[Pooling, 
         ) from exc
 
 
-def predict_with_saved_baselines(cfg: RunConfig, maps: Maps, tracker: Tracker | None = None) -> None:
-    """Predict the ``--predict-from`` group with the baselines the model folder holds (no fit, no selection).
+def predict_with_saved_baselines(
+    cfg: RunConfig, maps: Maps, group_name: str, rows: GroupTable, tracker: Tracker | None = None
+) -> None:
+    """Predict a group's images with the baselines the model folder holds (no fit, no selection).
 
-    A run ``--stages predict --predict-from`` does not fit the baseline again: each split's saved
+    A run ``--stages predict --predict-from`` (or ``--model``) does not fit the baseline again: each split's saved
     ``model.safetensors`` (coefficients and the training group's standardisation) and the pooling recorded in its
-    ``selection.json`` predict the other output's images, so the network's metric TSV of that group carries the
-    baseline's beside its own. A model folder without baselines (``--no-baseline``, reconstruction) is left so.
+    ``selection.json`` predict ``rows``, so the network's metric TSV of that group carries the baseline's beside
+    its own. A model folder without baselines (``--no-baseline``, reconstruction) is left so.
+
+    Args:
+        cfg: the run configuration (``train.splits``, ``predict.n_bootstrap``).
+        maps: the model folder.
+        group_name: the predicted group's name (``--group-name``).
+        rows: the very images the network predicts, once checked (its leak guard's and settings' table, narrowed
+            by ``--participant-label``, ``--session-label`` and the filter): never read again from their folder.
+        tracker: where each group's baseline metrics are mirrored; default none.
     """
     record, layout = maps.record, maps.layout
-    if record.task is Task.RECONSTRUCTION or cfg.predict.predict_from is None:
+    if record.task is Task.RECONSTRUCTION:
         return
-    group_name = str(cfg.predict.group_name)
     saved = [(split, metric) for split in maps.trained_splits(cfg.train.splits)
              for metric in record.config.train.selection_metrics
              if layout.baseline_model_path(split, metric).is_file()]  # fmt: skip
@@ -308,7 +353,6 @@ def predict_with_saved_baselines(cfg: RunConfig, maps: Maps, tracker: Tracker | 
                  "baseline predict to fit one).", maps.name, group_name)  # fmt: skip
         return
     records = [(split, metric, *read_saved_selection(maps, split, metric)) for split, metric in saved]
-    rows = external_table(cfg.predict.predict_from, record.mode, record.config.labels)
     writer: BaselineWriter | None = None
     for split, metric, pooling, chosen in records:
         if writer is None or writer.cache.pooling != pooling:

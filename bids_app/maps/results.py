@@ -29,7 +29,7 @@ import pandas as pd
 
 from bids_app.config import Task
 from bids_app.derivatives import atomic_write_text
-from bids_app.labels import COHORT, subject_ids
+from bids_app.labels import COHORT, image_keys, subject_ids
 from bids_app.labels import NA as MISSING
 from bids_app.metrics import (
     DEFAULT_POSITIVE_INDEX,
@@ -205,20 +205,27 @@ def read_baseline_metrics(prediction_tsv: Path, metrics_tsv: Path, image: pd.Dat
     """The baseline's metric table of a group, when its predictions cover exactly the images of ``image``.
 
     A baseline file of another set of images (an earlier ``--predict-from`` group of the same name) is not
-    merged: its numbers would sit beside the network's without being comparable. Returns None when the files do
+    merged: its numbers would sit beside the network's without being comparable. Images are compared by
+    ``labels.image_keys`` (cohort first when present) as sorted lists, so the same ids in other cohorts, or
+    another number of copies of an image, are another set. Returns None when the files do
     not exist or list other images (logged).
     """
     if not (prediction_tsv.is_file() and metrics_tsv.is_file()):
         return None
     predicted = pd.read_csv(prediction_tsv, sep="\t", dtype=str, keep_default_na=False)
-    ours = set(zip(image["participant_id"].astype(str), image["session_id"].astype(str), strict=True))
-    theirs = set(zip(predicted["participant_id"], predicted["session_id"], strict=True))
+    ours, theirs = _image_key_list(image), _image_key_list(predicted)
     if ours != theirs:
         log.warning("The baseline's predictions %s cover other images than the network's (%d vs %d image(s)); its "
                     "metrics are left out of the network's metric TSV. Run the baseline stage again (--stages "
                     "baseline predict).", prediction_tsv, len(theirs), len(ours))  # fmt: skip
         return None
     return read_tsv(metrics_tsv)
+
+
+def _image_key_list(table: pd.DataFrame) -> list[tuple[str, ...]]:
+    """Every image of ``table`` as its ``labels.image_keys`` (cohort first when present), sorted, repeats kept."""
+    columns = [table[key].astype(str) for key in image_keys(table)]
+    return sorted(zip(*columns, strict=True))
 
 
 def describe_beside_baseline(metrics_tsv: Path, task: Task) -> str:

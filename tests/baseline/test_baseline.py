@@ -17,11 +17,13 @@ import pytest
 
 from bids_app.baseline.features import MAX_FEATURES, choose_pooling, image_features, pool_mean
 from bids_app.baseline.linear import ALPHA_GRID, C_GRID, choose, predict_linear, score, select_models
-from bids_app.baseline.stage import predict_with_saved_baselines
+from bids_app.baseline.stage import encode_targets, image_table, predict_with_saved_baselines
+from bids_app.cli.model import main as model_main
 from bids_app.config import AnalysisLevel, ExtractionMode, PredictConfig, RunConfig, Task
 from bids_app.errors import DataError
 from bids_app.extraction.storage import write_tensor
 from bids_app.maps import Maps
+from bids_app.maps.results import read_baseline_metrics, write_image_outputs
 from bids_app.maps.weights import load_arrays
 from tests.conftest import make_cohort, run_cli
 
@@ -152,13 +154,19 @@ def test_same_seed_gives_identical_baseline_files_and_no_baseline_writes_none(co
     assert "Linear baseline off (--no-baseline)" in off.stderr
 
 
-def test_a_predict_from_group_is_predicted_by_the_baseline_too(cohort, trained, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def other_site(tmp_path_factory: pytest.TempPathFactory):
+    """Four new participants (sub-061 to sub-064), processed like the cohort: another site's OUTPUT_DIR."""
+    root = tmp_path_factory.mktemp("other")
+    mask = root / "bids" / "code" / "template" / "roi-hippocampus_mask.nii.gz"
+    return make_cohort(root, 4, 1, "--modes", "roi", "--roi-mask", f"hippocampus={mask}", "--skip-bids-validation",
+                       seed=41, effect_size=0.8, first_label=61)  # fmt: skip
+
+
+def test_a_predict_from_group_is_predicted_by_the_baseline_too(cohort, trained, other_site) -> None:
     dataset, out = cohort
     maps, _ = trained
-    root = tmp_path / "other"
-    mask = root / "bids" / "code" / "template" / "roi-hippocampus_mask.nii.gz"
-    _, other_out = make_cohort(root, 4, 1, "--modes", "roi", "--roi-mask", f"hippocampus={mask}",
-                               "--skip-bids-validation", seed=41, effect_size=0.8, first_label=61)  # fmt: skip
+    _, other_out = other_site
     # A predict-only run applies the baselines already fitted (their coefficients and standardisation).
     result = run_cli(str(dataset.bids_dir), str(out), "group", "--stages", "predict", "--model-name", MODEL,
                      "--predict-from", str(other_out), "--group-name", "site2", "--n-bootstrap", "20")  # fmt: skip
@@ -183,6 +191,78 @@ def test_a_group_refused_as_a_leak_keeps_no_baseline_prediction(cohort, trained)
     assert not list(maps.glob("split-*/baseline/best-*/itself")) and not list(maps.glob("summary/itself_*"))
 
 
+def test_an_imported_model_s_baseline_predicts_only_the_images_the_guard_checked(
+    trained, other_site, tmp_path: Path
+) -> None:
+    """--model with --participant-label: the baseline predicts the two selected participants, as the network."""
+    maps_dir, _ = trained
+    other, other_out = other_site
+    archive = tmp_path / "m.zip"
+    assert model_main(["export", str(maps_dir), str(archive), "--no-fingerprints"]) == 0
+    site = tmp_path / "site"
+    shutil.copytree(other_out, site)
+    result = run_cli(str(other.bids_dir), str(site), "group", "--model", str(archive), "--group-name", "site2",
+                     "--participant-label", "061", "062", "--n-bootstrap", "20")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    imported = site / "models" / MODEL
+    for split in range(N_SPLITS):
+        network = read(imported / f"split-{split}/best-loss/site2/site2_image_level_prediction.tsv")
+        baseline = read(imported / f"split-{split}/baseline/best-loss/site2/site2_image_level_prediction.tsv")
+        assert sorted(network["participant_id"]) == sorted(baseline["participant_id"]) == ["sub-061", "sub-062"]
+        metrics = read(imported / f"split-{split}/best-loss/site2/site2_image_level_metrics.tsv")
+        baseline_metrics = read(imported / f"split-{split}/baseline/best-loss/site2/site2_image_level_metrics.tsv")
+        assert list(metrics["baseline_value"]) == list(baseline_metrics["value"])
+        assert set(baseline_metrics["n_images"]) == {"2"}
+    assert "cover other images than the network's" not in result.stderr
+
+
+def test_predict_from_with_the_baseline_but_without_predict_is_refused(cohort, trained) -> None:
+    """Only the predict stage checks a --predict-from group for leaks: the baseline never predicts it alone."""
+    dataset, out = cohort
+    maps, _ = trained
+    before = baseline_files(maps)
+    result = run_cli(str(dataset.bids_dir), str(out), "group", "--stages", "baseline", "--model-name", MODEL,
+                     "--predict-from", str(out), "--group-name", "itself", "--n-bootstrap", "20")  # fmt: skip
+    assert result.returncode == 64, result.stderr[-3000:]
+    refusal = [line for line in result.stderr.splitlines() if "Add predict to --stages" in line]
+    assert len(refusal) == 1 and "--stages baseline would have the baseline predict" in refusal[0]
+    assert baseline_files(maps) == before and not list(maps.glob("split-*/baseline/best-*/itself"))
+
+
+def test_baseline_prediction_keeps_the_cohort_column_and_matches_images_by_cohort(tmp_path: Path) -> None:
+    rows = pd.DataFrame({"cohort": ["a", "b"], "participant_id": ["sub-1", "sub-1"], "session_id": ["ses-M000"] * 2,
+                         "label": ["AD", "CN"]})  # fmt: skip
+    output = np.array([[0.2, 0.8], [0.7, 0.3]])
+    image = image_table(rows, encode_targets(rows, Task.CLASSIFICATION, {"CN": 0, "AD": 1}), output,
+                        Task.CLASSIFICATION)  # fmt: skip
+    write_image_outputs(tmp_path, "g", image, Task.CLASSIFICATION, ["CN", "AD"], 5, "AD")
+    prediction, metrics = tmp_path / "g_image_level_prediction.tsv", tmp_path / "g_image_level_metrics.tsv"
+    written = read(prediction)
+    assert list(written.columns) == ["cohort", "participant_id", "session_id", "true_label", "predicted_label",
+                                     "proba_CN", "proba_AD"]  # fmt: skip
+    assert list(written["cohort"]) == ["a", "b"] and list(written["predicted_label"]) == ["AD", "CN"]
+    assert read_baseline_metrics(prediction, metrics, image.iloc[::-1]) is not None  # order is moot
+    # The same participant and session ids in other cohorts, or repeated, are other images.
+    assert read_baseline_metrics(prediction, metrics, image.assign(cohort=["a", "a"])) is None
+    repeated = pd.concat([image.iloc[:1], image.iloc[:1]]).assign(cohort=["a", "a"])
+    written.iloc[[0, 0]].assign(cohort=["a", "a"]).to_csv(prediction, sep="\t", index=False)
+    assert read_baseline_metrics(prediction, metrics, repeated) is not None
+    assert read_baseline_metrics(prediction, metrics, repeated.iloc[:1]) is None
+
+
+def test_a_label_the_model_cannot_encode_is_refused_by_file_value_and_fix() -> None:
+    rows = pd.DataFrame({"participant_id": ["sub-1", "sub-2"], "session_id": ["ses-M000"] * 2,
+                         "tensor_path": ["/t/sub-1.npy", "/t/sub-2.npy"], "label": ["CN", "MCI"]})  # fmt: skip
+    with pytest.raises(DataError, match=r"/t/sub-2.npy \(sub-2 ses-M000\) has label 'MCI', which is not a class of "
+                                        r"the model \(AD, CN\)\. Check the label column"):  # fmt: skip
+        encode_targets(rows, Task.CLASSIFICATION, {"CN": 0, "AD": 1})
+    with pytest.raises(DataError, match=r"/t/sub-1.npy \(sub-1 ses-M000\) has label 'CN', but a regression label "
+                                        r"must be a number\. Fix the label column"):  # fmt: skip
+        encode_targets(rows, Task.REGRESSION, None)
+    numbers = rows.assign(label=["71.5", "n/a"])
+    assert np.array_equal(encode_targets(numbers, Task.REGRESSION, None), [71.5, np.nan], equal_nan=True)
+
+
 def test_a_saved_baseline_without_its_selection_is_refused_before_any_read(trained, tmp_path: Path) -> None:
     maps_dir, _ = trained
     copy = tmp_path / "models" / MODEL
@@ -190,8 +270,9 @@ def test_a_saved_baseline_without_its_selection_is_refused_before_any_read(train
     (copy / "split-1/baseline/best-loss/selection.json").unlink()
     predict = PredictConfig(predict_from=tmp_path / "absent", group_name="site9")
     cfg = RunConfig(tmp_path, tmp_path, AnalysisLevel.GROUP, predict=predict)
+    rows = pd.DataFrame({"participant_id": ["sub-99"], "session_id": ["ses-M000"], "tensor_path": [str(tmp_path)]})
     with pytest.raises(DataError, match=r"selection.json is missing or malformed .* or pass --no-baseline"):
-        predict_with_saved_baselines(cfg, Maps.open(copy))
+        predict_with_saved_baselines(cfg, Maps.open(copy), "site9", rows)
     assert not (copy / "split-0/baseline/best-loss/site9").exists()
 
 
