@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 
 REPORT_NAME = "report.html"
+RECORD_JSON = "maps.json"  # the record's file name; this module alone parses it (the archive checks it is there)
 
 
 class LearningStatus(enum.StrEnum):
@@ -97,7 +98,7 @@ class MapsLayout:
 
     @property
     def maps_json(self) -> Path:
-        return self.root / "maps.json"
+        return self.root / RECORD_JSON
 
     @property
     def environment_json(self) -> Path:

@@ -8,7 +8,8 @@ model. Reading (``read_archive``) refuses, before anything is written:
 - a member path that is absolute, climbs out (``..``), is not normalised, or is a folder entry;
 - a symlink, device, FIFO, or a member with an executable, setuid or setgid mode bit;
 - an encrypted member, or one compressed otherwise than stored or deflated (what ``write_archive`` writes);
-- an archive without a member every model needs (``REQUIRED_MEMBERS``, at least one ``WEIGHTS_PATTERN`` file);
+- an archive without a member every model needs (``check_required``: the card, the model folder's record and
+  split, the leak guard, at least one ``WEIGHTS_PATTERN`` file);
 - a member the format does not know (``MEMBER_PATTERNS``), or one the manifest does not list, or the reverse;
 - a member whose SHA-256 or size differs from the manifest's;
 - pickled content: a pickle file name, pickle or zip (torch checkpoint) magic bytes, a text member that is not
@@ -66,15 +67,9 @@ MEMBER_PATTERNS = tuple(
     )
 )
 TEXT_SUFFIXES = (".json", ".tsv", ".md")
-# What every model holds: without them it cannot be opened, described or guarded (a missing one is named).
-REQUIRED_MEMBERS = (
-    CARD_MD,
-    CARD_JSON,
-    "maps.json",
-    "groups/splits.json",
-    f"{GUARD_DIR}/images.tsv",
-    f"{GUARD_DIR}/fingerprints.json",
-)
+# What every model holds beside the model folder's record and split (``check_required``): without them it
+# cannot be described or guarded (a missing one is named).
+REQUIRED_MEMBERS = (CARD_MD, CARD_JSON, f"{GUARD_DIR}/images.tsv", f"{GUARD_DIR}/fingerprints.json")
 WEIGHTS_PATTERN = re.compile(r"split-\d+/best-[A-Za-z0-9_]+/model\.safetensors")
 COMPRESSIONS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
 
@@ -240,8 +235,12 @@ def _check_content(name: str, data: bytes, where: Path) -> None:
 
 
 def check_required(names: set[str], where: Path) -> None:
-    """DataError naming the first member every model needs (``REQUIRED_MEMBERS``, a weights file) that is absent."""
-    missing = [name for name in REQUIRED_MEMBERS if name not in names]
+    """DataError naming the members every model needs that are absent (``REQUIRED_MEMBERS``, the model folder's
+    record and split, a weights file)."""
+    from bids_app.maps.folder import RECORD_JSON  # imported here: pandas, needed only once an archive is read
+
+    required = (*REQUIRED_MEMBERS[:2], RECORD_JSON, "groups/splits.json", *REQUIRED_MEMBERS[2:])
+    missing = [name for name in required if name not in names]
     if not any(WEIGHTS_PATTERN.fullmatch(name) for name in names):
         missing.append("split-<k>/best-<metric>/model.safetensors")
     if missing:
