@@ -316,8 +316,9 @@ def run_baseline(cfg: RunConfig, stages: Sequence[GroupStage], maps: Maps, table
 def run_imported_model(cfg: RunConfig, ctx: RunContext) -> int:
     """``--model``: predict OUTPUT_DIR's images with a portable model made elsewhere (docs/portable.md).
 
-    An archive is verified and imported into ``OUTPUT_DIR/models/<its name>`` (once; a folder is checked against
-    its manifest), the images of the model's mode are indexed and labelled where BIDS_DIR has the model's label,
+    An archive, or an imported folder outside OUTPUT_DIR, is verified and copied into ``OUTPUT_DIR/models/<its
+    name>`` (once; a folder inside OUTPUT_DIR is checked against its manifest and used in place), the images of
+    the model's mode are indexed and labelled where BIDS_DIR has the model's label,
     checked to have its sample shape and participant-level settings (``data.origin.check_same_settings``), and
     predicted after the travelling leak guard's checks.
     """

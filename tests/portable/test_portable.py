@@ -98,14 +98,16 @@ def test_export_import_predict_is_byte_identical_to_the_original_folder(sites, t
     report = json.loads((site / "models/cnn/split-0/best-loss/siteb/leak_report.json").read_text())
     assert report["IdentityCheck"]["Made"] is True and report["Leaks"] == [] and report["Refused"] is False
 
-    # bids_app-model import, then --model on the folder
+    # bids_app-model import, then --model on the folder (outside OUTPUT_DIR: copied in, never written to)
     site2 = tmp_path / "site_b2"
     shutil.copytree(out_b, site2)
-    assert model_main(["import", str(sites["archive"]), str(tmp_path / "imported" / "cnn")]) == 0
-    result = run_cli(str(bids_b), str(site2), "group", "--model", str(tmp_path / "imported" / "cnn"),
-                     "--group-name", "siteb")  # fmt: skip
+    imported = tmp_path / "imported" / "cnn"
+    assert model_main(["import", str(sites["archive"]), str(imported)]) == 0
+    before = sorted(p.relative_to(imported) for p in imported.rglob("*"))
+    result = run_cli(str(bids_b), str(site2), "group", "--model", str(imported), "--group-name", "siteb")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert predictions(tmp_path / "imported" / "cnn", "siteb") == expected
+    assert predictions(site2 / "models" / "cnn", "siteb") == expected
+    assert sorted(p.relative_to(imported) for p in imported.rglob("*")) == before
 
 
 def test_export_twice_gives_identical_bytes_and_info_writes_nothing(sites, tmp_path: Path, capsys) -> None:
