@@ -231,10 +231,11 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
         "run.cohorts",
         (),
         {
-            "action": "append",
+            "action": "extend",
+            "nargs": "+",
             "metavar": "NAME=BIDS_DIR[:OUTPUT_DIR]",
-            "help": "also train on another cohort: its labels from BIDS_DIR, its tensors from OUTPUT_DIR "
-            "(default BIDS_DIR/derivatives/bids_app); repeat for more; docs/cohorts.md",
+            "help": "also train on other cohorts: their labels from BIDS_DIR, their tensors from OUTPUT_DIR "
+            "(default BIDS_DIR/derivatives/bids_app); several values or a repeated flag; docs/cohorts.md",
         },
     ),
     (F, "cohort_name", "run.cohort_name", (), {"metavar": "NAME", "help": "the cohort name of BIDS_DIR/OUTPUT_DIR"}),
