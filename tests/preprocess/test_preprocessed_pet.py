@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bids_app.config import AnalysisLevel, Normalization, PreprocessConfig, RunConfig
+from bids_app.config import AnalysisLevel, ExtractionConfig, Normalization, PreprocessConfig, RunConfig
 from bids_app.derivatives import file_sha256
 from bids_app.extraction import normalize_volume
 from bids_app.inputs.bids_query import query_preprocessed_images
@@ -64,9 +64,12 @@ def tiny_box(dataset: Any) -> Any:
 
 
 def expected_image(pet_path: Path, box: Any) -> np.ndarray:
-    """The image tensor's volume: the PET on the crop grid, min-max normalised (SUVR scaling cancels out)."""
+    """The image tensor's volume: the PET on the crop grid, normalised as by default (z-score since the effect
+    sweep; SUVR scaling cancels out of min-max and z-score alike)."""
     data = np.asarray(nib.load(pet_path).dataobj, dtype=np.float32)
-    return normalize_volume(data[box] if data.shape != CROP else data, Normalization.MINMAX)
+    default = ExtractionConfig().normalization
+    assert default is Normalization.ZSCORE
+    return normalize_volume(data[box] if data.shape != CROP else data, default)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +160,11 @@ def test_preprocessed_pet_is_extracted_in_every_mode(pet_dataset, processed_pet:
         np.testing.assert_allclose(image_tensor[0], expected_image(source, box), atol=1e-6)
         t1w_tensor = np.load(dl / f"sub-{label}_ses-{session}_space-{SPACE}_desc-image_T1w.npy")
         assert np.abs(image_tensor - t1w_tensor).max() > 0.05
-        assert (out / f"sub-{label}" / "figures" / f"{stem}_desc-registration_pet.png").is_file()
+        # the participant report shows this PET (before/after, mosaic, network inputs) in its own section
+        page = (out / f"sub-{label}" / f"sub-{label}_report.html").read_text(encoding="utf-8")
+        section = page.split(f'id="{stem}_pet"')[1].split("</section>")[0]
+        assert section.count('<figure class="before-after"') == 1 and section.count('<figure class="mosaic"') == 1
+        assert section.count('<figure class="network-input"') == 4  # image, patch, slice, roi
     # 4 T1w + 3 PET, 4 modes each, no registration transform
     assert len(list(out.glob("sub-*/ses-*/deeplearning/*.npy"))) == (4 + 3) * 4
     assert not list(out.glob("sub-*/**/*_xfm.mat"))
