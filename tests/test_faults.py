@@ -259,7 +259,9 @@ GROUP_KILLS = (
     "kill-before:checkpoint.pt:2",  # split 0 epoch 1: checkpoint still a temporary; the resume loads epoch 0's
     "kill-after:*_prediction.tsv:3",  # both splits trained; prediction stage killed after three tables
 )
-MAPS_VOLATILE = ("environment.json", "split-0/training_logs/tensorboard", "split-1/training_logs/tensorboard")
+# environment.json names the machine and the run (id, command line); report.html shows the runs' ids
+MAPS_VOLATILE = ("environment.json", "report.html", "split-0/training_logs/tensorboard",
+                 "split-1/training_logs/tensorboard")  # fmt: skip
 
 
 @pytest.mark.slow  # ~45 s of CPU; run by `make test` (CI), skipped by `make test-fast`
@@ -283,8 +285,8 @@ def test_training_and_prediction_killed_then_resumed_match_uninterrupted(
     maps_ref, maps_out = reference / "models" / "model", out / "models" / "model"
     expected = tree_hashes(maps_ref, MAPS_VOLATILE)
     assert {name for name in expected if name.endswith("model.safetensors")} == {
-        f"split-{k}/best-loss/model.safetensors" for k in (0, 1)
-    }
+        f"split-{k}/{kind}/model.safetensors" for k in (0, 1) for kind in ("best-loss", "baseline/best-loss")
+    }  # the network of each split, and the linear baseline fitted beside it
     assert any(name.endswith("test_image_level_prediction.tsv") for name in expected)
     assert tree_hashes(maps_out, MAPS_VOLATILE) == expected
     assert not list(maps_out.glob("split-*/tmp")), "checkpoints are removed once a split is trained"

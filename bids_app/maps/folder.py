@@ -386,11 +386,18 @@ def _check_record(record: MapsRecord, path: Path) -> None:
         raise DataError(f"{path} is inconsistent: {'; '.join(problems)}. Re-train the model (--overwrite).")
 
 
-def write_environment_json(maps_dir: Path, seed: int) -> None:
-    """Record the software and machine that trained the models (``environment.json``)."""
+def write_environment_json(maps_dir: Path, seed: int, training_run: Mapping[str, str] | None = None) -> None:
+    """Record the software and machine that trained the models, and the run that did it (``environment.json``).
+
+    ``training_run`` (``run_id``, ``command``) lives here rather than in ``maps.json``: it changes with every run,
+    and ``maps.json`` stays byte-identical for the same seed and configuration.
+    """
     from bids_app.provenance import environment_record
 
-    atomic_write_json(MapsLayout(maps_dir).environment_json, environment_record(seed))
+    record = environment_record(seed)
+    if training_run is not None:
+        record["training_run"] = dict(training_run)
+    atomic_write_json(MapsLayout(maps_dir).environment_json, record)
 
 
 def find_model_path(maps_dir: Path, split: int, metric: str) -> Path:
@@ -559,10 +566,12 @@ class Maps:
         return read_maps_json(Path(root))
 
     @classmethod
-    def create(cls, root: Path, cfg: RunConfig, extra: Mapping[str, Any]) -> Maps:
-        """Write ``maps.json`` and ``environment.json`` of a new training into ``root`` and open it."""
+    def create(
+        cls, root: Path, cfg: RunConfig, extra: Mapping[str, Any], training_run: Mapping[str, str] | None = None
+    ) -> Maps:
+        """Write ``maps.json`` and ``environment.json`` (with ``training_run``) of a new training into ``root``."""
         write_maps_json(root, cfg, extra)
-        write_environment_json(root, cfg.seed)
+        write_environment_json(root, cfg.seed, training_run)
         return cls(MapsLayout(Path(root)), read_maps_json(Path(root)))
 
     def validate(self) -> Maps:

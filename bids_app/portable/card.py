@@ -272,7 +272,7 @@ def make_card(
             "what_a_fingerprint_reveals": _disclosure(),
         },
         "provenance": {
-            "command": str((record.extra.get("training_run") or {}).get("command") or "")
+            "command": str((environment.get("training_run") or {}).get("command") or "")
             or _training_command(output_dir, created),
             "seed": config.seed,
             "trained": created or UNKNOWN,

@@ -167,7 +167,7 @@ def _provenance_section(maps: Maps, splits: list[int], run: RunContext | None) -
     """How the model was made and by what: training run, command line, seed, versions, device, this report's run."""
     layout, record = maps.layout, maps.record
     environment = _read_json(layout.environment_json, "environment record")
-    training_run = record.extra.get("training_run")
+    training_run = environment.get("training_run")
     unknown = "not recorded (the model folder predates this record)"
     rows: list[tuple[str, str]] = []
     if isinstance(training_run, dict):

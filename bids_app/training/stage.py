@@ -116,8 +116,6 @@ def prepare_maps(cfg: RunConfig, layout: MapsLayout, table: GroupTable, run: Run
     cohorts = describe_cohorts(cfg, table, layout.home or layout.root)
     if cohorts:  # a multi-cohort model names what it was trained on; a single-cohort record is unchanged
         extra["cohorts"] = cohorts
-    if run is not None:  # the run that made the model, for its report and for a re-run
-        extra["training_run"] = {"run_id": run.run_id, "command": run.command}
     if tc.transfer_from is not None:
         extra["transfer_source"] = transfer_source.describe_source(tc.transfer_from, tc.n_unfrozen_layers)
     if tc.resume and Maps.exists(layout.root):
@@ -131,7 +129,10 @@ def prepare_maps(cfg: RunConfig, layout: MapsLayout, table: GroupTable, run: Run
                 "original options or train into a new --model-name."
             )
         return maps
-    return Maps.create(layout.root, cfg, extra)
+    # the run that made the model (its id and command line), for the report and the card: in environment.json,
+    # beside the machine and the versions, so that maps.json stays the same bytes for the same seed and config
+    training_run = {"run_id": run.run_id, "command": run.command} if run is not None else None
+    return Maps.create(layout.root, cfg, extra, training_run=training_run)
 
 
 def run_train_stage(
