@@ -40,9 +40,14 @@ for group in validation test; do
 done
 f=$maps/split-0/best-loss/test/test_image_level_metrics.tsv
 if [ -f "$f" ]; then
-  echo "  split 0 test metrics with n and 95 % CI: $f"
-  cut -f1-7 "$f" | column -t | head -n 4
-  warning=$(awk -F'\t' 'NR == 2 { print $8 }' "$f")
+  echo "  split 0 test metrics with n and 95 % CI, the linear baseline beside the network: $f"
+  # columns by name: the metric TSVs carry more columns than fit a terminal (docs/maps.md)
+  show="metric value ci_low ci_high baseline_value n_images n_participants positive_class training_status"
+  awk -F'\t' -v OFS='\t' -v show="$show" '
+    NR == 1 { n = split(show, want, " "); for (i = 1; i <= NF; i++) c[$i] = i }
+    NR <= 4 { line = ""; for (k = 1; k <= n; k++) line = line (k > 1 ? OFS : "") (NR == 1 ? want[k] : $c[want[k]])
+              print line }' "$f" | column -t
+  warning=$(awk -F'\t' 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == "warning") w = i } NR == 2 { print $w }' "$f")
   if [ -n "$warning" ] && [ "$warning" != "n/a" ]; then echo "  warning            : $warning"; fi
 fi
 echo "  run logs           : $OUT/logs/"
