@@ -40,9 +40,9 @@ echo
 echo "Site 2 (n = $N2 participants, never seen in training), balanced accuracy per split [95 % CI]:"
 for f in "$O1"/models/cnn/split-*/best-loss/site2/site2_image_level_metrics.tsv; do
   split=$(basename "$(dirname "$(dirname "$(dirname "$f")")")")
-  awk -F'\t' -v split="$split" 'NR == 1 { for (i = 1; i <= NF; i++) c[$i] = i }
+  awk -F'\t' -v sp="$split" 'NR == 1 { for (i = 1; i <= NF; i++) c[$i] = i }
     $c["metric"] == "balanced_accuracy" {
-      printf "  %s  network %s [%s, %s]  baseline %s [%s, %s]  n_images %s  n_participants %s  %s\n", split,
+      printf "  %s  network %s [%s, %s]  baseline %s [%s, %s]  n_images %s  n_participants %s  %s\n", sp,
         $c["value"], $c["ci_low"], $c["ci_high"], $c["baseline_value"], $c["baseline_ci_low"],
         $c["baseline_ci_high"], $c["n_images"], $c["n_participants"], $c["training_status"] }' "$f"
 done
@@ -52,5 +52,5 @@ python3 - "$report" <<'EOF'
 import json, sys
 report = json.load(open(sys.argv[1]))
 print("  refused:", report.get("Refused"), "| leaks:", len(report.get("Leaks", [])),
-      "| same labels in another dataset (information):", len(report.get("SameLabelOtherDataset", [])))
+      "| same labels in another dataset (information):", len((report.get("SameLabelOtherDataset") or {}).get("Pairs", [])))
 EOF
