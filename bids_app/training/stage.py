@@ -130,7 +130,7 @@ def prepare_maps(cfg: RunConfig, layout: MapsLayout, table: GroupTable, run: Run
             )
         return maps
     # the run that made the model (its id and command line), for the report and the card: in environment.json,
-    # beside the machine and the versions, so that maps.json stays the same bytes for the same seed and config
+    # beside the machine and the versions, so that the model record stays the same bytes for the same seed and config
     training_run = {"run_id": run.run_id, "command": run.command} if run is not None else None
     return Maps.create(layout.root, cfg, extra, training_run=training_run)
 
