@@ -234,7 +234,12 @@ def diagnose_learning(
         return LearningVerdict(status, reason, advice, chance, drop, validation_drop)
 
     if not drop >= MIN_TRAIN_DROP:  # nan included
-        shown = "never" if math.isnan(drop) else f"at most {100 * drop:.1f} % below it, never"
+        if math.isnan(drop):
+            shown = "never"
+        elif drop > 0:
+            shown = f"at most {100 * drop:.1f} % below it, never"
+        else:  # above chance all along: say so rather than "-2.0 % below"
+            shown = f"no lower than {100 * -drop:.1f} % above it, never"
         return verdict(
             LearningStatus.DID_NOT_LEARN,
             f"the training loss stayed at chance level: its {SMOOTHING_EPOCHS}-epoch running mean fell {shown} "

@@ -54,6 +54,8 @@ def test_a_loss_above_chance_is_an_alarm() -> None:
     verdict = diagnose_learning(Task.CLASSIFICATION, history(losses, n_predicted_classes=[1] * 10), LN2, {"loss": 8})
     assert verdict is not None and verdict.status is LearningStatus.DID_NOT_LEARN
     assert train_loss_drop(losses, LN2) < 0.05
+    if train_loss_drop(losses, LN2) < 0:  # the reason says "above", never a negative "% below"
+        assert "% above it" in verdict.reason and "-" not in verdict.reason.split("fell")[1].split("%")[0]
 
 
 def test_a_decreasing_loss_that_predicts_both_classes_learned() -> None:
