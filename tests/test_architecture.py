@@ -22,7 +22,7 @@ ORCHESTRATORS = {"levels": "*", "participant": {"inputs", "preprocess"}}  # sequ
 STAGES = {"inputs", "preprocess", "split", "training", "baseline", "prediction", "interpret", "reports",
           "synthetic"}  # fmt: skip
 SHARED = {"data", "extraction", "maps", "models", "portable", "tracking"}  # nouns the stages share
-BASE = {"", "config", "config_file", "derivatives", "errors", "labels", "log_setup", "metrics", "provenance",
+BASE = {"", "config", "config_file", "derivatives", "errors", "kinds", "labels", "log_setup", "metrics", "provenance",
         "runtime", "template"}  # fmt: skip
 HEAVY = ("torch", "ants", "bids", "nibabel", "pandas", "numpy", "scipy", "sklearn", "matplotlib", "nilearn")
 

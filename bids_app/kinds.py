@@ -1,0 +1,82 @@
+"""Image kinds: what one tensor file holds (T1w, T2w, FLAIR, a PET tracer, a user's template-space map).
+
+A kind has one name, the one users type (``--channels T1w FLAIR``) and that outputs show; in file names it is
+a BIDS suffix plus, for PET, the tracer entity:
+
+=============  ========================  ==============================================================
+kind name      file names                from
+=============  ========================  ==============================================================
+``T1w``        ``..._T1w``               raw BIDS ``anat/*_T1w`` (t1-linear) or a CAPS / derivative
+``T2w``        ``..._T2w``               raw BIDS ``anat/*_T2w`` (registered to the session's T1w)
+``FLAIR``      ``..._FLAIR``             raw BIDS ``anat/*_FLAIR`` (registered to the session's T1w)
+``pet-<trc>``  ``..._trc-<trc>_..._pet`` raw BIDS ``pet/*_trc-<trc>_pet`` (pet-linear) or preprocessed
+``<name>``     ``..._<name>``            a template-space map of a derivative dataset (``--custom-map``)
+=============  ========================  ==============================================================
+
+A custom map's name is the user's (letters and digits, starting with a lower-case letter so it never collides
+with a BIDS suffix such as ``T1w`` or ``pet``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from bids_app.errors import ConfigError
+
+T1W = "T1w"
+ANATOMICAL_SUFFIXES = ("T1w", "T2w", "FLAIR")  # raw anatomical kinds, registered through the session's T1w
+PET_SUFFIX = "pet"
+_PET_NAME = re.compile(r"^pet-(?P<tracer>[A-Za-z0-9]+)$")
+CUSTOM_NAME = re.compile(r"^[a-z][A-Za-z0-9]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageKind:
+    """One kind of image.
+
+    Attributes:
+        name: what users type and outputs show (``T1w``, ``FLAIR``, ``pet-FDG``, ``gm``).
+        suffix: the last part of its file names (``T1w``, ``FLAIR``, ``pet``, ``gm``).
+        extra_entities: entities between session and space in its file names (``trc-FDG``), or ``""``.
+        custom: a user's template-space map (``--custom-map``), not a BIDS modality.
+    """
+
+    name: str
+    suffix: str
+    extra_entities: str = ""
+    custom: bool = False
+
+    @property
+    def tracer(self) -> str | None:
+        return self.extra_entities.removeprefix("trc-") if self.suffix == PET_SUFFIX else None
+
+
+def parse_kind(name: str, custom_names: tuple[str, ...] | None = None) -> ImageKind:
+    """The kind called ``name``.
+
+    Args:
+        name: ``T1w``, ``T2w``, ``FLAIR``, ``pet-<tracer>`` or a custom map's name.
+        custom_names: the custom maps that exist (None: any well-formed custom name is accepted).
+
+    Raises:
+        ConfigError: a name that is none of these.
+    """
+    if name in ANATOMICAL_SUFFIXES:
+        return ImageKind(name, name)
+    match = _PET_NAME.match(name)
+    if match:
+        return ImageKind(name, PET_SUFFIX, f"trc-{match.group('tracer')}")
+    if CUSTOM_NAME.match(name) and name != PET_SUFFIX and (custom_names is None or name in custom_names):
+        return ImageKind(name, name, custom=True)
+    known = [*ANATOMICAL_SUFFIXES, "pet-<tracer>", *(custom_names or ())]
+    raise ConfigError(
+        f"Unknown image kind {name!r}. Use one of {', '.join(known)}"
+        + ("" if custom_names is not None else ", or a custom map's name (lower-case letter, then letters/digits)")
+        + "."
+    )
+
+
+def pet_kind(tracer: str) -> ImageKind:
+    """The kind of a PET of ``tracer``."""
+    return parse_kind(f"pet-{tracer}")
