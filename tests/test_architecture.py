@@ -24,7 +24,7 @@ STAGES = {"inputs", "preprocess", "split", "training", "baseline", "prediction",
 SHARED = {"data", "extraction", "maps", "models", "portable", "tracking"}  # nouns the stages share
 BASE = {"", "config", "config_file", "derivatives", "errors", "kinds", "labels", "log_setup", "metrics", "provenance",
         "runtime", "template"}  # fmt: skip
-HEAVY = ("torch", "ants", "bids", "nibabel", "pandas", "numpy", "scipy", "sklearn", "matplotlib", "nilearn")
+HEAVY = ("torch", "ants", "bids", "nibabel", "pandas", "numpy", "scipy", "sklearn", "matplotlib", "nilearn", "torchio")
 
 
 def module_name(path: Path) -> str:
