@@ -12,7 +12,7 @@ from typing import NoReturn
 
 from bids_app.errors import BidsAppError, UsageError
 from bids_app.synthetic.cohorts import KINDS
-from bids_app.synthetic.dataset import PREPROCESSED_KINDS, PRESET_VOXEL_MM, generate_dataset
+from bids_app.synthetic.dataset import CONTRAST_STREAMS, PREPROCESSED_KINDS, PRESET_VOXEL_MM, generate_dataset
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preprocessed", choices=PREPROCESSED_KINDS, help="also write template-space images")
     parser.add_argument("--kind", choices=KINDS, default="atrophy", help="atrophy (default), trivial or random")
     parser.add_argument("--first-label", type=int, default=1, help="number of the first participant label")
+    parser.add_argument("--contrasts", nargs="+", choices=tuple(CONTRAST_STREAMS), default=[],
+                        help="also write these contrasts per session (default: T1w only)")  # fmt: skip
+    parser.add_argument("--missing-contrast-fraction", type=float, default=0.0,
+                        help="fraction of sessions written without the --contrasts images (default 0)")  # fmt: skip
     try:
         options = vars(parser.parse_args(argv))  # dest names are generate_dataset's keywords
         dataset = generate_dataset(options.pop("out_dir"), **options)
@@ -43,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     n_images = len(dataset.participants) * len(dataset.sessions)
     print(f"Wrote {len(dataset.participants)} participants x {len(dataset.sessions)} sessions to {dataset.bids_dir}")
     print(f"Template: {dataset.template_path} ({n_images} T1w images; atrophy region {dataset.roi_mask_path})")
+    if dataset.contrasts:
+        n_without = len(dataset.sessions_without_contrasts)
+        print(f"Contrasts: {', '.join(dataset.contrasts)} ({n_images - n_without} sessions; {n_without} without)")
     if dataset.derivative_dir is not None:
         print(f"Template-space images: {dataset.derivative_dir}")
     return 0

@@ -1,12 +1,12 @@
 """The simulated scanner of the synthetic dataset: native pose, field of view, bias field, noise, PET blur, files.
 
 A template-space image of a subject (``synthetic_anatomy``) is moved to its own native pose on a brain-centred
-field of view (RAS+ affine in scanner mm); a T1w gets a smooth bias field and Rician noise, a PET image the
-scanner's blur and Gaussian noise. The sidecars describe these simulated acquisitions, and ``nifti_bytes``
-writes the volumes reproducibly.
+field of view (RAS+ affine in scanner mm; FLAIR with thicker slices); a T1w, T2w or FLAIR gets a smooth bias
+field and Rician noise, a PET image the scanner's blur and Gaussian noise. The sidecars describe these simulated
+acquisitions, and ``nifti_bytes`` writes the volumes reproducibly.
 
-Intensity units: T1w as the anatomy's (template intensities times ``INTENSITY_SCALE``), stored as int16; PET in
-Bq/mL, float32.
+Intensity units: T1w, T2w and FLAIR as the anatomy's (template intensities times ``INTENSITY_SCALE``), stored as
+int16; PET in Bq/mL, float32.
 """
 
 from __future__ import annotations
@@ -44,6 +44,27 @@ T1W_SIDECAR = {
     "InversionTime": 0.9,
     "FlipAngle": 9,
 }
+T2W_SIDECAR = {
+    "Manufacturer": "bids_app synthetic",
+    "ManufacturersModelName": "bids_app-generate",
+    "MagneticFieldStrength": 3,
+    "PulseSequenceType": "SPACE",
+    "RepetitionTime": 3.2,
+    "EchoTime": 0.408,
+    "FlipAngle": 120,
+}
+FLAIR_SIDECAR = {
+    "Manufacturer": "bids_app synthetic",
+    "ManufacturersModelName": "bids_app-generate",
+    "MagneticFieldStrength": 3,
+    "PulseSequenceType": "SPACE FLAIR",
+    "RepetitionTime": 5.0,
+    "EchoTime": 0.393,
+    "InversionTime": 1.8,
+    "FlipAngle": 120,
+}
+# the contrasts besides T1w: sidecar and slice thickness relative to the template's voxels (FLAIR: thick slices)
+CONTRAST_ACQUISITIONS = {"T2w": (T2W_SIDECAR, 1.0), "FLAIR": (FLAIR_SIDECAR, 1.5)}
 PET_SIDECAR = {
     "Manufacturer": "bids_app synthetic",
     "ManufacturersModelName": "bids_app-generate",
@@ -91,18 +112,19 @@ def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
     return np.eye(3) + np.sin(angle) * cross + (1.0 - np.cos(angle)) * cross @ cross
 
 
-def random_native_grid(rng: np.random.Generator, space: TemplateSpace) -> NativeGrid:
+def random_native_grid(rng: np.random.Generator, space: TemplateSpace, slice_factor: float = 1.0) -> NativeGrid:
     """A random head pose in scanner space and a brain-centred field of view of ``NATIVE_FOV_MM``.
 
     Scanner mm ``x = s R (y - c) + t`` for MNI mm ``y`` (``c``: brain centre); the grid centre sits at
-    ``t`` give or take 2 mm, so the translation shows in the affine and the rotation in the voxels.
+    ``t`` give or take 2 mm, so the translation shows in the affine and the rotation in the voxels. Voxels are
+    as large as the template's, the third axis ``slice_factor`` times thicker (thick-slice acquisitions).
     """
     rotation = _rotation(rng, MAX_ROTATION_DEG)
     scale = 1.0 + rng.uniform(-MAX_SCALE, MAX_SCALE)
     shift = rng.uniform(-MAX_SHIFT_MM, MAX_SHIFT_MM, 3)
-    voxel_mm = space.voxel_mm  # native voxels as large as the template's
+    voxel_mm = np.array([1.0, 1.0, slice_factor]) * space.voxel_mm
     shape = tuple(int(n) for n in np.round(NATIVE_FOV_MM / voxel_mm))
-    affine = np.diag([float(voxel_mm)] * 3 + [1.0])
+    affine = np.diag([*voxel_mm.tolist(), 1.0])
     affine[:3, 3] = shift + rng.uniform(-2.0, 2.0, 3) - voxel_mm * (np.array(shape) - 1) / 2.0
     scanner_to_mni = np.eye(4)
     scanner_to_mni[:3, :3] = rotation.T / scale
@@ -117,13 +139,18 @@ def resample_to_native(volume: np.ndarray, grid: NativeGrid) -> np.ndarray:
     return ndimage.affine_transform(volume, matrix, offset, output_shape=grid.shape, order=1, output=np.float32)
 
 
-def acquire_t1w(rng: np.random.Generator, space: TemplateSpace, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pose, bias field and Rician noise applied to a template-space T1w.
+def acquire_mr(
+    rng: np.random.Generator, space: TemplateSpace, image: np.ndarray, slice_factor: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pose, bias field and Rician noise applied to a template-space T1w, T2w or FLAIR.
+
+    Args:
+        slice_factor: the native grid's third axis is this many times thicker than the template's voxels.
 
     Returns:
         (int16 volume of the native grid's shape, (4, 4) affine in scanner mm).
     """
-    grid = random_native_grid(rng, space)
+    grid = random_native_grid(rng, space, slice_factor)
     native = resample_to_native(image, grid)
     unit_axes = [np.linspace(0.0, 1.0, n) for n in grid.shape]
     native *= np.exp(evaluate_field(random_field_coefficients(rng, 3, 0.08), unit_axes))

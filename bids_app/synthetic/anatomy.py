@@ -28,6 +28,9 @@ VENTRICLES_MM = np.array([0.0, -10.0, 15.0])
 VENTRICLE_SIGMA_MM = 20.0
 INTENSITY_SCALE = 4.0  # white matter ends near 900, well inside int16
 PET_BQ_PER_ML = 20000.0  # grey matter FDG concentration at about SUV 8
+# T2-weighted contrasts by tissue (CSF, grey matter, white matter), in template units (0-255) before
+# INTENSITY_SCALE: T2w has bright CSF and white matter darker than grey matter; FLAIR suppresses CSF's signal.
+CONTRAST_TISSUE_INTENSITIES = {"T2w": (240.0, 140.0, 95.0), "FLAIR": (25.0, 150.0, 110.0)}
 
 Box = tuple[slice, slice, slice]
 
@@ -226,11 +229,18 @@ def _tissue(space: TemplateSpace, anatomy: SubjectAnatomy, modality: str, box: B
         tissue = field * t1 * (1.0 + np.float32(anatomy.gm_gain) * gm + np.float32(anatomy.wm_gain) * wm)
         tissue *= np.float32(INTENSITY_SCALE)
         return tissue, tissue * gm * weight  # grey matter replaced by CSF: darker
+    if modality in CONTRAST_TISSUE_INTENSITIES:
+        csf_level, gm_level, wm_level = (np.float32(v * INTENSITY_SCALE) for v in CONTRAST_TISSUE_INTENSITIES[modality])
+        csf = np.clip(1.0 - gm - wm, 0.0, 1.0) * (t1 > 0)
+        gm_signal = field * gm * gm_level * np.float32(1.0 + anatomy.gm_gain)
+        wm_signal = field * wm * wm_level * np.float32(1.0 + anatomy.wm_gain)
+        tissue = gm_signal + wm_signal + field * csf * csf_level
+        return tissue, (gm_signal - field * gm * csf_level) * weight  # grey matter replaced by CSF
     if modality == "pet":
         gm = field * gm * np.float32((1.0 + anatomy.gm_gain) * PET_BQ_PER_ML)
         rest = field * (0.3 * wm + 0.05 * (t1 > 0)) * np.float32((1.0 + anatomy.wm_gain) * PET_BQ_PER_ML)
         return gm + rest, gm * weight  # hypometabolism
-    raise ValueError(f"modality must be 'T1w' or 'pet', got {modality!r}")
+    raise ValueError(f"modality must be 'T1w', 'T2w', 'FLAIR' or 'pet', got {modality!r}")
 
 
 def _warp(volume: np.ndarray, space: TemplateSpace, anatomy: SubjectAnatomy, box: Box) -> np.ndarray:
@@ -256,7 +266,8 @@ def _warp(volume: np.ndarray, space: TemplateSpace, anatomy: SubjectAnatomy, box
 
 
 def render_subject(space: TemplateSpace, anatomy: SubjectAnatomy, modality: str = "T1w") -> SubjectImages:
-    """Template-space T1w (template intensity × ``INTENSITY_SCALE``) or FDG (Bq/mL) images of a subject."""
+    """Template-space T1w (template intensity × ``INTENSITY_SCALE``), T2w or FLAIR (tissue levels of
+    ``CONTRAST_TISSUE_INTENSITIES`` × ``INTENSITY_SCALE``) or FDG (Bq/mL) images of a subject."""
     tissue = _tissue(space, anatomy, modality, space.brain_box)[0]
     lost = _tissue(space, anatomy, modality, space.roi_box)[1]
     base = _warp(tissue, space, anatomy, space.brain_box)

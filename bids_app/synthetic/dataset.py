@@ -3,7 +3,8 @@
 It writes a raw BIDS dataset that passes ``bids-validator-deno``: ``dataset_description.json``, ``README``,
 ``participants.tsv``/``.json`` (diagnosis AD/CN, age, sex), ``sessions.json`` and per participant
 ``sub-<p>_sessions.tsv`` (age and diagnosis per session), ``sub-<p>/ses-<s>/anat/*_T1w.nii.gz`` (+ JSON),
-optionally ``pet/*_trc-FDG_pet.nii.gz``, and under ``code/template/`` the atrophy-region mask
+optionally ``anat/*_T2w.nii.gz`` and ``anat/*_FLAIR.nii.gz`` (``contrasts``; ``missing_contrast_fraction`` of the
+sessions without them) and ``pet/*_trc-FDG_pet.nii.gz``, and under ``code/template/`` the atrophy-region mask
 ``roi-hippocampus_mask.nii.gz`` (plus, for ``tiny`` and ``medium``, the 4 or 2 mm template
 ``tpl-MNI152NLin2009aSym_res-<mm>mm_T1w.nii.gz`` and its ``..._label-GM_probseg.nii.gz``: nilearn's MNI152 2009a
 symmetric template block-averaged to that grid, named so that its space label reads from the file name).
@@ -57,6 +58,9 @@ MAX_EFFECT_SIZE = 0.9
 MAX_SESSIONS = 20
 MAX_SUBJECTS = 9999
 MNI_XFORM, SCANNER_XFORM = 4, 1
+# the contrasts a session may have besides its T1w, with the last number of their random streams (fixed per
+# contrast, so a FLAIR is the same whether or not the T2w is written too)
+CONTRAST_STREAMS = {"T2w": 2, "FLAIR": 3}
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,8 @@ class GeneratedDataset:
         identities: who each participant is, in ``participants`` order; equal identities in two datasets are
             the same person (``rescans_of``).
         rescans: ``(label here, label in rescans_of)`` for each re-scanned participant.
+        contrasts: the contrasts written besides T1w (``T2w``, ``FLAIR``).
+        sessions_without_contrasts: ``(participant, session)`` labels of the sessions written with their T1w only.
     """
 
     bids_dir: Path
@@ -88,6 +94,8 @@ class GeneratedDataset:
     kind: str = "atrophy"
     identities: tuple[Identity, ...] = ()
     rescans: tuple[tuple[str, str], ...] = ()
+    contrasts: tuple[str, ...] = ()
+    sessions_without_contrasts: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -107,9 +115,22 @@ class _Settings:
     first_label: int = 1
     rescans_of: GeneratedDataset | None = None
     n_rescans: int = 0
+    contrasts: tuple[str, ...] = ()
+    missing_contrast_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         cohorts.check_cohort(self.kind, self.first_label, self.n_subjects, self.rescans_of, self.n_rescans)
+        unknown = [c for c in self.contrasts if c not in CONTRAST_STREAMS]
+        if unknown or len(set(self.contrasts)) != len(self.contrasts):
+            raise UsageError(
+                f"contrasts {list(self.contrasts)}: each must be one of {', '.join(CONTRAST_STREAMS)}, once."
+            )
+        if not 0.0 <= self.missing_contrast_fraction <= 1.0 or (self.missing_contrast_fraction and not self.contrasts):
+            raise UsageError(
+                "missing_contrast_fraction is the fraction of sessions written without their contrasts and must be "
+                f"in [0, 1], with contrasts to leave out; got {self.missing_contrast_fraction} with contrasts "
+                f"{list(self.contrasts)}."
+            )
         if self.preset not in PRESET_VOXEL_MM:
             raise UsageError(f"Unknown preset {self.preset!r}. Choose one of: {', '.join(PRESET_VOXEL_MM)}.")
         if self.preprocessed is not None and self.preprocessed not in PREPROCESSED_KINDS:
@@ -133,6 +154,15 @@ class _Settings:
     @property
     def sessions(self) -> tuple[str, ...]:
         return tuple(f"M{12 * k:03d}" for k in range(self.n_sessions))
+
+    @property
+    def sessions_without_contrasts(self) -> frozenset[tuple[int, int]]:
+        """``(participant index, session index)`` of the ``round(missing_contrast_fraction * n_images)`` sessions,
+        drawn by a seeded permutation, written without their contrasts."""
+        n_images = self.n_subjects * self.n_sessions
+        n_missing = round(self.missing_contrast_fraction * n_images)
+        drawn = np.random.default_rng([self.seed, 9]).permutation(n_images)[:n_missing]
+        return frozenset((int(i) // self.n_sessions, int(i) % self.n_sessions) for i in drawn)
 
     @property
     def derivative_dir(self) -> Path | None:
@@ -254,16 +284,29 @@ def _write_participant(settings: _Settings, index: int, p: Participant, who: Ide
     subject = cohorts.subject_anatomy(kind, seed, who)
     images = anatomy.render_subject(space, subject)
     pet_images = anatomy.render_subject(pet_space, subject, "pet") if settings.with_pet else None
+    contrast_images = {c: anatomy.render_subject(space, subject, c) for c in settings.contrasts}
+    without_contrasts = settings.sessions_without_contrasts
     stream = 5 if p.years_later else 2  # a re-scan's acquisitions never repeat its first dataset's ones
     for k, session in enumerate(settings.sessions):  # one session a year: k is also the years since baseline
         prefix = f"sub-{p.label}_ses-{session}"
         session_dir = settings.out_dir / f"sub-{p.label}" / f"ses-{session}"
         template_image = cohorts.apply_kind(kind, p.affected, images.at(p.years_later + k), space, [seed, 7, index, k])
-        data, affine = acquisition.acquire_t1w(np.random.default_rng([seed, stream, index, k]), space, template_image)
+        data, affine = acquisition.acquire_mr(np.random.default_rng([seed, stream, index, k]), space, template_image)
         _write_nifti(session_dir / "anat" / f"{prefix}_T1w.nii.gz", data, affine, SCANNER_XFORM)
         atomic_write_json(session_dir / "anat" / f"{prefix}_T1w.json", acquisition.T1W_SIDECAR)
         if settings.preprocessed is not None:
             _write_preprocessed(settings, p.label, session, template_image, space.affine)
+        for contrast, contrast_images_ in contrast_images.items():
+            if (index, k) in without_contrasts:
+                continue
+            code = CONTRAST_STREAMS[contrast]
+            image = cohorts.apply_kind(kind, p.affected, contrast_images_.at(p.years_later + k), space,
+                                       [seed, 7, index, k, code])  # fmt: skip
+            sidecar, slice_factor = acquisition.CONTRAST_ACQUISITIONS[contrast]
+            rng_mr = np.random.default_rng([seed, stream, index, k, code])
+            data, affine = acquisition.acquire_mr(rng_mr, space, image, slice_factor)
+            _write_nifti(session_dir / "anat" / f"{prefix}_{contrast}.nii.gz", data, affine, SCANNER_XFORM)
+            atomic_write_json(session_dir / "anat" / f"{prefix}_{contrast}.json", sidecar)
         if pet_images is not None:
             rng_pet = np.random.default_rng([seed, stream + 1, index, k])
             pet_image = cohorts.apply_kind(kind, p.affected, pet_images.at(p.years_later + k), pet_space,
@@ -299,6 +342,8 @@ def generate_dataset(
     first_label: int = 1,
     rescans_of: GeneratedDataset | None = None,
     n_rescans: int = 0,
+    contrasts: tuple[str, ...] | list[str] = (),
+    missing_contrast_fraction: float = 0.0,
 ) -> GeneratedDataset:
     """Write a synthetic raw BIDS dataset (T1w, optionally FDG PET and preprocessed images) to ``out_dir``.
 
@@ -326,6 +371,11 @@ def generate_dataset(
             noise, pose and bias; ``len(rescans_of.sessions)`` years older). Give ``first_label`` so their
             labels differ from the originals'.
         n_rescans: how many re-scans (0 to both datasets' numbers of participants).
+        contrasts: also write these per session (``"T2w"``, ``"FLAIR"``), each at its own native pose (FLAIR
+            with 1.5 times thicker slices), from the same anatomy and atrophy as the T1w: T2w with bright CSF
+            and white matter darker than grey matter, FLAIR with dark CSF.
+        missing_contrast_fraction: the fraction of all sessions (rounded to a count, drawn with ``seed``)
+            written with their T1w only, to test sessions that lack a contrast.
 
     Raises:
         UsageError: a bad argument or a non-empty ``out_dir``.
@@ -335,10 +385,13 @@ def generate_dataset(
     from bids_app.synthetic.anatomy import load_template_space
 
     settings = _Settings(Path(out_dir), n_subjects, n_sessions, preset, seed, effect_size, random_labels, with_pet,
-                         preprocessed, kind, first_label, rescans_of, n_rescans)  # fmt: skip
+                         preprocessed, kind, first_label, rescans_of, n_rescans, tuple(contrasts),
+                         missing_contrast_fraction)  # fmt: skip
     participants, identities = cohorts.draw_cohort(n_subjects, n_sessions, seed, effect_size, random_labels,
                                                    first_label, rescans_of, n_rescans)  # fmt: skip
-    defaults = {"kind": "atrophy", "first_label": 1, "rescans_of": None, "n_rescans": 0}  # README stays as it was
+    # README stays as it was
+    defaults = {"kind": "atrophy", "first_label": 1, "rescans_of": None, "n_rescans": 0, "contrasts": (),
+                "missing_contrast_fraction": 0.0}  # fmt: skip
     arguments = {
         f.name: getattr(settings, f.name)
         for f in dataclasses.fields(settings)
@@ -368,4 +421,8 @@ def generate_dataset(
         kind=kind,
         identities=tuple(identities),
         rescans=cohorts.rescan_pairs(participants, rescans_of, n_rescans),
+        contrasts=settings.contrasts,
+        sessions_without_contrasts=tuple(
+            sorted((participants[i].label, settings.sessions[k]) for i, k in settings.sessions_without_contrasts)
+        ),
     )
