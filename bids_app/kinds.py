@@ -80,3 +80,48 @@ def parse_kind(name: str, custom_names: tuple[str, ...] | None = None) -> ImageK
 def pet_kind(tracer: str) -> ImageKind:
     """The kind of a PET of ``tracer``."""
     return parse_kind(f"pet-{tracer}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CustomMap:
+    """A user's template-space map (``--custom-map NAME=ENTITY:VALUE[,ENTITY:VALUE...]``).
+
+    Attributes:
+        name: the kind's name (``CUSTOM_NAME``), the suffix of its output files.
+        filters: (entity, value) pairs selecting its files in the ``--derivatives`` folders, with pybids entity
+            names (``suffix``, ``desc``, ``label``, ``space``...).
+    """
+
+    name: str
+    filters: tuple[tuple[str, str], ...]
+
+    @property
+    def kind(self) -> ImageKind:
+        return ImageKind(self.name, self.name, custom=True)
+
+
+def parse_custom_map(spec: str) -> CustomMap:
+    """``gm=suffix:probseg,label:GM,space:MNI152NLin2009cAsym`` as a :class:`CustomMap`.
+
+    Raises:
+        ConfigError: no ``=``, a name that is not ``CUSTOM_NAME`` (or is ``pet``), an empty filter list, a pair
+            without ``:``, or an entity given twice.
+    """
+    example = "e.g. --custom-map gm=suffix:probseg,label:GM,space:MNI152NLin2009cAsym"
+    name, sep, rest = spec.partition("=")
+    if not sep or not rest.strip():
+        raise ConfigError(f"Invalid --custom-map {spec!r}: expected NAME=ENTITY:VALUE[,ENTITY:VALUE...], {example}.")
+    if not CUSTOM_NAME.match(name) or name == PET_SUFFIX:
+        raise ConfigError(
+            f"Invalid --custom-map name {name!r}: a lower-case letter, then letters and digits (it becomes the "
+            f"suffix of the map's files and its kind name; not 'pet'), {example}."
+        )
+    filters: list[tuple[str, str]] = []
+    for pair in rest.split(","):
+        entity, colon, value = (part.strip() for part in pair.partition(":"))
+        if not colon or not entity or not value:
+            raise ConfigError(f"Invalid --custom-map {spec!r}: {pair!r} is not ENTITY:VALUE, {example}.")
+        if entity in dict(filters):
+            raise ConfigError(f"Invalid --custom-map {spec!r}: entity {entity!r} is given twice.")
+        filters.append((entity, value))
+    return CustomMap(name, tuple(filters))

@@ -5,6 +5,32 @@ from __future__ import annotations
 from pathlib import Path
 
 DEFAULT_SPACE = "MNI152NLin2009aSym"
+# The MNI152 templates (TemplateFlow labels). They share the MNI world coordinates to a few millimetres, so an image
+# in one of them is brought onto another's grid through the two affines, without registration.
+MNI152_SPACES = frozenset(
+    {
+        "MNI152NLin2009aSym",
+        "MNI152NLin2009aAsym",
+        "MNI152NLin2009bSym",
+        "MNI152NLin2009bAsym",
+        "MNI152NLin2009cSym",
+        "MNI152NLin2009cAsym",
+        "MNI152NLin6Sym",
+        "MNI152NLin6Asym",
+        "MNI152Lin",
+    }
+)
+# Space labels of an individual's own anatomy or scanner (BIDS, fMRIPrep, FreeSurfer): never a template.
+NATIVE_SPACES = frozenset({"T1w", "T2w", "FLAIR", "pet", "PET", "bold", "dwi", "fsnative", "orig", "native",
+                           "scanner", "individual", "ACPC", "anat", "func"})  # fmt: skip
+
+
+def fits_template(space: str | None, template_space: str) -> bool:
+    """Whether an image declared in ``space`` can be placed on a template of ``template_space`` by its affine:
+    the same label, or two members of the MNI152 family."""
+    if not space:
+        return False
+    return space == template_space or (space in MNI152_SPACES and template_space in MNI152_SPACES)
 
 
 def nilearn_data_dir() -> Path:
