@@ -101,3 +101,23 @@ def test_written_files_follow_the_umask_not_mkstemp(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_nifti_checksum_is_computed_while_writing_and_equals_the_files(tmp_path: Path) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    from bids_app.derivatives import atomic_write_nifti, file_sha256
+
+    data = np.random.default_rng(0).normal(size=(9, 10, 11)).astype(np.float32)
+    data[:3] = 0  # background, as in a cropped brain
+    image = nib.Nifti1Image(data, np.diag([1.0, 1.0, 1.0, 1.0]))
+    path = tmp_path / "sub-01" / "anat" / "sub-01_space-x_desc-preproc_T1w.nii.gz"
+    sha = atomic_write_nifti(path, image)
+    assert sha == file_sha256(path)
+    assert path.read_bytes()[:2] == b"\x1f\x8b"  # gzip, as the name says
+    loaded = nib.load(path)
+    np.testing.assert_array_equal(np.asarray(loaded.dataobj), data)
+    np.testing.assert_array_equal(loaded.affine, image.affine)
+    assert atomic_write_nifti(tmp_path / "again.nii.gz", image) == sha  # no time stamp: same image, same bytes
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary left

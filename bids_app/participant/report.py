@@ -7,9 +7,10 @@ For every preprocessed image the page shows, in order:
   grey/white-matter boundary (yellow). A good registration puts the yellow line on the image's grey/white
   boundary and the cyan line on the brain's edge.
 - **mosaic**: seven slices per view (sagittal, coronal, axial) across the template's brain, with the same lines.
-- **what the network will see**: for each extracted mode, a strip cut from the tensor file itself after
+- **what the network will see**: for each extracted mode, a strip cut from the tensor itself after
   normalisation (a few slices, patches or regions, or the three views of the whole image), drawn on the
-  tensor's own value range, with its shape, dtype and normalisation.
+  tensor's own value range, with its shape, dtype and normalisation: from the array the job has just written
+  (the bytes its sidecar's checksum vouches for), or read back from the file when the tensor was re-used.
 
 Every tile carries the orientation letters at its edges (neurological display: left on the left). Above the
 images, the QC table with the pass/fail rule of :mod:`bids_app.preprocess.qc`, failures in red.
@@ -27,7 +28,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
@@ -53,7 +54,7 @@ class ReportEntry:
 
     Attributes:
         session_label: bare session label, None without sessions.
-        kind: the image's BIDS suffix, ``"T1w"`` or ``"pet"``.
+        kind: the image's BIDS suffix, ``"T1w"``, ``"T2w"``, ``"FLAIR"`` or ``"pet"``.
         image: the preprocessed image (X, Y, Z) on the cropped template grid.
         template: the template cut to the same grid.
         qc: :func:`bids_app.preprocess.qc.compute_qc` figures (any missing figure shows as n/a).
@@ -61,6 +62,10 @@ class ReportEntry:
         raw_path: the input image before preprocessing (None: the before/after figure shows only the after).
         tensor_paths: extraction mode (``image``, ``patch``, ``slice``, ``roi``) → the tensor ``.npy`` written
             for this image; a missing or incomplete file is named in the page instead of its strip.
+        network_inputs: mode → its strip already drawn (:func:`network_input_figure`) from the array the job
+            wrote; those modes' files are not read again.
+        input_panels: the before/after figure's input row already cut (:func:`input_panels`) from the input the
+            job held in memory; when empty, ``raw_path`` is read.
     """
 
     session_label: str | None
@@ -71,6 +76,8 @@ class ReportEntry:
     extra_entities: str = ""
     raw_path: Path | None = None
     tensor_paths: Mapping[str, Path] = field(default_factory=dict)
+    network_inputs: Mapping[str, str] = field(default_factory=dict)
+    input_panels: tuple[Panel, ...] = ()
 
 
 def section_id(participant_label: str, entry: ReportEntry) -> str:
@@ -116,25 +123,39 @@ def _figure(png: bytes, kind: str, alt: str, caption: str, data: str = "") -> st
     )
 
 
-class _Registered:
-    """The preprocessed image with what is drawn over it: the template's brain outline and tissue boundary."""
+class _Overlay:
+    """What the template draws over every image on its grid: brain outline, tissue boundary, centre, and which
+    voxels set the display window. Computed once per template in a report (every image of a participant shares
+    it)."""
 
-    def __init__(self, entry: ReportEntry) -> None:
-        self.volume = np.asarray(entry.image.dataobj, dtype=np.float32).reshape(entry.image.shape[:3])
-        self.geometry = Geometry.of(entry.image.affine)
-        self.mask = brain_mask(entry.template)
-        template = np.asarray(entry.template.dataobj, dtype=np.float32)
-        inside = self.volume[self.mask] if self.mask.any() else self.volume.ravel()
-        low, high = np.percentile(inside[:: max(1, inside.size // 200_000)], [0.5, 99.5])  # a sample is enough
-        self.window = (float(low), float(high) if high > low else float(low) + 1.0)
+    def __init__(self, template_image: nib.Nifti1Image) -> None:
+        self.mask = brain_mask(template_image)
+        template = np.asarray(template_image.dataobj, dtype=np.float32)
+        # the display window's sample: every k-th brain voxel (C order), about 200 000 of them
+        inside = np.flatnonzero(self.mask) if self.mask.any() else np.arange(template.size)
+        self.sample = inside[:: max(1, inside.size // 200_000)]
         threshold = _otsu(template[self.mask]) if self.mask.any() else float(template.mean())
         # the brain outline last: where the tissue boundary meets the brain's edge, the edge is what is shown
         self.outlines = [(self.mask & (template > threshold), BOUNDARY_COLOR), (self.mask, OUTLINE_COLOR)]
-        self.centre = [n // 2 for n in self.volume.shape]
+        self.centre = [n // 2 for n in template.shape[:3]]
         if self.mask.any():  # the brain's centre of mass, from its three profiles (cheaper than its coordinates)
-            for axis, n in enumerate(self.volume.shape):
+            for axis, n in enumerate(template.shape[:3]):
                 profile = self.mask.sum(axis=tuple(a for a in range(3) if a != axis))
                 self.centre[axis] = round(float(np.average(np.arange(n), weights=profile)))
+
+
+class _Registered:
+    """The preprocessed image with what is drawn over it: the template's brain outline and tissue boundary."""
+
+    def __init__(self, entry: ReportEntry, overlay: _Overlay | None = None) -> None:
+        overlay = overlay or _Overlay(entry.template)
+        self.volume = np.asarray(entry.image.dataobj, dtype=np.float32).reshape(entry.image.shape[:3])
+        self.geometry = Geometry.of(entry.image.affine)
+        self.mask = overlay.mask
+        low, high = np.percentile(self.volume.reshape(-1)[overlay.sample], [0.5, 99.5])  # a sample is enough
+        self.window = (float(low), float(high) if high > low else float(low) + 1.0)
+        self.outlines = overlay.outlines
+        self.centre = overlay.centre
 
     def panel(self, view: str, index: int | None = None, caption: str = "") -> Panel:
         normal = self.geometry.normal_axis(view)
@@ -152,9 +173,14 @@ class _Registered:
         return [self.panel(view, i, f"{view[:3]} {i}") for i in indices]
 
 
-def _raw_row(raw_path: Path) -> list[Panel]:
-    """Three views of the input image through its head's centre, in RAS for display (4D: mean of the frames)."""
-    image = nib.as_closest_canonical(nib.load(raw_path))
+def input_panels(image: nib.spatialimages.SpatialImage) -> tuple[Panel, ...]:
+    """The before/after figure's top row: three views of the input image through its head's centre, in RAS for
+    display (4D: mean of the frames).
+
+    A job that holds the input in memory cuts them at once (:attr:`ReportEntry.input_panels`): three planes are
+    kept, not the volume, and the report does not read and decompress the input a second time.
+    """
+    image = nib.as_closest_canonical(image)
     data = np.asarray(image.dataobj, dtype=np.float32)
     volume = data.reshape((*data.shape[:3], -1)).mean(axis=3) if data.ndim > 3 else data
     geometry = Geometry.of(image.affine)
@@ -172,15 +198,17 @@ def _raw_row(raw_path: Path) -> list[Panel]:
         normal = geometry.normal_axis(view)
         index = min(centre[normal], volume.shape[normal] - 1)
         rows.append(cut(volume, geometry, normal, index, window, f"input {view}"))
-    return rows
+    return tuple(rows)
 
 
 def _before_after(entry: ReportEntry, registered: _Registered) -> str:
     after = [registered.panel(view, caption=f"registered {view}") for view in VIEWS]
     rows, note = [after], ""
-    if entry.raw_path is not None:
+    if entry.input_panels:
+        rows.insert(0, list(entry.input_panels))
+    elif entry.raw_path is not None:
         try:
-            rows.insert(0, _raw_row(entry.raw_path))
+            rows.insert(0, list(input_panels(cast(nib.spatialimages.SpatialImage, nib.load(entry.raw_path)))))
         except (OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
             note = f" The input image {html.escape(str(entry.raw_path))} could not be read ({html.escape(str(exc))})."
     source = "input image (top) and " if len(rows) == 2 else ""
@@ -252,6 +280,25 @@ def _network_input(mode: str, path: Path, geometry: Geometry) -> str:
     except BidsAppError as exc:
         reason = html.escape(f"{mode}: no tensor to show ({exc})")
         return f'<p class="note network-input-missing">{reason}</p>'
+    return network_input_figure(mode, tensor, sidecar, path, geometry)
+
+
+def network_input_figure(
+    mode: str, tensor: np.ndarray, sidecar: Mapping[str, Any], path: Path, geometry: Geometry
+) -> str:
+    """The strip of one tensor (see the module docstring) as an HTML figure.
+
+    A job calls it right after writing the tensor, with the very array it wrote (the bytes its sidecar's
+    checksum vouches for) and puts the result in :attr:`ReportEntry.network_inputs`: the page then needs no
+    second read of the file. A re-used tensor is read back from ``path`` instead (:func:`_network_input`).
+
+    Args:
+        mode: ``image``, ``slice``, ``patch`` or ``roi``.
+        tensor: the tensor, ``(n_parts, 1, ...)``.
+        sidecar: its sidecar (``ModeParameters``, ``Normalization``).
+        path: the ``.npy`` file, named in the caption.
+        geometry: the source image's :class:`Geometry` (orientation letters, voxel sizes).
+    """
     low, high = float(np.min(tensor)), float(np.max(tensor))
     window = (low, high if high > low else low + 1.0)
     rows, shown = _tensor_panels(tensor, mode, sidecar.get("ModeParameters") or {}, geometry, window)
@@ -314,12 +361,12 @@ def _table(entries: Sequence[ReportEntry], anchors: Sequence[str]) -> list[str]:
     return rows
 
 
-def _section(participant_label: str, entry: ReportEntry, anchor: str) -> str:
+def _section(participant_label: str, entry: ReportEntry, anchor: str, overlay: _Overlay | None = None) -> str:
     rule_key, threshold = qc_rule(entry.kind)
     passed = qc_passes(entry.qc, entry.kind)
     verdict = "PASS" if passed else "FAIL"
     image_text = " ".join(t for t in (entry.extra_entities, entry.kind) if t)
-    registered = _Registered(entry)
+    registered = _Registered(entry, overlay)
     parts = [
         f'<section><h2 id="{html.escape(anchor)}">{html.escape(_session_text(entry))} — {html.escape(image_text)} '
         f'<span style="color:{"#145214" if passed else "#8a1010"}">{verdict}</span></h2>',
@@ -329,7 +376,10 @@ def _section(participant_label: str, entry: ReportEntry, anchor: str) -> str:
         "<h3>What the network will see</h3>",
     ]
     if entry.tensor_paths:
-        parts += [_network_input(mode, Path(path), registered.geometry) for mode, path in entry.tensor_paths.items()]
+        parts += [
+            entry.network_inputs.get(mode) or _network_input(mode, Path(path), registered.geometry)
+            for mode, path in entry.tensor_paths.items()
+        ]
     else:
         parts.append('<p class="note">No tensor was extracted from this image.</p>')
     parts.append("</section>")
@@ -348,9 +398,16 @@ def write_participant_report(html_path: Path, participant_label: str, entries: S
 
     html_path = Path(html_path)
     anchors = [section_id(participant_label, e) for e in entries]
-    sections = [_section(participant_label, e, a) for e, a in zip(entries, anchors, strict=True)]
+    overlays: dict[int, _Overlay] = {}  # by template object: a participant's images share one template
+    for entry in entries:
+        if id(entry.template) not in overlays:
+            overlays[id(entry.template)] = _Overlay(entry.template)
+    sections = [
+        _section(participant_label, e, a, overlays[id(e.template)]) for e, a in zip(entries, anchors, strict=True)
+    ]
     rule_text = (
         f"T1w images pass when smoothed_correlation_to_template ≥ {qc_module.MIN_T1W_CORRELATION:g}; "
+        f"T2w and FLAIR images when nmi_to_template ≥ {qc_module.MIN_CONTRAST_NMI:g}; "
         f"PET images pass when nmi_to_template ≥ {qc_module.MIN_PET_NMI:g}. Figures are computed inside the "
         "template's brain mask on the cropped template grid (bold: the figure that decides)."
     )

@@ -168,3 +168,34 @@ def test_page_never_scrolls_sideways_in_chromium(report, width: int) -> None:
     html_path, _, _ = report
     scroll_width, client_width = page_widths(html_path, width)
     assert client_width > 0.9 * width - 40 and scroll_width <= client_width
+
+
+def test_strips_and_input_row_drawn_by_the_job_are_used_without_reading_files(tmp_path: Path) -> None:
+    """A job passes the strips it drew from the arrays it wrote and the input row it cut from the input it held:
+    the report reads neither file again (here both paths are missing, so a read would show a note)."""
+    from bids_app.participant.report import input_panels, network_input_figure
+
+    image = volume_image()
+    written = tensors_for(image, tmp_path / "written")
+    geometry = Geometry.of(image.affine)
+    drawn = {
+        mode: network_input_figure(mode, np.load(path), {"ModeParameters": {}, "Normalization": "minmax"},
+                                   tmp_path / "gone" / path.name, geometry)
+        for mode, path in written.items()
+    }  # fmt: skip
+    gone = {mode: tmp_path / "gone" / path.name for mode, path in written.items()}
+    entry = ReportEntry(None, "T1w", image, image, {}, raw_path=tmp_path / "gone" / "raw.nii.gz", tensor_paths=gone,
+                        network_inputs=drawn, input_panels=input_panels(image))  # fmt: skip
+    write_participant_report(tmp_path / "report.html", "01", [entry])
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "network-input-missing" not in page and "could not be read" not in page
+    figures = FIGURE.findall(page)
+    strips = {mode: decode(data) for kind, _, mode, data in figures if kind == "network-input"}
+    assert sorted(strips) == ["image", "patch", "roi", "slice"]
+    (before_after,) = [decode(data) for kind, _, _, data in figures if kind == "before-after"]
+    assert before_after.shape == grid_shape(2, 3)  # the input row is there, cut from the image in memory
+    # the same strip as the one read back from the file
+    from_file = tmp_path / "from_file.html"
+    write_participant_report(from_file, "01", [ReportEntry(None, "T1w", image, image, {}, tensor_paths=written)])
+    read_back = {mode: data for kind, _, mode, data in FIGURE.findall(from_file.read_text()) if kind == "network-input"}
+    assert {m: d for k, _, m, d in figures if k == "network-input"}["slice"] == read_back["slice"]

@@ -1,0 +1,165 @@
+"""Benchmark the participant level on already preprocessed 1 mm inputs (``-d``), QC and report included.
+
+Generates ``--n-subjects`` x ``--n-sessions`` participants with the synthetic generator (``--preset realistic``:
+1 mm, template-space images written as a BIDS derivative, cropped by the participant level to 169x208x179), then
+prints three things:
+
+1. **Whole participant level** (``python -m bids_app BIDS OUT participant -d DERIV ...`` in a subprocess, a fresh
+   OUTPUT_DIR each time) in image mode, slice mode and all four modes, with 1 process and ``--nprocs 2``: wall
+   seconds and seconds per image per process (``wall x processes / images``, the figure of issue 16: clinicadl
+   1.6.1 ``prepare-data`` took 0.66 s per image per process in image mode, without QC and report).
+2. **Tensor path alone**, in this process, one thread per library: read the preprocessed input, bring it to the
+   cropped grid, normalise, cut (image mode), write the ``.npy`` and its sidecar with the checksum: median
+   seconds per image (target < 0.3 s).
+3. **Where the time goes**: the first participant run in this process under cProfile in all four modes
+   (``-d``, 1 process), cumulative CPU seconds per image of reading/decompression, QC, checksums, extraction,
+   writing and the report, and the 15 most expensive functions by own time.
+
+Run: ``python benchmarks/bench_participant_preprocessed.py [--n-subjects 20] [--n-sessions 2] [--skip-cli]``.
+Check ``uptime`` first: the figures are only as good as the machine is idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import pstats
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODE_SETS = {"image": ("image",), "slice": ("slice",), "all": ("image", "slice", "patch", "roi")}
+# Breakdown rows: (label, [(file suffix, function name)...]); cumulative times, so a row may include another's
+# (the checksums of tensors are computed while writing them, so "checksums" is also inside "writing").
+BREAKDOWN = (
+    ("reading + decompression", [("nifti_checks.py", "load_checked_nifti"), ("arrayproxy.py", "_get_scaled")]),
+    ("bringing to the crop grid", [("t1_linear.py", "to_crop_grid")]),
+    ("QC", [("qc.py", "compute_qc")]),
+    ("checksums (sha256)", [("~", "<method 'update' of '_hashlib.HASH' objects>")]),
+    ("normalisation", [("image.py", "normalize_volume")]),
+    ("extraction (cutting)", [("__init__.py", "extract_tensor")]),
+    ("writing preprocessed NIfTI", [("loadsave.py", "save"), ("derivatives.py", "write_nifti")]),
+    ("writing tensors + sidecars", [("storage.py", "write_tensor")]),
+    ("report (figures + page)", [("report.py", "write_participant_report")]),
+    ("participant job in all", [("job.py", "process_participant")]),
+)
+
+
+def _cli(bids_dir: Path, deriv_dir: Path, out: Path, modes: tuple[str, ...], roi_mask: Path, nprocs: int) -> list[str]:
+    command = ["participant", "-d", str(deriv_dir), "--modes", *modes, "--nprocs", str(nprocs)]
+    if "roi" in modes:
+        command += ["--roi-mask", f"hippocampus={roi_mask}"]
+    return [str(bids_dir), str(out), *command]
+
+
+def _run_cli(args: list[str]) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + system, every child process) of one participant-level run."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "bids_app", *args], capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if result.returncode != 0:
+        sys.exit(f"The participant level failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def _tensor_path_seconds(inputs: list[Path], out: Path, repeats: int) -> float:
+    """Median seconds per image of read → crop grid → normalise → cut (image mode) → write tensor + sidecar."""
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    from bids_app.config import ExtractionConfig, ExtractionMode, PreprocessConfig
+    from bids_app.extraction import extract_tensor, normalize_volume, write_tensor
+    from bids_app.preprocess.t1_linear import load_preprocessed, load_template
+
+    preprocess, extraction = PreprocessConfig(), ExtractionConfig()
+    template = load_template(preprocess)
+    times = []
+    with threadpool_limits(limits=1):
+        for _ in range(repeats):
+            for k, path in enumerate(inputs):
+                start = time.perf_counter()
+                image = load_preprocessed(path, template, preprocess)
+                volume = normalize_volume(np.asarray(image.dataobj, dtype=np.float32), extraction.normalization)
+                tensor = extract_tensor(volume, ExtractionMode.IMAGE, extraction, None)
+                write_tensor(out / f"sub-{k:03d}_desc-image_T1w.npy", tensor, {"Mode": "image", "Source": str(path)})
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _cumulative(stats: pstats.Stats, file_suffix: str, name: str) -> float:
+    total = 0.0
+    for (filename, _, function), (_, _, _, cumulative, _) in stats.stats.items():  # type: ignore[attr-defined]
+        if function == name and filename.endswith(file_suffix):
+            total += cumulative
+    return total
+
+
+def _profile(bids_dir: Path, deriv_dir: Path, out: Path, roi_mask: Path, label: str, n_images: int) -> None:
+    from bids_app.cli.main import main as cli_main
+
+    args = [*_cli(bids_dir, deriv_dir, out, MODE_SETS["all"], roi_mask, 1), "--participant-label", label]
+    profiler = cProfile.Profile(time.process_time)  # CPU seconds: less sensitive to other load
+    with contextlib.redirect_stderr(io.StringIO()):
+        profiler.enable()
+        code = cli_main(args)
+        profiler.disable()
+    if code != 0:
+        sys.exit(f"The profiled participant level failed (exit {code}).")
+    stats = pstats.Stats(profiler)
+    print(f"\nBreakdown, sub-{label} ({n_images} images, all four modes, 1 process, cProfile; seconds per image):")
+    for row, functions in BREAKDOWN:
+        seconds = sum(_cumulative(stats, f, n) for f, n in functions)
+        print(f"  {row:32s} {seconds / n_images:6.3f}")
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)
+    print("\nTop functions by own time (whole run, imports and validation included):")
+    print("\n".join(line for line in text.getvalue().splitlines()[6:] if line.strip()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-subjects", type=int, default=20)
+    parser.add_argument("--n-sessions", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1, help="passes of the tensor-path loop (default 1)")
+    parser.add_argument("--skip-cli", action="store_true", help="only the tensor path and the profile")
+    args = parser.parse_args()
+    from bids_app.synthetic.dataset import generate_dataset
+
+    with tempfile.TemporaryDirectory(prefix="bench_preprocessed_") as folder:
+        root = Path(folder)
+        dataset = generate_dataset(root / "bids", n_subjects=args.n_subjects, n_sessions=args.n_sessions,
+                                   preset="realistic", seed=3, preprocessed="derivative")  # fmt: skip
+        assert dataset.derivative_dir is not None
+        inputs = sorted(dataset.derivative_dir.rglob("*_desc-preproc_T1w.nii.gz"))
+        n_images = len(inputs)
+        print(f"{n_images} preprocessed 1 mm inputs ({args.n_subjects} participants x {args.n_sessions} sessions), "
+              "cropped to 169x208x179")  # fmt: skip
+        if not args.skip_cli:
+            print(f"\n{'modes':6} {'procs':>5} {'wall s':>8} {'s/image/process':>16} {'CPU s/image':>12}")
+            for name, modes in MODE_SETS.items():
+                for nprocs in (1, 2):
+                    out = root / f"out_{name}_{nprocs}"
+                    wall, cpu = _run_cli(_cli(dataset.bids_dir, dataset.derivative_dir, out, modes,
+                                              dataset.roi_mask_path, nprocs))  # fmt: skip
+                    print(f"{name:6} {nprocs:5d} {wall:8.1f} {wall * nprocs / n_images:16.3f} {cpu / n_images:12.3f}",
+                          flush=True)  # fmt: skip
+            print("(issue 16: clinicadl prepare-data, image mode, no QC/report: 0.66 s per image per process)")
+        seconds = _tensor_path_seconds(inputs, root / "tensors", args.repeats)
+        print(f"\nTensor path alone (read, crop grid, normalise, cut image mode, write + sidecar): {seconds:.3f} s "
+              "per image (target < 0.3 s)")  # fmt: skip
+        label = inputs[0].name.split("_")[0].removeprefix("sub-")
+        n_profiled = sum(1 for p in inputs if p.name.startswith(f"sub-{label}_"))
+        _profile(dataset.bids_dir, dataset.derivative_dir, root / "out_profile", dataset.roi_mask_path, label,
+                 n_profiled)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
