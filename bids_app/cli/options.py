@@ -28,7 +28,8 @@ class BoolFlag(argparse.Action):
 # checks them against the real registries (models.list_architectures, data.augment, metrics.metric_names,
 # interpret.saliency.SaliencyMethod).
 ARCHITECTURE_NAMES = ("conv4_fc3", "conv5_fc3", "conv_autoencoder", "resnet3d", "small_autoencoder", "small_cnn")
-AUGMENTATION_NAMES = ("affine", "flip", "intensity_scaling", "gaussian_noise")
+AUGMENTATION_NAMES = ("affine", "elastic", "flip", "motion", "ghosting", "spike", "bias_field", "blur", "gamma",
+                      "intensity_scaling", "gaussian_noise")  # fmt: skip
 INTERPRET_METHOD_NAMES = ("gradients", "grad_cam", "integrated_gradients")
 SELECTION_METRIC_NAMES = {
     Task.CLASSIFICATION: ("loss", "balanced_accuracy", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1",
@@ -272,7 +273,18 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
         (),
         {"type": float, "help": "smallest improvement that resets early stopping"},
     ),
-    (F, "augmentations", "train.augmentations", (), {"nargs": "+", "metavar": "NAME", "help": "training set only"}),
+    (
+        F,
+        "augmentations",
+        "train.augmentations",
+        (),
+        {
+            "nargs": "+",
+            "metavar": "NAME",
+            "help": "training set only, seeded per sample, applied in the order listed; "
+            "parameters and cost in docs/cli.md",
+        },
+    ),
     (
         F,
         "class_weighted_sampling",

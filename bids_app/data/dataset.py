@@ -272,8 +272,7 @@ class TensorDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
         if self.augment is None:
             return sample
         # Without a sampler seed, fall back on numpy's global generator (seeded per worker).
-        rng = np.random.default_rng(seed if seed is not None else np.random.randint(0, 2**31))
-        return np.ascontiguousarray(self.augment(sample, rng), dtype=np.float32)
+        return self.augment(sample, seed if seed is not None else int(np.random.randint(0, 2**31)))
 
     def _target(self, index: int, x: torch.Tensor) -> torch.Tensor:
         if self._targets is None:

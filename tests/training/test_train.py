@@ -352,7 +352,7 @@ def test_out_of_memory_is_a_temporary_failure(tmp_path: Path, monkeypatch: pytes
     ("options", "message"),
     [
         ({"optimizer": "lbfgs"}, r"Unknown optimizer 'lbfgs'.*adam, adamw, sgd"),
-        ({"augmentations": ("elastic",)}, r"'elastic'.*affine, flip"),
+        ({"augmentations": ("wobble",)}, r"'wobble'.*affine, elastic, flip"),
         ({"selection_metrics": ("mae",)}, r"\['mae'\] are not classification metrics"),
         ({"loss": "huber"}, "Loss 'huber' does not apply to classification"),
         ({"architecture": "small_autoencoder"}, "does not support the classification task"),
