@@ -141,6 +141,9 @@ class TrainConfig:
     model_name: str = "model"  # the MAPS folder name under models/
     architecture: str = "conv5_fc3"
     mode: ExtractionMode = ExtractionMode.IMAGE
+    # Image kinds stacked as the channels of one sample, in this order (bids_app.kinds: T1w, T2w, FLAIR,
+    # pet-<tracer>, a custom map's name); a session lacking one is listed and left out, never zero-padded.
+    channels: tuple[str, ...] = ("T1w",)
     optimizer: str = "adam"
     learning_rate: float = 1e-3  # 1e-4 stayed near ln 2 for 20 epochs, 3e-3 can collapse (docs/performance.md)
     weight_decay: float = 1e-4
@@ -284,6 +287,37 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 FILTER_KINDS = ("t1w", "pet")
 
 
+def check_channels(names: tuple[str, ...]) -> None:
+    """Refuse a ``--channels`` list no group run can use: empty, an unknown kind, or a kind given twice.
+
+    Raises:
+        ConfigError: naming the value and the kinds that exist (``kinds.parse_kind``).
+    """
+    from bids_app.errors import ConfigError
+    from bids_app.kinds import ANATOMICAL_SUFFIXES, parse_kind
+
+    if not names:
+        raise ConfigError("Invalid --channels (train.channels) []: give one image kind or more, e.g. --channels T1w.")
+    for name in names:
+        try:
+            parse_kind(str(name))
+        except ConfigError as exc:
+            raise ConfigError(f"Invalid --channels (train.channels) {name!r}: {exc}") from None
+        # a custom map's name could be 'flair', but the case slip is far likelier than such a map
+        bids_kind = {kind.lower(): kind for kind in ANATOMICAL_SUFFIXES}.get(str(name).lower())
+        if bids_kind is not None and bids_kind != name:
+            raise ConfigError(
+                f"Invalid --channels (train.channels) {name!r}: did you mean {bids_kind!r}? Kind names are "
+                "case-sensitive (T1w, T2w, FLAIR, pet-<tracer>)."
+            )
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(
+            f"Invalid --channels (train.channels) {list(names)!r}: {', '.join(repeated)} given twice; each kind is "
+            "one channel. Give each kind once."
+        )
+
+
 def check_config_values(cfg: RunConfig) -> None:
     """Refuse option values no run can use, before anything is written (ConfigError naming option and fix).
 
@@ -303,6 +337,7 @@ def check_config_values(cfg: RunConfig) -> None:
         close = [kind for kind in FILTER_KINDS if kind in {u.lower() for u in unknown}]
         hint = f" Did you mean '{close[0]}'?" if close else ""
         fail("--bids-filter-file kind(s)", unknown, f"the kinds are {', '.join(FILTER_KINDS)} (lower case).{hint}")
+    check_channels(cfg.train.channels)
     for option, name in (
         ("--model-name (train.model_name)", cfg.train.model_name),
         ("--group-name (predict.group_name)", cfg.predict.group_name),

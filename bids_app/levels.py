@@ -17,6 +17,7 @@ from bids_app.inputs.bids_query import (
     ImageRecord,
     check_dataset,
     list_participants,
+    query_custom_maps,
     query_preprocessed_images,
     query_raw_images,
     select_participants,
@@ -25,7 +26,10 @@ from bids_app.participant.status import Outcome, StatusRow, rebuild_status_table
 from bids_app.provenance import RunContext, end_run, start_run
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from bids_app.data.tables import GroupTable, TensorIndex
+    from bids_app.kinds import ImageKind
     from bids_app.maps import Maps, MapsLayout
     from bids_app.maps.splits import Splits
     from bids_app.tracking import Tracker
@@ -90,6 +94,10 @@ def run_participant(cfg: RunConfig, ctx: RunContext) -> int:
             for r in query_raw_images(cfg, participants, "pet")
             if r.entities.get("tracer") in cfg.preprocess.pet_tracers
         ]
+    for contrast in cfg.preprocess.contrasts:  # raw only (config refuses --contrasts with -d)
+        records += query_raw_images(cfg, participants, contrast.lower())
+    if cfg.preprocess.custom_maps:  # template-space maps of the -d folders (config refuses them without -d)
+        records += query_custom_maps(cfg, participants)
     by_participant: dict[str, list[ImageRecord]] = {p: [] for p in participants}
     for record in records:
         by_participant[record.participant_label].append(record)
@@ -152,7 +160,8 @@ def run_group(cfg: RunConfig, ctx: RunContext) -> int:
 def _run_group(cfg: RunConfig, ctx: RunContext) -> int:
     from bids_app.config import DEFAULT_GROUP_STAGES, GroupStage
     from bids_app.data.origin import check_same_settings, read_settings, with_participant_settings
-    from bids_app.data.tables import index_tensors, sample_shape, verify_tensors
+    from bids_app.data.tables import check_kinds_present, index_channels, index_tensors, sample_shape, verify_tensors
+    from bids_app.kinds import parse_kind
     from bids_app.labels import subject_ids
     from bids_app.maps import Maps
     from bids_app.models import check_compatibility
@@ -172,14 +181,17 @@ def _run_group(cfg: RunConfig, ctx: RunContext) -> int:
                      cfg.train.mode.value)  # fmt: skip
     mode = maps.record.mode if maps else cfg.train.mode
     labels_cfg = maps.record.config.labels if maps else cfg.labels
+    # the image kinds stacked as channels: the model's when it is not trained here (a record without: T1w)
+    kinds = maps.record.kinds if maps else tuple(parse_kind(name) for name in cfg.train.channels)
     split_done = distributed.broadcast_flag(final.splits_json.is_file())
     new_split = GroupStage.SPLIT in stages and not (cfg.train.resume and split_done)
     if cfg.cohorts:
-        tensors, table = cohort_tables(cfg, mode, labels_cfg)
+        tensors, table, excluded = cohort_tables(cfg, mode, labels_cfg, kinds)
     else:
         kept_split = final if split_done and not new_split else None
-        tensors = select_images(cfg, index_tensors(cfg.output_dir, mode), kept_split)
-        table = group_table(cfg, tensors, labels_cfg, mode)
+        index = index_channels(cfg.output_dir, mode, kinds)
+        tensors, excluded = select_images(cfg, index.tensors, kept_split), index.excluded
+        table = group_table(cfg, tensors, labels_cfg, mode, kinds, excluded=excluded)
     log.info("Group level: %d image(s) of %d participant(s) with labels; stages %s", len(table),
              subject_ids(table).nunique(), ", ".join(s.value for s in stages))  # fmt: skip
     settings = read_settings(table)  # what the participant level really did, from the tensors' sidecars
@@ -198,7 +210,10 @@ def _run_group(cfg: RunConfig, ctx: RunContext) -> int:
     if cfg.predict.predict_from is not None and GroupStage.PREDICT in stages:
         # before any stage reads them: tensors made otherwise than the model's are refused by name, not by shape
         reference = settings if training else maps.participant_settings if maps is not None else []
-        other = read_settings(index_tensors(cfg.predict.predict_from, mode))
+        other_index = index_tensors(cfg.predict.predict_from, mode, kinds)
+        if other_index.empty:  # a kind of the model's channels missing there: refused before anything is written
+            check_kinds_present(cfg.predict.predict_from, mode, kinds, model=final.name)
+        other = read_settings(other_index)
         check_same_settings(reference, other, cfg.predict.predict_from, final.root)
     if training or {GroupStage.BASELINE, GroupStage.PREDICT, GroupStage.INTERPRET} & set(stages):
         # every tensor read from here on is the one its sidecar vouches for (rank 0 reads them once for all)
@@ -211,7 +226,8 @@ def _run_group(cfg: RunConfig, ctx: RunContext) -> int:
     if staged:
         distributed.on_main(prepare_staging, layout, final, copy_split=not new_split)
     try:
-        _run_group_stages(cfg, ctx, stages, table, tensors, layout, final, maps, new_split=new_split)
+        _run_group_stages(cfg, ctx, stages, table, tensors, layout, final, maps, new_split=new_split,
+                          excluded=excluded)  # fmt: skip
     except BaseException:
         if staged and distributed.is_main():
             import shutil
@@ -234,8 +250,13 @@ def _run_group_stages(
     maps: Maps | None,
     *,
     new_split: bool,
+    excluded: pd.DataFrame | None = None,
 ) -> None:
-    """Split, train, predict, interpret and report into ``layout`` (``final`` unless an --overwrite stages it)."""
+    """Split, train, predict, interpret and report into ``layout`` (``final`` unless an --overwrite stages it).
+
+    ``excluded``: the sessions left out for lacking one of the channels (``data.tables.index_channels``), which
+    a new model's folder lists.
+    """
     from bids_app.config import GroupStage
     from bids_app.maps import Maps
     from bids_app.tracking import Tracker, open_tracker
@@ -256,7 +277,8 @@ def _run_group_stages(
         if training:
             from bids_app.maps.splits import read_splits
 
-            maps = run_train_stage(cfg, layout, read_splits(layout.groups_dir), table, tracker, run=ctx)
+            maps = run_train_stage(cfg, layout, read_splits(layout.groups_dir), table, tracker, run=ctx,
+                                   excluded=excluded)  # fmt: skip
         with distributed.main_only() as main:
             if main and maps is not None and training and GroupStage.PREDICT in stages:
                 maps.validate()
@@ -309,7 +331,7 @@ def run_baseline(cfg: RunConfig, stages: Sequence[GroupStage], maps: Maps, table
 
         assert cfg.predict.predict_from is not None
         record = maps.record
-        rows = external_table(cfg.predict.predict_from, record.mode, record.config.labels)
+        rows = external_table(cfg.predict.predict_from, record.mode, record.config.labels, record.kinds)
         predict_with_saved_baselines(cfg, maps, str(cfg.predict.group_name), rows, tracker)
 
 
@@ -333,7 +355,9 @@ def run_imported_model(cfg: RunConfig, ctx: RunContext) -> int:
     maps = imported.maps
     log.info("Predicting with imported model %s (%s, %s on %s tensors).", maps.name, maps.record.architecture,
              maps.record.task.value, maps.record.mode.value)  # fmt: skip
-    table = select_images(cfg, external_table(cfg.output_dir, maps.record.mode, maps.record.config.labels), None)
+    log.info("Model %s reads channel(s) %s.", maps.name, ", ".join(k.name for k in maps.record.kinds))
+    rows = external_table(cfg.output_dir, maps.record.mode, maps.record.config.labels, maps.record.kinds)
+    table = select_images(cfg, rows, None)
     maps.check_input_shape(sample_shape(table, maps.record.mode), cfg.output_dir)
     check_same_settings(maps.participant_settings, read_settings(table), cfg.output_dir, maps.root)
     verify_tensors(table)
@@ -511,12 +535,15 @@ def check_cohorts(cfg: RunConfig, stages: Sequence[GroupStage]) -> None:
     check_cohort_options(cfg)
     if not cfg.cohorts:
         return
+    from bids_app.kinds import parse_kind
+
     mode, labels_cfg = cfg.train.mode, cfg.labels
+    kinds = tuple(parse_kind(name) for name in cfg.train.channels)
     final = model_layout(cfg)
     if GroupStage.TRAIN not in stages and Maps.exists(final.root):
-        record = Maps.read_record(final.root)  # the model decides mode and labels when it is not trained here
-        mode, labels_cfg = record.mode, record.config.labels
-    _, table = cohort_tables(cfg, mode, labels_cfg)
+        record = Maps.read_record(final.root)  # the model decides mode, labels and channels when not trained here
+        mode, labels_cfg, kinds = record.mode, record.config.labels, record.kinds
+    _, table, _ = cohort_tables(cfg, mode, labels_cfg, kinds)
     if GroupStage.SPLIT in stages:
         _refuse_people_in_two_cohorts(table, allow=cfg.predict.allow_leak)
 
@@ -552,12 +579,14 @@ def check_model_cohorts(cfg: RunConfig) -> None:
         )
 
 
-def cohort_tables(cfg: RunConfig, mode: ExtractionMode, labels_cfg: LabelConfig) -> tuple[TensorIndex, GroupTable]:
-    """Every cohort's tensors and labelled group table, stacked with a leading ``cohort`` column.
+def cohort_tables(
+    cfg: RunConfig, mode: ExtractionMode, labels_cfg: LabelConfig, kinds: Sequence[ImageKind]
+) -> tuple[TensorIndex, GroupTable, pd.DataFrame]:
+    """Every cohort's tensors, labelled group table and sessions lacking a channel, with a leading ``cohort`` column.
 
-    Each cohort is read as a single-cohort run would read it (``index_tensors`` of its output folder,
-    ``group_table`` with the labels of its BIDS root); a failure names the cohort. A scan found in two cohorts
-    (same preprocessed or raw source sha256) is refused: one person would be on both sides of the split.
+    Each cohort is read as a single-cohort run would read it (``index_channels`` of its output folder for
+    ``kinds``, ``group_table`` with the labels of its BIDS root); a failure names the cohort. A scan found in two
+    cohorts (same preprocessed or raw source sha256) is refused: one person would be on both sides of the split.
 
     Raises:
         InputMissingError, DataError: as ``group_table``, prefixed by the cohort; LeakError: a scan in two cohorts.
@@ -567,28 +596,30 @@ def cohort_tables(cfg: RunConfig, mode: ExtractionMode, labels_cfg: LabelConfig)
     import pandas as pd
 
     from bids_app.data.cohorts import check_cohort_classes, list_cohorts
-    from bids_app.data.tables import index_tensors
+    from bids_app.data.tables import index_channels
     from bids_app.errors import InputMissingError
     from bids_app.labels import COHORT
 
-    tensors, tables = [], []
+    tensors, tables, excluded = [], [], []
     for cohort in list_cohorts(cfg):
         one = dataclasses.replace(cfg, bids_dir=cohort.bids_dir, output_dir=cohort.output_dir, cohorts=())
         try:
-            index = index_tensors(cohort.output_dir, mode)
-            table = group_table(one, index, labels_cfg, mode, cohort=True)
+            channels = index_channels(cohort.output_dir, mode, kinds)
+            index = channels.tensors
+            table = group_table(one, index, labels_cfg, mode, kinds, cohort=True, excluded=channels.excluded)
         except (DataError, InputMissingError) as exc:
             raise type(exc)(f"Cohort '{cohort.name}' ({cohort.bids_dir}): {exc}") from None
         index.insert(0, COHORT, cohort.name)
         table.insert(0, COHORT, cohort.name)
         tensors.append(index)
         tables.append(table)
+        excluded.append(channels.excluded.assign(**{COHORT: cohort.name})[[COHORT, *channels.excluded.columns]])
         log.info("Cohort '%s': %d labelled image(s) of %d participant(s) from %s", cohort.name, len(table),
                  table["participant_id"].nunique(), cohort.output_dir)  # fmt: skip
     stacked = pd.concat(tables, ignore_index=True)
     check_cohort_classes(stacked, labels_cfg)
     _refuse_scans_in_two_cohorts(stacked)
-    return pd.concat(tensors, ignore_index=True), stacked
+    return pd.concat(tensors, ignore_index=True), stacked, pd.concat(excluded, ignore_index=True)
 
 
 def _refuse_people_in_two_cohorts(table: GroupTable, *, allow: bool) -> None:
@@ -779,28 +810,41 @@ def run_split(cfg: RunConfig, table: GroupTable, tensors: TensorIndex, layout: M
     """The split stage, given what it needs from elsewhere: a parent task's table, a transfer source's split."""
     import dataclasses
 
+    from bids_app.kinds import parse_kind
     from bids_app.maps import Maps
     from bids_app.split.stage import run_split_stage
 
     parent_table = None
     if cfg.split.parent_label and cfg.split.split_file is None:
         parent_labels = dataclasses.replace(cfg.labels, label=cfg.split.parent_label, classes=())
-        parent_table = group_table(cfg, tensors, parent_labels, cfg.train.mode)
+        kinds = tuple(parse_kind(name) for name in cfg.train.channels)
+        parent_table = group_table(cfg, tensors, parent_labels, cfg.train.mode, kinds)
     source = Maps.open(cfg.train.transfer_from) if cfg.train.transfer_from else None
     run_split_stage(cfg, table, layout.groups_dir, parent_table=parent_table, source=source)
 
 
 def group_table(
-    cfg: RunConfig, tensors: TensorIndex, labels_cfg: LabelConfig, mode: ExtractionMode, *, cohort: bool = False
+    cfg: RunConfig,
+    tensors: TensorIndex,
+    labels_cfg: LabelConfig,
+    mode: ExtractionMode,
+    kinds: Sequence[ImageKind],
+    *,
+    cohort: bool = False,
+    excluded: pd.DataFrame | None = None,
 ) -> GroupTable:
-    """Labels joined with the tensors the participant level produced for ``mode``.
+    """Labels joined with the tensors the participant level produced for ``mode`` and the channels ``kinds``.
 
     ``cohort``: the table is one cohort of several, whose classes are checked together (``data.cohorts``).
+    ``excluded``: sessions already reported as lacking a channel (``data.tables.index_channels``), whose
+    participants are not reported again as having no tensor.
     """
+    from bids_app.data.tables import check_kinds_present
     from bids_app.errors import InputMissingError
     from bids_app.labels import load_labels
 
     if tensors.empty:
+        check_kinds_present(cfg.output_dir, mode, kinds)  # a channel no session has: named, with its option
         raise InputMissingError(
             f"No complete {mode.value} tensors in {cfg.output_dir}. Run the participant level first "
             f"with --modes {mode.value}."
@@ -808,7 +852,8 @@ def group_table(
     labels = load_labels(cfg.bids_dir, labels_cfg, sessions=tensors[["participant_id", "session_id"]],
                          check_classes=not cohort)  # fmt: skip
     table = labels.merge(tensors, on=["participant_id", "session_id"], how="inner", validate="one_to_one")
-    _say_what_the_participant_level_left_out(cfg, tensors, table)
+    lacking = set() if excluded is None else set(excluded["participant_id"])
+    _say_what_the_participant_level_left_out(cfg, tensors, table, lacking)
     if table.empty:
         raise InputMissingError(
             f"No labelled image: the label table of {cfg.bids_dir} and the tensors of {cfg.output_dir} share no "
@@ -824,13 +869,19 @@ def group_table(
     return table
 
 
-def _say_what_the_participant_level_left_out(cfg: RunConfig, tensors: TensorIndex, table: GroupTable) -> None:
-    """Warn about participants of BIDS_DIR with no tensor, and tensors whose image failed its latest run."""
+def _say_what_the_participant_level_left_out(
+    cfg: RunConfig, tensors: TensorIndex, table: GroupTable, lacking: set[str]
+) -> None:
+    """Warn about participants of BIDS_DIR with no tensor, and tensors whose image failed its latest run.
+
+    ``lacking``: participants whose sessions lack one of several channels, already reported by
+    ``data.tables.index_channels``.
+    """
     from bids_app.inputs.bids_query import list_participants
     from bids_app.participant.status import failed_images
 
     everyone = list(cfg.participant_labels) or list_participants(cfg.bids_dir)
-    with_tensors = set(tensors["participant_id"])
+    with_tensors = set(tensors["participant_id"]) | lacking
     missing = [f"sub-{label}" for label in everyone if f"sub-{label}" not in with_tensors]
     if missing:
         log.warning("%d of %d participant(s) of %s have no tensor in %s and are left out: %s%s. The participant "

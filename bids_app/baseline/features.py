@@ -4,9 +4,11 @@ The baseline sees what the network sees: the tensor the participant level wrote 
 ``extraction.storage.load_tensor`` (sidecar, shape and dtype checked, as ``data.dataset`` does), all parts of the
 image (every patch, slice or region). Each part is average-pooled in blocks of ``factor`` voxels per side (3D
 parts in ``factor³`` blocks, slices in ``factor²``; a block cut by the border averages the voxels it holds), and
-the parts are concatenated in part order.
+the parts are concatenated in part order. A model of several channels (``--channels T1w FLAIR``) has one
+tensor per channel: their vectors are concatenated in channel order.
 
-``factor`` is the smallest integer that keeps ``n_parts × pooled voxels`` at most ``MAX_FEATURES`` (20 000),
+``factor`` is the smallest integer that keeps ``n_channels × n_parts × pooled voxels`` at most ``MAX_FEATURES``
+(20 000),
 so a region or a few patches small enough stay at full resolution, and a whole 169×208×179 image becomes
 25×30×26 = 19 500 features (factor 7). The budget bounds memory (``n_images × 20 000`` float32 values, 80 kB per
 image) and the fit time of the linear models.
@@ -41,11 +43,13 @@ class Pooling:
         n_parts: parts per image (1 in image mode).
         part_shape: spatial shape of one part as stored, voxels (``(D, H, W)`` or ``(A, B)`` for a slice).
         factor: voxels per side of each averaged block (1: full resolution).
+        n_channels: tensors per image (the model's channels), each pooled alike.
     """
 
     n_parts: int
     part_shape: tuple[int, ...]
     factor: int
+    n_channels: int = 1
 
     @property
     def pooled_shape(self) -> tuple[int, ...]:
@@ -53,11 +57,12 @@ class Pooling:
 
     @property
     def n_features(self) -> int:
-        return self.n_parts * math.prod(self.pooled_shape)
+        return self.n_channels * self.n_parts * math.prod(self.pooled_shape)
 
     def describe(self) -> dict[str, Any]:
         """The JSON record of ``selection.json``."""
         return {
+            "n_channels": self.n_channels,
             "n_parts": self.n_parts,
             "part_shape": list(self.part_shape),
             "block_voxels_per_side": self.factor,
@@ -67,16 +72,19 @@ class Pooling:
         }
 
 
-def choose_pooling(n_parts: int, part_shape: Sequence[int], max_features: int = MAX_FEATURES) -> Pooling:
-    """The smallest pooling factor that keeps ``n_parts × pooled voxels`` within ``max_features``.
+def choose_pooling(
+    n_parts: int, part_shape: Sequence[int], max_features: int = MAX_FEATURES, n_channels: int = 1
+) -> Pooling:
+    """The smallest pooling factor that keeps ``n_channels × n_parts × pooled voxels`` within ``max_features``.
 
     With more parts than ``max_features`` no factor fits; every part is then pooled to one value (its mean).
     """
     shape = tuple(int(side) for side in part_shape)
     factor = 1
-    while n_parts * math.prod(math.ceil(side / factor) for side in shape) > max_features and factor < max(shape):
+    count = n_channels * n_parts
+    while count * math.prod(math.ceil(side / factor) for side in shape) > max_features and factor < max(shape):
         factor += 1
-    return Pooling(n_parts, shape, factor)
+    return Pooling(n_parts, shape, factor, n_channels)
 
 
 def pool_mean(part: np.ndarray, factor: int) -> np.ndarray:
@@ -92,20 +100,32 @@ def pool_mean(part: np.ndarray, factor: int) -> np.ndarray:
     return sums.reshape(blocked).sum(axis=axes) / counts.reshape(blocked).sum(axis=axes)
 
 
-def tensor_pooling(path: Path, mode: ExtractionMode, max_features: int = MAX_FEATURES) -> Pooling:
-    """The pooling of the tensors shaped like ``path`` (read from its header, no voxel loaded)."""
+def tensor_pooling(path: Path, mode: ExtractionMode, max_features: int = MAX_FEATURES, n_channels: int = 1) -> Pooling:
+    """The pooling of images of ``n_channels`` tensors shaped like ``path`` (read from its header, no voxel loaded)."""
     shape = load_tensor(path, mmap=True).shape
     if mode is ExtractionMode.IMAGE:  # (1, D, H, W)
-        return choose_pooling(1, shape[1:], max_features)
-    return choose_pooling(shape[0], shape[2:], max_features)  # (n_parts, 1, *spatial)
+        return choose_pooling(1, shape[1:], max_features, n_channels)
+    return choose_pooling(shape[0], shape[2:], max_features, n_channels)  # (n_parts, 1, *spatial)
 
 
-def image_features(path: Path, mode: ExtractionMode, pooling: Pooling) -> np.ndarray:
-    """The ``(n_features,)`` float32 vector of one image's tensor.
+def image_features(paths: Path | Sequence[Path], mode: ExtractionMode, pooling: Pooling) -> np.ndarray:
+    """The ``(n_features,)`` float32 vector of one image: its tensor's, or its channels' concatenated in order.
 
     Raises:
-        DataError: the tensor's parts or shape differ from ``pooling``'s (tensors made with other settings).
+        DataError: a tensor's parts or shape differ from ``pooling``'s (tensors made with other settings), or
+            the image has another number of channels.
     """
+    paths = [paths] if isinstance(paths, Path) else list(paths)
+    if len(paths) != pooling.n_channels:
+        raise DataError(
+            f"Image {paths[0]} has {len(paths)} channel(s), but the baseline's features were made from "
+            f"{pooling.n_channels}. Predict tensors of the model's channels."
+        )
+    return np.concatenate([_tensor_features(Path(path), mode, pooling) for path in paths])
+
+
+def _tensor_features(path: Path, mode: ExtractionMode, pooling: Pooling) -> np.ndarray:
+    """The pooled features of one tensor file (one channel)."""
     array = load_tensor(path, mmap=True)
     parts = array[None] if mode is ExtractionMode.IMAGE else array
     expected = (pooling.n_parts, 1, *pooling.part_shape)
@@ -120,7 +140,7 @@ def image_features(path: Path, mode: ExtractionMode, pooling: Pooling) -> np.nda
 
 
 def read_features(paths: Sequence[str | Path], mode: ExtractionMode, pooling: Pooling) -> np.ndarray:
-    """``(n_images, n_features)`` float32: ``image_features`` of each tensor, in order."""
+    """``(n_images, n_features)`` float32: ``image_features`` of each single-channel tensor, in order."""
     features = np.empty((len(paths), pooling.n_features), dtype=np.float32)
     for row, path in enumerate(paths):
         features[row] = image_features(Path(path), mode, pooling)

@@ -32,7 +32,7 @@ import pandas as pd
 from bids_app.baseline.features import Pooling, Standardisation, image_features, tensor_pooling
 from bids_app.baseline.linear import LinearModel, Selection, model_kind, predict_linear, select_models
 from bids_app.config import ExtractionMode, RunConfig, Task
-from bids_app.data.tables import UNLABELLED, GroupTable, external_table, rows_for
+from bids_app.data.tables import UNLABELLED, GroupTable, channel_paths, external_table, rows_for
 from bids_app.derivatives import atomic_write_json
 from bids_app.errors import DataError
 from bids_app.labels import COHORT
@@ -61,10 +61,11 @@ class FeatureCache:
     def matrix(self, rows: GroupTable) -> np.ndarray:
         """``(len(rows), n_features)`` float32 features of ``rows``' tensors, in row order."""
         out = np.empty((len(rows), self.pooling.n_features), dtype=np.float32)
-        for index, path in enumerate(rows["tensor_path"].astype(str)):
-            vector = self._vectors.get(path)
+        for index, paths in enumerate(channel_paths(rows)):
+            key = "\n".join(paths)
+            vector = self._vectors.get(key)
             if vector is None:
-                vector = self._vectors[path] = image_features(Path(path), self.mode, self.pooling)
+                vector = self._vectors[key] = image_features([Path(p) for p in paths], self.mode, self.pooling)
             out[index] = vector
         return out
 
@@ -288,15 +289,15 @@ def run_baseline_stage(cfg: RunConfig, maps: Maps, table: GroupTable, tracker: T
     else:
         other = (
             str(cfg.predict.group_name),
-            external_table(cfg.predict.predict_from, record.mode, record.config.labels),
+            external_table(cfg.predict.predict_from, record.mode, record.config.labels, record.kinds),
         )
-    pooling = tensor_pooling(Path(str(table["tensor_path"].iloc[0])), record.mode)
+    pooling = tensor_pooling(Path(str(table["tensor_path"].iloc[0])), record.mode, n_channels=len(record.kinds))
     writer = BaselineWriter(maps, FeatureCache(record.mode, pooling), cfg.predict.n_bootstrap, tracker or Tracker())
     name, parameter, _ = model_kind(record.task)
     resolution = "full resolution" if pooling.factor == 1 else f"means of {pooling.factor}-voxel-wide blocks"
-    log.info("Linear baseline (%s) of model %s: %d feature(s) per image (%d part(s), %s), hyper-parameter %s "
-             "chosen on each split's validation group.", name.replace("_", " "), maps.name, pooling.n_features,
-             pooling.n_parts, resolution, parameter)  # fmt: skip
+    log.info("Linear baseline (%s) of model %s: %d feature(s) per image (%d channel(s) of %d part(s), %s), "
+             "hyper-parameter %s chosen on each split's validation group.", name.replace("_", " "), maps.name,
+             pooling.n_features, pooling.n_channels, pooling.n_parts, resolution, parameter)  # fmt: skip
     for split in trained:
         train_rows = rows_for(folds[split].train, table, "training set")
         validation_rows = rows_for(folds[split].validation, table, "validation set")
@@ -315,7 +316,7 @@ def read_saved_selection(maps: Maps, split: int, metric: str) -> tuple[Pooling, 
         selection = json.loads(path.read_text(encoding="utf-8"))
         features = selection["features"]
         pooling = Pooling(int(features["n_parts"]), tuple(int(side) for side in features["part_shape"]),
-                          int(features["block_voxels_per_side"]))  # fmt: skip
+                          int(features["block_voxels_per_side"]), int(features.get("n_channels", 1)))  # fmt: skip
         return pooling, float(selection["chosen_value"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(

@@ -31,6 +31,7 @@ ARCHITECTURE_NAMES = ("conv4_fc3", "conv5_fc3", "conv_autoencoder", "resnet3d", 
 AUGMENTATION_NAMES = ("affine", "elastic", "flip", "motion", "ghosting", "spike", "bias_field", "blur", "gamma",
                       "intensity_scaling", "gaussian_noise")  # fmt: skip
 INTERPRET_METHOD_NAMES = ("gradients", "grad_cam", "integrated_gradients")
+KIND_NAMES = ("T1w", "T2w", "FLAIR", "pet-<tracer>", "a --custom-map name")  # bids_app.kinds.parse_kind
 SELECTION_METRIC_NAMES = {
     Task.CLASSIFICATION: ("loss", "balanced_accuracy", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1",
                           "mcc", "roc_auc"),
@@ -256,6 +257,18 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
         {"metavar": "NAME", "help": "network; --list-architectures describes each"},
     ),
     (F, "mode", "train.mode", (), {"choices": [m.value for m in ExtractionMode], "help": "tensors to train on"}),
+    (
+        F,
+        "channels",
+        "train.channels",
+        (),
+        {
+            "nargs": "+",
+            "metavar": "KIND",
+            "help": "image kinds to train on, stacked as the channels of one sample in this order; a session "
+            "lacking one is listed in the model folder's excluded_sessions.tsv and left out",
+        },
+    ),
     (F, "epochs", "train.epochs", (), {"type": int, "help": "maximum training epochs"}),
     (F, "batch_size", "train.batch_size", (), {"type": int, "help": "samples per training batch"}),
     (F, "learning_rate", "train.learning_rate", (), {"type": float, "help": "optimiser learning rate"}),
@@ -465,4 +478,5 @@ ALLOWED_NAMES = {
     "architecture": ARCHITECTURE_NAMES,
     "augmentations": AUGMENTATION_NAMES,
     "interpret_methods": INTERPRET_METHOD_NAMES,
+    "channels": KIND_NAMES,
 }

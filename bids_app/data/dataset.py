@@ -7,7 +7,7 @@ image mode, every part (patch, slice, region) as its own sample in the other mod
 
 The fast path (figures in docs/performance.md): each process checks a tensor file once and keeps it open;
 a batch is read sample by sample (one copy from a kept memory map, or one ``pread`` of exactly its bytes)
-straight into one reused ``(B, 1, ...)`` buffer (``batches.BatchRing``; shared memory in a loader worker, so
+straight into one reused ``(B, C, ...)`` buffer (``batches.BatchRing``; shared memory in a loader worker, so
 the main process receives only where the batch lies). No globbing, no per-sample tensors or collation copies,
 no re-reading of a volume.
 """
@@ -28,7 +28,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from bids_app.config import ExtractionMode, Task
 from bids_app.data.batches import BatchRing, SampleBatch, make_batch_tensor
-from bids_app.data.tables import UNLABELLED
+from bids_app.data.tables import UNLABELLED, channel_paths
 from bids_app.errors import DataError, IOFailure
 from bids_app.extraction.storage import load_tensor
 from bids_app.labels import COHORT
@@ -42,14 +42,16 @@ MAX_OPEN_TENSORS = 256  # files kept open per process, as memory maps or descrip
 class TensorDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
     """Samples of one extraction mode: ``(x, y, index)``.
 
-    ``x`` is a float32 tensor ``(1, ...)``: ``(1, D, H, W)`` in image mode, ``(1, P, P, P)`` a patch,
-    ``(1, A, B)`` a slice, ``(1, d, h, w)`` a region (float16 files are widened to float32 as they are read).
+    ``x`` is a float32 tensor ``(C, ...)``: ``(C, D, H, W)`` in image mode, ``(C, P, P, P)`` a patch,
+    ``(C, A, B)`` a slice, ``(C, d, h, w)`` a region (float16 files are widened to float32 as they are read).
+    ``C`` is the number of channels: one tensor file per image kind (``data.tables.CHANNEL_PATHS``; 1 without
+    that column), each file's part ``k`` read into channel ``c`` of sample ``k``.
     ``y`` is the class index (int64, -1 when unlabelled) in classification, the target (float32 scalar, ``nan``
     when unlabelled) in regression and ``x`` itself in reconstruction. ``index`` is the sample number;
     ``sample_table`` maps it to participant, session and part.
 
     Items are indexed by ``int`` or by ``(int, seed)`` (what ``SeededSampler`` yields): the seed drives
-    that sample's augmentation. ``__getitems__`` reads a whole batch straight into one ``(B, 1, ...)``
+    that sample's augmentation. ``__getitems__`` reads a whole batch straight into one ``(B, C, ...)``
     tensor (in shared memory inside a loader worker), which ``collate_samples`` passes on without copying.
 
     Each process checks a file once (:func:`load_tensor`: sidecar, header, shape, dtype) and keeps it open
@@ -58,8 +60,9 @@ class TensorDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
     is mapped makes the reading process die of SIGBUS (as any memory-mapped reader would).
 
     Args:
-        table: rows with ``tensor_path``, ``n_parts``, ``participant_id``, ``session_id`` and ``label``
-            (optional; ``n/a`` or empty marks an unlabelled image).
+        table: rows with ``tensor_path``, ``n_parts``, ``participant_id``, ``session_id``, ``label``
+            (optional; ``n/a`` or empty marks an unlabelled image) and ``channel_paths`` (optional: the file of
+            each channel; every row has as many).
         mode: extraction mode of the tensors.
         task: decides ``y``.
         label_encoding: class → index (classification); ignored otherwise.
@@ -84,6 +87,12 @@ class TensorDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
         self.augment = augment
         self.cache = cache
         self.paths = [str(p) for p in table["tensor_path"]]
+        files = channel_paths(table)
+        self.n_channels = len(files[0]) if files else 1
+        if any(len(paths) != self.n_channels for paths in files):
+            raise ValueError("every row of a TensorDataset's table must have the same number of channels")
+        # file number row * n_channels + channel: the unit each process checks, keeps open and maps once
+        self._files = [path for paths in files for path in paths]
         counts = np.ones(len(table), dtype=np.int64) if mode is ExtractionMode.IMAGE else table["n_parts"]
         counts = np.asarray(counts, dtype=np.int64)
         self._row = np.repeat(np.arange(len(table)), counts)
@@ -167,19 +176,20 @@ class TensorDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
             os.close(fd)
         self._fds, self._maps = collections.OrderedDict(), collections.OrderedDict()
 
-    def _array(self, row: int) -> np.ndarray:
-        """The checked, memory-mapped tensor of ``row`` (:func:`load_tensor`)."""
-        return load_tensor(Path(self.paths[row]), mmap=True)
+    def _array(self, file: int) -> np.ndarray:
+        """The checked, memory-mapped tensor file number ``file`` (:func:`load_tensor`)."""
+        return load_tensor(Path(self._files[file]), mmap=True)
 
-    def _layout(self, row: int) -> _PartLayout:
-        layout = self._layouts.get(row)
+    def _layout(self, file: int) -> _PartLayout:
+        """Where the ``(1, ...)`` channel samples of tensor file number ``file`` lie."""
+        layout = self._layouts.get(file)
         if layout is None:
-            array = self._array(row)
+            array = self._array(file)
             shape = array.shape if self.mode is ExtractionMode.IMAGE else array.shape[1:]
             layout = _PartLayout(offset=int(getattr(array, "offset", 0)), shape=tuple(shape), dtype=array.dtype)
-            self._layouts[row] = layout
+            self._layouts[file] = layout
             if self._mapped(layout):
-                self._keep_map(row, array)
+                self._keep_map(file, array)
         return layout
 
     def _mapped(self, layout: _PartLayout) -> bool:
@@ -191,24 +201,24 @@ class TensorDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
         """
         return self.mode is not ExtractionMode.IMAGE and layout.dtype == np.float32
 
-    def _keep_map(self, row: int, array: np.ndarray) -> np.ndarray:
-        self._maps[row] = array
+    def _keep_map(self, file: int, array: np.ndarray) -> np.ndarray:
+        self._maps[file] = array
         if len(self._maps) > MAX_OPEN_TENSORS:
             self._maps.popitem(last=False)
         return array
 
-    def _fd(self, row: int) -> int:
-        fd = self._fds.get(row)
+    def _fd(self, file: int) -> int:
+        fd = self._fds.get(file)
         if fd is None:
             try:
-                fd = os.open(self.paths[row], os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(self._files[file], os.O_RDONLY | os.O_CLOEXEC)
             except OSError as exc:
-                raise IOFailure(f"Cannot open tensor {self.paths[row]}: {exc.strerror}.") from exc
-            self._fds[row] = fd
+                raise IOFailure(f"Cannot open tensor {self._files[file]}: {exc.strerror}.") from exc
+            self._fds[file] = fd
             if len(self._fds) > MAX_OPEN_TENSORS:
                 os.close(self._fds.popitem(last=False)[1])
         else:
-            self._fds.move_to_end(row)
+            self._fds.move_to_end(file)
         return fd
 
     def _scratch(self, layout: _PartLayout) -> np.ndarray:
@@ -218,8 +228,9 @@ class TensorDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
         return self._widen
 
     def sample_shape_of(self, index: int) -> tuple[int, ...]:
-        """Shape ``(1, ...)`` of sample ``index`` as stored (checks its file on first use)."""
-        return self._layout(self._rows[index]).shape
+        """Shape ``(C, ...)`` of sample ``index`` as stored (checks its first channel's file on first use)."""
+        shape = self._layout(self._rows[index] * self.n_channels).shape
+        return (self.n_channels, *shape[1:])
 
     def _read_into(self, index: int, out: np.ndarray) -> None:
         """Write the un-augmented sample ``index`` into ``out`` (float32, C-contiguous, its shape)."""
@@ -227,38 +238,40 @@ class TensorDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
         if cached is not None:
             np.copyto(out, cached)
             return
-        row = self._rows[index]
-        layout = self._layout(row)
-        if layout.shape != out.shape:
-            raise DataError(
-                f"Sample {index} of {self.paths[row]} has shape {layout.shape}, not {out.shape} like the "
-                "others of its batch. Extract every image with the same preprocessing and extraction options."
-            )
-        if self._mapped(layout):
-            array = self._maps.get(row)
-            if array is None:  # closed to stay under MAX_OPEN_TENSORS
-                array = self._keep_map(row, self._array(row))
-            else:
-                self._maps.move_to_end(row)
-            np.copyto(out, array[self._parts[index]])
-            if self.cache:
-                self._cached[index] = out.copy()
-                self._cached[index].flags.writeable = False  # handed out by read_sample
-            return
-        stored = out if layout.dtype == out.dtype else self._scratch(layout)
-        offset = layout.offset + self._parts[index] * stored.nbytes
-        # A regular file returns every byte asked for, up to its end.
-        if os.preadv(self._fd(row), [stored.data], offset) != stored.nbytes:
-            raise DataError(f"Tensor {self.paths[row]} is truncated (sample {index}). Re-run the participant level.")
-        if stored is not out:
-            torch.from_numpy(out).copy_(torch.from_numpy(stored))  # float16 → float32, 4x faster than numpy
+        first = self._rows[index] * self.n_channels
+        stored = [self._read_channel(index, first + c, out[c : c + 1]) for c in range(self.n_channels)]
         if self.cache:
-            kept = stored.copy()
+            kept = stored[0] if len(stored) == 1 else np.concatenate(stored)
             kept.flags.writeable = False  # handed out by read_sample; a sample must not change
             self._cached[index] = kept
 
+    def _read_channel(self, index: int, file: int, out: np.ndarray) -> np.ndarray | None:
+        """Write channel ``file`` of sample ``index`` into ``out`` ``(1, ...)``; its stored copy when caching."""
+        layout = self._layout(file)
+        if layout.shape != out.shape:
+            raise DataError(
+                f"Sample {index} of {self._files[file]} has shape {layout.shape}, not {out.shape} like the "
+                "others of its batch. Extract every image with the same preprocessing and extraction options."
+            )
+        if self._mapped(layout):
+            array = self._maps.get(file)
+            if array is None:  # closed to stay under MAX_OPEN_TENSORS
+                array = self._keep_map(file, self._array(file))
+            else:
+                self._maps.move_to_end(file)
+            np.copyto(out, array[self._parts[index]])
+            return out.copy() if self.cache else None
+        stored = out if layout.dtype == out.dtype else self._scratch(layout)
+        offset = layout.offset + self._parts[index] * stored.nbytes
+        # A regular file returns every byte asked for, up to its end.
+        if os.preadv(self._fd(file), [stored.data], offset) != stored.nbytes:
+            raise DataError(f"Tensor {self._files[file]} is truncated (sample {index}). Re-run the participant level.")
+        if stored is not out:
+            torch.from_numpy(out).copy_(torch.from_numpy(stored))  # float16 → float32, 4x faster than numpy
+        return stored.copy() if self.cache else None
+
     def read_sample(self, index: int) -> np.ndarray:
-        """The un-augmented float32 sample ``(1, ...)`` number ``index`` (the cached array when caching)."""
+        """The un-augmented float32 sample ``(C, ...)`` number ``index`` (the cached array when caching)."""
         cached = self._cached.get(index)
         if cached is None or cached.dtype != np.float32:
             out = np.empty(self.sample_shape_of(index), dtype=np.float32)
@@ -288,7 +301,7 @@ class TensorDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
         return x, self._target(index, x), index
 
     def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> SampleBatch:
-        """A batch: samples read straight into one ``(B, 1, ...)`` float32 buffer, then augmented in place."""
+        """A batch: samples read straight into one ``(B, C, ...)`` float32 buffer, then augmented in place."""
         indices, seeds = zip(*(_split_key(key) for key in keys), strict=True)
         shape = (len(indices), *self.sample_shape_of(indices[0]))
         if self._ring_pid != os.getpid():  # one ring per process, never one inherited by fork

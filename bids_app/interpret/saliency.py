@@ -11,6 +11,11 @@ output index per sample ``(N,)`` to one map per sample ``(N, *spatial)`` on the 
 | ``integrated_gradients`` | ``sum_c (x - 0) * mean_s d y_t / d x (s / n_steps * x)`` with a zero      |
 |                        | baseline and ``n_steps`` midpoint steps (Sundararajan et al. 2017), signed     |
 
+A sample of several channels (``--channels T1w FLAIR``) gets one map, not one per channel: ``gradients`` keeps
+the largest absolute gradient over the channels, ``integrated_gradients`` sums the channels' attributions (so
+completeness still holds for the whole sample), and Grad-CAM's last convolution has already mixed them
+(``SaliencyMethod.channel_combination``, recorded in each map's ``interpretation.json``).
+
 ``y_t`` is the raw output (logit) of the target class, not its softmax probability, so the maps do not vanish
 for confident predictions. ClinicaDL's 3D Grad-CAM averaged the gradients over two of the three spatial axes,
 giving each depth slice its own channel weights; here the weights are one scalar per channel and sample.
@@ -59,6 +64,15 @@ class SaliencyMethod(enum.StrEnum):
             SaliencyMethod.GRAD_CAM: "ReLU of the gradient-weighted sum of the last convolution's channels "
             "(weights averaged over every spatial axis), upsampled linearly to the input",
             SaliencyMethod.INTEGRATED_GRADIENTS: "integrated gradients of the target logit from a zero baseline",
+        }[self]
+
+    @property
+    def channel_combination(self) -> str:
+        """How the input channels of a sample make its one map (``ChannelCombination`` of the maps' JSON)."""
+        return {
+            SaliencyMethod.GRADIENTS: "maximum over the channels of the absolute gradient",
+            SaliencyMethod.GRAD_CAM: "one map for every channel: the last convolution has already combined them",
+            SaliencyMethod.INTEGRATED_GRADIENTS: "sum over the channels of the attributions",
         }[self]
 
 

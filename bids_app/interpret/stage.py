@@ -97,7 +97,8 @@ def group_rows(cfg: RunConfig, maps: Maps, table: GroupTable, split: int) -> Gro
         fold = {f.index: f for f in maps.splits.folds}[split]
         return rows_for(fold.train if name == "train" else fold.validation, table, f"{name} group of split {split}")
     if cfg.predict.predict_from is not None and name == cfg.predict.group_name:
-        return external_table(cfg.predict.predict_from, maps.record.mode, maps.record.config.labels)
+        record = maps.record
+        return external_table(cfg.predict.predict_from, record.mode, record.config.labels, record.kinds)
     raise ConfigError(
         f"Unknown interpret group '{name}'. Use test, train or validation, or the --group-name given with "
         "--predict-from (pass both flags again with --stages interpret)."
@@ -230,6 +231,8 @@ class GroupExplainer:
             "Group": self.cfg.interpret.group_name,
             "Architecture": self.record.architecture,
             "Mode": self.record.mode.value,
+            "Channels": list(self.record.config.train.channels),
+            "ChannelCombination": method.channel_combination,
             **model_info,
             "Classes": self.class_names,
             "ImagesPerTargetClass": self.class_counts,

@@ -28,6 +28,7 @@ from bids_app.config import ExtractionMode, RunConfig, Task
 from bids_app.config_file import config_to_nested, resolve_config
 from bids_app.derivatives import atomic_write_json
 from bids_app.errors import BidsAppError, DataError, InputMissingError
+from bids_app.kinds import ImageKind, parse_kind
 from bids_app.labels import image_names
 from bids_app.maps.splits import SPLITS_JSON, Splits, read_splits
 from bids_app.maps.weights import PICKLE_SUFFIXES, check_safetensors, load_state
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 REPORT_NAME = "report.html"
 RECORD_JSON = "maps.json"  # the record's file name; this module alone parses it (the archive checks it is there)
+EXCLUDED_SESSIONS_TSV = "excluded_sessions.tsv"  # sessions left out for lacking a channel (several channels only)
 
 
 class LearningStatus(enum.StrEnum):
@@ -107,6 +109,11 @@ class MapsLayout:
     def record_files(self) -> list[Path]:
         """The files that describe the folder (``maps.json``, ``environment.json``) that exist."""
         return [path for path in (self.maps_json, self.environment_json) if path.is_file()]
+
+    @property
+    def excluded_sessions_tsv(self) -> Path:
+        """The sessions a model of several channels left out because they lack one (``data.tables.index_channels``)."""
+        return self.root / EXCLUDED_SESSIONS_TSV
 
     @property
     def groups_dir(self) -> Path:
@@ -232,7 +239,7 @@ class MapsRecord:
         input_shape: one sample ``(1, ...)`` in voxels.
         n_outputs: model outputs (classes in classification).
         label_encoding: class → index (classification), else None.
-        extra: every other key of ``maps.json`` (e.g. ``transfer_source``).
+        extra: every other key of ``maps.json`` (e.g. ``transfer_source``, ``channels``, ``excluded_sessions``).
     """
 
     version: str
@@ -244,6 +251,12 @@ class MapsRecord:
     n_outputs: int
     label_encoding: dict[str, int] | None
     extra: dict[str, Any]
+
+    @property
+    def kinds(self) -> tuple[ImageKind, ...]:
+        """The image kinds the models read, one per input channel in order (``train.channels``; a model made
+        before channels could be chosen reads T1w, the configuration's default)."""
+        return tuple(parse_kind(name) for name in self.config.train.channels)
 
 
 def _portable(value: Any, roots: Mapping[str, Path]) -> Any:
@@ -376,6 +389,9 @@ def _check_record(record: MapsRecord, path: Path) -> None:
         problems.append(f"input_shape {list(shape)} is not (channels, [depth,] height, width) with sides >= 1")
     if record.n_outputs < 1:
         problems.append(f"n_outputs is {record.n_outputs}")
+    channels = list(record.config.train.channels)
+    if shape and len(channels) != shape[0]:
+        problems.append(f"input_shape {list(shape)} has {shape[0]} channel(s) but train.channels is {channels}")
     if record.task is Task.CLASSIFICATION:
         encoding = record.label_encoding or {}
         if sorted(encoding.values()) != list(range(len(encoding))) or len(encoding) < 2:
@@ -567,9 +583,32 @@ class Maps:
 
     @classmethod
     def create(
-        cls, root: Path, cfg: RunConfig, extra: Mapping[str, Any], training_run: Mapping[str, str] | None = None
+        cls,
+        root: Path,
+        cfg: RunConfig,
+        extra: Mapping[str, Any],
+        training_run: Mapping[str, str] | None = None,
+        excluded: pd.DataFrame | None = None,
     ) -> Maps:
-        """Write ``maps.json`` and ``environment.json`` (with ``training_run``) of a new training into ``root``."""
+        """Write ``maps.json`` and ``environment.json`` (with ``training_run``) of a new training into ``root``.
+
+        ``excluded``: with several channels, the sessions left out for lacking one (``data.tables.EXCLUDED_COLUMNS``,
+        led by ``cohort`` with cohorts), written to ``excluded_sessions.tsv`` (header only when none) and counted in
+        the record (``excluded_sessions``).
+        """
+        if excluded is not None:
+            from bids_app.derivatives import atomic_write_text
+            from bids_app.labels import sort_table
+
+            table = sort_table(excluded.astype(str)) if len(excluded) else excluded
+            atomic_write_text(MapsLayout(Path(root)).excluded_sessions_tsv,
+                              table.to_csv(sep="\t", index=False, lineterminator="\n"))  # fmt: skip
+            by_kind: dict[str, int] = {}
+            for missing in excluded["missing_kinds"].astype(str):
+                for name in missing.split(","):
+                    by_kind[name] = by_kind.get(name, 0) + 1
+            extra = {**extra, "excluded_sessions": {"n_sessions": len(excluded), "by_missing_kind": by_kind,
+                                                    "table": EXCLUDED_SESSIONS_TSV}}  # fmt: skip
         write_maps_json(root, cfg, extra)
         write_environment_json(root, cfg.seed, training_run)
         return cls(MapsLayout(Path(root)), read_maps_json(Path(root)))
@@ -599,6 +638,17 @@ class Maps:
         if self._splits is None:
             self._splits = read_splits(self.layout.groups_dir)
         return self._splits
+
+    def excluded_sessions(self) -> pd.DataFrame | None:
+        """The sessions left out for lacking one of the model's channels, as strings; None when not recorded
+        (a single-channel model, or one made before they were)."""
+        path = self.layout.excluded_sessions_tsv
+        if not path.is_file():
+            return None
+        try:
+            return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path} is not a readable table ({exc}). Re-train the model (--overwrite).") from exc
 
     @property
     def participant_settings(self) -> list[dict[str, Any]]:

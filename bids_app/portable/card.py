@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 
 CARD_VERSION = 1
 # participant_settings keys that parametrise the mode (no paths: ROI masks travel by name and sha256)
-MODE_SETTINGS = ("patch_size", "stride", "slice_direction", "discarded_slices", "roi_names", "roi_crop",
-                 "roi_mask_sha256")  # fmt: skip
+MODE_SETTINGS = ("image_voxel_size", "patch_size", "stride", "slice_direction", "discarded_slices", "roi_names",
+                 "roi_crop", "roi_mask_sha256")  # fmt: skip
 HYPER_PARAMETERS = ("optimizer", "learning_rate", "weight_decay", "dropout", "epochs", "batch_size", "augmentations",
                     "class_weighted_sampling")  # fmt: skip
 UNKNOWN = "not recorded"
@@ -82,6 +82,7 @@ def _input_settings(maps: Maps, output_dir: Path, created: str, sidecar: dict[st
         "mode": record.mode.value,
         "sample_shape": list(record.input_shape),
         "channels": int(record.input_shape[0]),
+        "kinds": list(record.config.train.channels),  # the image kind of each channel, in order
         "template_space": sidecar.get("Space", UNKNOWN),
         "normalization": sidecar.get("Normalization", UNKNOWN),
         "mode_parameters": sidecar.get("ModeParameters", {}),
@@ -315,7 +316,8 @@ def format_card(card: dict[str, Any], *, format_version: int) -> str:
         "",
         "## Input",
         "",
-        f"- mode: {inp['mode']}, sample shape {inp['sample_shape']} ({inp['channels']} channel(s)), "
+        f"- mode: {inp['mode']}, sample shape {inp['sample_shape']} ({inp['channels']} channel(s): "
+        f"{', '.join(inp.get('kinds', ['T1w']))}), "
         f"{inp['tensor_dtype']}, normalisation {inp['normalization']}",
         f"- template: space {inp['template_space']}, file {inp['template_file']}, sha256 {inp['template_sha256']}",
         f"- crop: {inp['crop_shape']}; registration {inp['registration']}; mode parameters "

@@ -66,12 +66,12 @@ def make_guard(maps: Maps, *, with_fingerprints: bool = True) -> tuple[Travellin
     output_dir = Path(maps.record.config.output_dir)
     cohorts = list_cohorts(maps.record.config)
     if cohorts:  # a multi-cohort model: every cohort's output holds part of the pool
-        indexes = [index_tensors(cohort.output_dir, maps.record.mode) for cohort in cohorts]
+        indexes = [index_tensors(cohort.output_dir, maps.record.mode, maps.record.kinds) for cohort in cohorts]
         for cohort, index in zip(cohorts, indexes, strict=True):
             index.insert(0, COHORT, cohort.name)
         tensors = pd.concat(indexes, ignore_index=True)
     else:
-        tensors = index_tensors(output_dir, maps.record.mode)
+        tensors = index_tensors(output_dir, maps.record.mode, maps.record.kinds)
     pool = training_checksums(maps, tensors)
     columns = [c for c in (COHORT, *IMAGE_COLUMNS, "dataset_name", "dataset_doi", "dataset_id") if c in pool]
     images = pool[columns].astype(str).reset_index(drop=True)

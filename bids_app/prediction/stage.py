@@ -349,7 +349,7 @@ def run_predict_stage(cfg: RunConfig, maps: Maps, table: GroupTable, tracker: Tr
                         "their metrics are optimistic (the models were selected on them).", maps.name)  # fmt: skip
     else:
         other_name = check_group_name(cfg.predict)
-        other = external_table(cfg.predict.predict_from, record.mode, record.config.labels)
+        other = external_table(cfg.predict.predict_from, record.mode, record.config.labels, record.kinds)
     predictor = Predictor(
         maps, cfg.predict, cfg.runtime, training_checksums(maps, table), linear_baseline=cfg.train.linear_baseline
     )

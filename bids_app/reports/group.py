@@ -796,6 +796,23 @@ def _participants_section(outputs: _Outputs, layout: MapsLayout) -> str:
     )
 
 
+def _channels_section(maps: Maps) -> str:
+    """The image kind of each input channel and, with several, the sessions left out for lacking one."""
+    channels = list(maps.record.config.train.channels)
+    text = f"<p>Input channel(s), in order: {html.escape(', '.join(channels))}."
+    excluded = maps.excluded_sessions()
+    if excluded is not None:
+        shown = ", ".join(f"{row.participant_id} {row.session_id} (no {row.missing_kinds})"
+                          for row in excluded.head(10).itertuples())  # fmt: skip
+        more = " …" if len(excluded) > 10 else ""
+        text += (
+            f" {len(excluded)} session(s) were left out because they lack one of these kinds"
+            + (f": {html.escape(shown)}{more}" if len(excluded) else "")
+            + f" (<code>{html.escape(maps.layout.excluded_sessions_tsv.name)}</code>)."
+        )
+    return text + "</p>"
+
+
 def write_group_report(output_dir: Path, maps: Maps, run: RunContext | None = None) -> Path:
     """Write ``report.html`` in the model folder, the group report of one trained model.
 
@@ -828,7 +845,7 @@ def write_group_report(output_dir: Path, maps: Maps, run: RunContext | None = No
         f"split(s); selection metric(s) {html.escape(', '.join(record.config.train.selection_metrics))}; seed "
         f"{record.config.seed}; bids_app {html.escape(record.version)}{html.escape(positive)}.</p>"
     )
-    sections = [header, _learning_alarms(maps, splits), _provenance_section(maps, splits, run),
+    sections = [header, _channels_section(maps), _learning_alarms(maps, splits), _provenance_section(maps, splits, run),
                 _summary_section(layout, record.task)]  # fmt: skip
     group = TEST_GROUP if len(maps.splits.test) else VALIDATION_GROUP
     if group != TEST_GROUP:

@@ -30,6 +30,8 @@ from bids_app.maps.folder import LearningStatus, LearningVerdict
 from bids_app.tracking.mlflow import Tracker
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from bids_app.data.dataset import TensorDataset
     from bids_app.data.tables import GroupTable
     from bids_app.maps.splits import Splits
@@ -75,8 +77,17 @@ def check_train_config(cfg: RunConfig) -> None:
     build_augmentation(tc.augmentations, tc.mode, cfg.extraction.slice_direction)
 
 
-def prepare_maps(cfg: RunConfig, layout: MapsLayout, table: GroupTable, run: RunContext | None = None) -> Maps:
+def prepare_maps(
+    cfg: RunConfig,
+    layout: MapsLayout,
+    table: GroupTable,
+    run: RunContext | None = None,
+    excluded: pd.DataFrame | None = None,
+) -> Maps:
     """Check the options against the data and create the model folder's record (kept on resume).
+
+    ``excluded``: the sessions left out for lacking one of several channels (``data.tables.index_channels``);
+    the new record lists them (``Maps.create``).
 
     Raises:
         ConfigError: an option is invalid, or a resume uses another model or class set than the MAPS.
@@ -103,6 +114,7 @@ def prepare_maps(cfg: RunConfig, layout: MapsLayout, table: GroupTable, run: Run
         positive_class_index(list(encoding), cfg.labels.positive_class)  # ConfigError naming the classes
     extra: dict[str, Any] = {
         "input_shape": list(input_shape),
+        "channels": list(tc.channels),  # the image kind of each input channel, in order
         # per dataset, what the participant level really did (template, crop, mode parameters, normalisation...)
         "participant_settings": read_settings(table),
         "n_outputs": len(encoding) if encoding else 1,
@@ -128,11 +140,18 @@ def prepare_maps(cfg: RunConfig, layout: MapsLayout, table: GroupTable, run: Run
                 f"with classes {stored[2]}, not {tc.architecture} on {input_shape} with {encoding}. Resume with the "
                 "original options or train into a new --model-name."
             )
+        if tuple(record.config.train.channels) != tuple(tc.channels):
+            raise ConfigError(
+                f"Cannot resume {layout.root}: its models read channels {' '.join(record.config.train.channels)}, "
+                f"not {' '.join(tc.channels)}. Resume with --channels {' '.join(record.config.train.channels)} or "
+                "train into a new --model-name."
+            )
         return maps
     # the run that made the model (its id and command line), for the report and the card: in environment.json,
     # beside the machine and the versions, so that the model record stays the same bytes for the same seed and config
     training_run = {"run_id": run.run_id, "command": run.command} if run is not None else None
-    return Maps.create(layout.root, cfg, extra, training_run=training_run)
+    several = len(tc.channels) > 1
+    return Maps.create(layout.root, cfg, extra, training_run=training_run, excluded=excluded if several else None)
 
 
 def run_train_stage(
@@ -142,6 +161,7 @@ def run_train_stage(
     table: GroupTable,
     tracker: Tracker | None = None,
     run: RunContext | None = None,
+    excluded: pd.DataFrame | None = None,
 ) -> Maps:
     """Train every selected split of ``splits`` into the model folder (finished splits are skipped on resume).
 
@@ -153,11 +173,12 @@ def run_train_stage(
             ``tensor_path``, ``n_parts``, ...).
         tracker: where epochs and summaries are mirrored (``tracking.open_tracker``); default none.
         run: this invocation; its id and command line go into a new model's record (``training_run``).
+        excluded: the sessions left out for lacking a channel, listed in a new model's folder.
     """
     from bids_app.data.tables import rows_for
     from bids_app.training import distributed
 
-    prepared = distributed.on_main(prepare_maps, cfg, layout, table, run)
+    prepared = distributed.on_main(prepare_maps, cfg, layout, table, run, excluded)
     maps = prepared or Maps.open(layout.root)  # the other ranks read the record once rank 0 wrote it
     folds = {fold.index: fold for fold in splits.folds}
     for split in cfg.train.splits or tuple(sorted(folds)):
