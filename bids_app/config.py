@@ -90,6 +90,8 @@ class PreprocessConfig:
     derivatives_dirs: tuple[Path, ...] = ()  # already preprocessed inputs (BIDS derivative or Clinica CAPS)
     pet_tracers: tuple[str, ...] = ()  # empty: T1w only
     suvr_reference_mask: Path | None = None  # binary mask in template space; None: whole-brain reference
+    # template-space maps of the --derivatives folders, each "NAME=ENTITY:VALUE[,ENTITY:VALUE...]" (kinds.CustomMap)
+    custom_maps: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,6 +320,31 @@ def check_channels(names: tuple[str, ...]) -> None:
         )
 
 
+def check_custom_maps(cfg: RunConfig) -> None:
+    """Refuse ``--custom-map`` values that cannot select maps: malformed, a name given twice or taken by a BIDS
+    kind, or (participant level) no ``--derivatives`` folder to select them from.
+
+    Raises:
+        ConfigError: naming the value and the fix.
+    """
+    from bids_app.errors import ConfigError
+    from bids_app.kinds import parse_custom_map
+
+    names = [parse_custom_map(spec).name for spec in cfg.preprocess.custom_maps]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(
+            f"Invalid --custom-map (preprocess.custom_maps): the name(s) {', '.join(repeated)} are given twice. Give "
+            "each map its own name."
+        )
+    if names and cfg.analysis_level is AnalysisLevel.PARTICIPANT and not cfg.preprocess.derivatives_dirs:
+        raise ConfigError(
+            f"Invalid --custom-map (preprocess.custom_maps) {list(cfg.preprocess.custom_maps)!r}: custom maps are "
+            "selected in the --derivatives (-d) folders, and none is given. Add -d DERIVATIVE_DIR (a BIDS "
+            "derivative or a Clinica CAPS holding the maps)."
+        )
+
+
 def check_config_values(cfg: RunConfig) -> None:
     """Refuse option values no run can use, before anything is written (ConfigError naming option and fix).
 
@@ -338,6 +365,7 @@ def check_config_values(cfg: RunConfig) -> None:
         hint = f" Did you mean '{close[0]}'?" if close else ""
         fail("--bids-filter-file kind(s)", unknown, f"the kinds are {', '.join(FILTER_KINDS)} (lower case).{hint}")
     check_channels(cfg.train.channels)
+    check_custom_maps(cfg)
     for option, name in (
         ("--model-name (train.model_name)", cfg.train.model_name),
         ("--group-name (predict.group_name)", cfg.predict.group_name),

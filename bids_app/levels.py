@@ -17,6 +17,7 @@ from bids_app.inputs.bids_query import (
     ImageRecord,
     check_dataset,
     list_participants,
+    query_custom_maps,
     query_preprocessed_images,
     query_raw_images,
     select_participants,
@@ -93,6 +94,8 @@ def run_participant(cfg: RunConfig, ctx: RunContext) -> int:
             for r in query_raw_images(cfg, participants, "pet")
             if r.entities.get("tracer") in cfg.preprocess.pet_tracers
         ]
+    if cfg.preprocess.custom_maps:  # template-space maps of the -d folders (config refuses them without -d)
+        records += query_custom_maps(cfg, participants)
     by_participant: dict[str, list[ImageRecord]] = {p: [] for p in participants}
     for record in records:
         by_participant[record.participant_label].append(record)

@@ -155,6 +155,20 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
     ),
     (
         P,
+        "custom_map",
+        "preprocess.custom_maps",
+        (),
+        {
+            "action": "extend",
+            "nargs": "+",
+            "metavar": "NAME=ENTITY:VALUE[,ENTITY:VALUE...]",
+            "help": "also extract template-space maps of the -d folders, selected by entities (e.g. gm=suffix:probseg,"
+            "label:GM,space:MNI152NLin2009cAsym); NAME (a lower-case letter, then letters/digits) names the kind "
+            "and its files; several values or a repeated flag",
+        },
+    ),
+    (
+        P,
         "suvr_reference_mask",
         "preprocess.suvr_reference_mask",
         (),
@@ -457,6 +471,7 @@ DEFAULT_TEXT = {
     "template": "MNI152 2009a symmetric, 1 mm, shipped by nilearn",
     "crop_shape": "none: the template frame",
     "pet_tracer": "none: T1w only",
+    "custom_map": "none",
     "suvr_reference_mask": "none: the whole brain",
     "classes": "every class present",
     "split_file": "none: a seeded split",

@@ -23,6 +23,8 @@ from typing import Any
 
 from bids_app.config import RunConfig
 from bids_app.errors import ConfigError, DataError, FilterError, InputMissingError
+from bids_app.kinds import CustomMap, parse_custom_map
+from bids_app.template import fits_template
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class ImageRecord:
     suffix: str  # "T1w" or "pet"
     entities: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
     preprocessed: bool = False  # already in template space (CAPS or derivative input)
+    custom: bool = False  # a --custom-map: ``suffix`` is the map's name
 
 
 def list_participants(bids_dir: Path) -> list[str]:
@@ -259,10 +262,11 @@ def query_preprocessed_images(cfg: RunConfig, participants: Sequence[str], kind:
     """Already preprocessed images of ``kind`` ('t1w' or 'pet') from ``--derivatives`` folders.
 
     Each folder is a Clinica CAPS (``subjects/``: ``t1_linear/*_T1w.nii.gz``, ``pet_linear/*_pet.nii.gz``) or
-    a BIDS derivative (``*_desc-preproc_T1w``; PET ``*_trc-<tracer>_space-<space>_*_pet``, any ``desc``).
-    Only images in template space count (``space`` MNI152* or ``cfg.preprocess.template_space``, unless the
-    ``--bids-filter-file`` names a space), PET only for the tracers of ``--pet-tracer``. Several candidates for
-    one participant/session (and tracer) give one record, with a warning (:func:`_pick_preprocessed`).
+    a BIDS derivative (``*_desc-preproc_T1w``; PET ``*_trc-<tracer>_space-<space>_*_pet``, any ``desc``),
+    PET only for the tracers of ``--pet-tracer``. Several candidates for one participant/session (and tracer)
+    give one record, with a warning (:func:`_pick_preprocessed`): images whose ``space`` fits the template
+    (``template.fits_template``) first. A session whose only candidates are in another space (``T1w``, none,
+    unknown) keeps one, which the participant job refuses with the fix (``preprocess.template_space``).
 
     Raises:
         InputMissingError, FilterError: a folder is missing; no T1w at all (no PET is only a warning).
@@ -294,26 +298,24 @@ def query_preprocessed_images(cfg: RunConfig, participants: Sequence[str], kind:
             ", ".join(map(str, cfg.preprocess.derivatives_dirs)),
             cfg.preprocess.template_space,
         )
-    chosen = _pick_preprocessed(candidates)
+    chosen = _pick_preprocessed(candidates, cfg.preprocess.template_space)
     if kind == "t1w":
         warn_sessions_without_t1w(cfg, participants, chosen, "preprocessed")
     return chosen
 
 
-def _in_template_space(entities: dict[str, Any], cfg: RunConfig, user: dict[str, Any]) -> bool:
-    space = str(entities.get("space", ""))
-    return space.startswith("MNI152") or space == cfg.preprocess.template_space or "space" in user
+def _pick_preprocessed(candidates: list[tuple[int, ImageRecord]], template_space: str) -> list[ImageRecord]:
+    """One record per participant/session/suffix/tracer among the candidates whose ``space`` fits the template
+    (all of them when none does: the job refuses the one kept, naming the fix). Then the first ``--derivatives``
+    folder wins, then the template's own space, then a cropped (CAPS ``desc-Crop``) or ``desc-preproc`` image,
+    then the highest run (re-scans replace failed ones), then the file name. ``candidates`` pairs each record
+    with its folder's position in ``--derivatives``."""
 
-
-def _pick_preprocessed(candidates: list[tuple[int, ImageRecord]]) -> list[ImageRecord]:
-    """One record per participant/session/suffix/tracer: the first ``--derivatives`` folder wins, then a
-    cropped (CAPS ``desc-Crop``) or ``desc-preproc`` image, then the highest run (re-scans replace failed ones),
-    then the file name. ``candidates`` pairs each record with its folder's position in ``--derivatives``."""
-
-    def preference(candidate: tuple[int, ImageRecord]) -> tuple[int, bool, int, str]:
+    def preference(candidate: tuple[int, ImageRecord]) -> tuple[int, bool, bool, int, str]:
         rank, record = candidate
         run = str(record.entities.get("run", "0"))
-        return (rank, record.entities.get("desc") not in ("Crop", "preproc"),
+        return (rank, record.entities.get("space") != template_space,
+                record.entities.get("desc") not in ("Crop", "preproc"),
                 -int(run) if run.isdigit() else 0, record.path.name)  # fmt: skip
 
     groups: dict[tuple[str, str, str, str], list[tuple[int, ImageRecord]]] = {}
@@ -322,7 +324,11 @@ def _pick_preprocessed(candidates: list[tuple[int, ImageRecord]]) -> list[ImageR
         groups.setdefault(key, []).append((rank, r))
     chosen = []
     for key in sorted(groups):
-        ranked = [record for _, record in sorted(groups[key], key=preference)]
+        fitting = [c for c in groups[key] if fits_template(c[1].entities.get("space"), template_space)]
+        if fitting and len(fitting) < len(groups[key]):
+            log.debug("sub-%s ses-%s %s: left out, not in a space of the template (%s): %s", key[0], key[1], key[2],
+                      template_space, ", ".join(c[1].path.name for c in groups[key] if c not in fitting))  # fmt: skip
+        ranked = [record for _, record in sorted(fitting or groups[key], key=preference)]
         if len(ranked) > 1:
             log.warning(
                 "sub-%s%s has %d preprocessed %s candidates; using %s. Others: %s. Keep one per session, or "
@@ -351,7 +357,7 @@ def _query_caps(cfg: RunConfig, root: Path, wanted: set[str], kind: str) -> list
     for path in sorted(root.glob(CAPS_GLOBS[kind])):
         entities = caps_entities(path)
         subject, session = entities.get("subject"), entities.get("session")
-        if subject in wanted and session and _in_template_space(entities, cfg, {}):
+        if subject in wanted and session:
             records.append(ImageRecord(subject, session, path, suffix, entities, preprocessed=True))
     return records
 
@@ -367,15 +373,87 @@ def _query_derivative(cfg: RunConfig, root: Path, participants: Sequence[str], k
     records = []
     for f in files:
         entities = f.get_entities()
-        if _in_template_space(entities, cfg, user):
-            records.append(
-                ImageRecord(
-                    entities["subject"],
-                    entities.get("session"),
-                    Path(f.path),
-                    SUFFIXES[kind],
-                    dict(entities),
-                    preprocessed=True,
-                )
+        records.append(
+            ImageRecord(
+                entities["subject"],
+                entities.get("session"),
+                Path(f.path),
+                SUFFIXES[kind],
+                dict(entities),
+                preprocessed=True,
             )
+        )
     return records
+
+
+def query_custom_maps(cfg: RunConfig, participants: Sequence[str]) -> list[ImageRecord]:
+    """The ``--custom-map`` maps of ``participants`` in the ``--derivatives`` folders: one per session and map.
+
+    In a BIDS derivative the map's filters are a pybids query (``suffix``, ``desc``, ``label``, ``space``...);
+    in a Clinica CAPS they are matched against the entities of the file names under
+    ``subjects/sub-<label>/ses-<label>/`` (pybids names: ``subject``, ``session``, ``tracer``...; ``suffix`` is
+    the name's last part). Several candidates are resolved as for preprocessed images
+    (:func:`_pick_preprocessed`). A map that selects nothing is a warning naming its filters.
+
+    Raises:
+        InputMissingError: a ``--derivatives`` folder is missing. ConfigError: a filter pybids does not know.
+    """
+    candidates: list[tuple[int, ImageRecord]] = []
+    for spec in cfg.preprocess.custom_maps:
+        custom_map = parse_custom_map(spec)
+        found: list[tuple[int, ImageRecord]] = []
+        for rank, root in enumerate(cfg.preprocess.derivatives_dirs):
+            if not root.is_dir():
+                raise InputMissingError(f"Derivatives folder {root} does not exist. Check --derivatives.")
+            if (root / "subjects").is_dir():
+                records = _query_caps_map(root, participants, custom_map)
+            else:
+                records = _query_derivative_map(root, participants, custom_map)
+            found.extend((rank, r) for r in records if not cfg.session_labels or r.session_label in cfg.session_labels)
+        if not found:
+            log.warning(
+                "Custom map %s: no file matches %s for participant(s) %s in %s. Check the entities of --custom-map "
+                "against the file names (pybids names: suffix, desc, label, space...).",
+                custom_map.name,
+                dict(custom_map.filters),
+                ", ".join(participants),
+                ", ".join(map(str, cfg.preprocess.derivatives_dirs)),
+            )
+        candidates.extend(found)
+    return _pick_preprocessed(candidates, cfg.preprocess.template_space)
+
+
+def _custom_record(entities: dict[str, Any], path: Path, custom_map: CustomMap) -> ImageRecord:
+    return ImageRecord(entities["subject"], entities.get("session"), path, custom_map.name, entities,
+                       preprocessed=True, custom=True)  # fmt: skip
+
+
+def _query_caps_map(root: Path, participants: Sequence[str], custom_map: CustomMap) -> list[ImageRecord]:
+    records = []
+    for participant in participants:
+        for path in sorted((root / "subjects" / f"sub-{participant}").glob("ses-*/**/*.nii*")):
+            if not path.name.endswith(tuple(NIFTI_EXTENSIONS)):
+                continue
+            entities: dict[str, Any] = {**caps_entities(path), "suffix": _caps_suffix(path)}
+            if entities.get("subject") != participant or not entities.get("session"):
+                continue
+            if all(str(entities.get(entity)) == value for entity, value in custom_map.filters):
+                records.append(_custom_record(entities, path, custom_map))
+    return records
+
+
+def _caps_suffix(path: Path) -> str:
+    return path.name.removesuffix(".gz").removesuffix(".nii").split("_")[-1]
+
+
+def _query_derivative_map(root: Path, participants: Sequence[str], custom_map: CustomMap) -> list[ImageRecord]:
+    layout = build_layout(root, participants, None, derivative=True)
+    filters = _pybids_filters(dict(custom_map.filters))
+    try:
+        files = layout.get(subject=list(participants), extension=NIFTI_EXTENSIONS, **filters)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"Invalid --custom-map {custom_map.name} filters {dict(custom_map.filters)}: {exc}. Use pybids entity "
+            "names (suffix, desc, label, space, ...)."
+        ) from None
+    return [_custom_record(dict(f.get_entities()), Path(f.path), custom_map) for f in files]

@@ -30,7 +30,7 @@ SUMMARY_COLUMNS = ("participant_id", "session_id", "suffix", "tracer", "qc_file"
                    "qc_threshold", "qc_pass")  # fmt: skip
 _QC_NAME = re.compile(
     r"^sub-(?P<sub>[A-Za-z0-9]+)(?:_ses-(?P<ses>[A-Za-z0-9]+))?(?:_trc-(?P<trc>[A-Za-z0-9]+))?.*_desc-"
-    r"(?:qc|preproc)_(?P<suffix>T1w|pet)\.json$"
+    r"(?:qc|preproc)_(?P<suffix>T1w|T2w|FLAIR|pet|[a-z][A-Za-z0-9]*)\.json$"  # the last: a --custom-map's name
 )
 
 

@@ -5,8 +5,9 @@ participant's raw T1w of the same session; that transform and the T1w's template
 linear resampling onto the template grid, which is then cropped like the T1w. Intensities become SUVR:
 PET divided by its mean inside a reference region, ``cfg.suvr_reference_mask`` (a binary mask on the
 template grid or its crop; value > 0.5), or, when it is None, the template's whole brain mask
-(:func:`bids_app.preprocess.qc.brain_mask`). Already preprocessed PET in template space
-(:func:`load_preprocessed_pet`) gets the same SUVR normalisation without any registration.
+(:func:`bids_app.preprocess.qc.brain_mask`). Already preprocessed PET in an MNI152 space
+(:func:`load_preprocessed_pet`) is brought onto the template grid by its world coordinates
+(:mod:`bids_app.preprocess.template_space`) and gets the same SUVR normalisation, without any registration.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from bids_app.preprocess.t1_linear import (
     to_ants,
     to_crop_grid,
 )
+from bids_app.preprocess.template_space import Placement, TemplateGrid, load_preprocessed
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +52,13 @@ class PetLinearResult:
         qc: :func:`bids_app.preprocess.qc.compute_qc` figures of the SUVR image, plus
             ``suvr_reference_mean`` (PET units inside the reference region) and ``seconds``.
         transform_path: the rigid PET → T1w ``.mat`` in the work folder; None for preprocessed input.
+        placement: how a preprocessed PET was brought onto the template grid; None for pet-linear.
     """
 
     image: nib.Nifti1Image
     qc: dict[str, float]
     transform_path: Path | None = None
+    placement: Placement | None = None
 
 
 def normalize_suvr(
@@ -160,18 +164,27 @@ def run_pet_linear(
     return PetLinearResult(image=suvr, qc=qc, transform_path=rigid)
 
 
-def load_preprocessed_pet(path: Path, template_img: nib.Nifti1Image, cfg: PreprocessConfig) -> PetLinearResult:
-    """An already preprocessed PET in template space (full or cropped grid), cropped and normalised to SUVR.
+def load_preprocessed_pet(
+    path: Path, space: str | None, grid: TemplateGrid, template_img: nib.Nifti1Image, cfg: PreprocessConfig
+) -> PetLinearResult:
+    """An already preprocessed PET in a template space, brought onto the cropped template grid by its world
+    coordinates (:func:`bids_app.preprocess.template_space.load_preprocessed`) and normalised to SUVR.
+
+    Args:
+        path: the PET file.
+        space: its declared space (``space`` entity; None when its name has none).
+        grid: the job's cropped template grid.
+        template_img: the full template (SUVR reference region).
+        cfg: crop shape and SUVR reference mask.
 
     Raises:
-        InputMissingError, DataError: unreadable input, another grid, or no signal in the reference region.
+        InputMissingError, DataError: unreadable input, a space or affine that does not fit the template, or no
+            signal in the reference region.
     """
     start = time.perf_counter()
-    pet = load_checked_nifti(path, kind="preprocessed pet")
-    fix = "Process the raw PET and T1w without -d instead (pet-linear registers them)"
-    pet_crop = to_crop_grid(pet, template_img, cfg, f"Preprocessed PET {path}", fix)
+    pet_crop, placement = load_preprocessed(path, space, grid, "Preprocessed PET", "pet")
     suvr, reference_mean = normalize_suvr(pet_crop, template_img, cfg, Path(path))
-    qc = compute_qc(suvr, crop_image(template_img, crop_box(template_img, cfg.crop_shape)))
+    qc = compute_qc(suvr, grid.crop)
     qc["suvr_reference_mean"] = reference_mean
     qc["seconds"] = round(time.perf_counter() - start, 2)
-    return PetLinearResult(image=suvr, qc=qc)
+    return PetLinearResult(image=suvr, qc=qc, placement=placement)

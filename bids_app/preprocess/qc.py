@@ -253,12 +253,12 @@ def compute_qc(
 
 def qc_rule(suffix: str) -> tuple[str, float]:
     """The QC key and minimum value deciding pass/fail for an image of ``suffix`` (``"T1w"``, ``"T2w"``,
-    ``"FLAIR"`` or ``"pet"``)."""
+    ``"FLAIR"``, ``"pet"`` or a custom map's name)."""
     if suffix == "pet":
         return "nmi_to_template", MIN_PET_NMI
     if suffix in CONTRAST_SUFFIXES:
         return "nmi_to_template", MIN_CONTRAST_NMI
-    if CUSTOM_NAME.match(suffix) and suffix != "pet":  # a --custom-map (bids_app.kinds)
+    if CUSTOM_NAME.match(suffix):  # a --custom-map's name (bids_app.kinds)
         return "nmi_to_template", MIN_MAP_NMI
     return "smoothed_correlation_to_template", MIN_T1W_CORRELATION
 

@@ -308,7 +308,8 @@ def to_crop_grid(
     what: str,
     fix: str = "Pass the raw T1w instead (t1-linear registers it)",
 ) -> nib.Nifti1Image:
-    """An image in template space brought to the cropped template grid, without resampling.
+    """A mask in template space brought to the cropped template grid, without resampling (masks must stay binary:
+    images go through :func:`bids_app.preprocess.template_space.to_template_grid` instead).
 
     Accepts the full template grid (the crop is applied) or the cropped grid itself (affine within
     ``AFFINE_TOLERANCE_MM``). ``what`` names the image in the error message, ``fix`` the remedy offered
@@ -328,23 +329,5 @@ def to_crop_grid(
         f"{what} is not on the template grid: {describe_grid(img.shape[:3], img.affine)}; expected the template "
         f"{cfg.template_space} grid, shape {tuple(template_img.shape[:3])} (or its crop {tuple(template_crop.shape)}), "
         f"voxel size {sizes} mm, with the template's affine:\n{np.array2string(template_img.affine[:3], precision=3)}\n"
-        f"{fix}, or set preprocess.template_path to the template the image was registered to (e.g. Clinica CAPS "
-        "images use MNI152NLin2009cSym)."
+        f"{fix}, or set preprocess.template_path to the template it was made on."
     )
-
-
-def load_preprocessed(path: Path, template_img: nib.Nifti1Image, cfg: PreprocessConfig) -> nib.Nifti1Image:
-    """Load an already preprocessed template-space image (CAPS t1_linear, BIDS ``desc-preproc``) and crop it.
-
-    No registration: the image must be on the full template grid (the crop is applied) or already on the
-    cropped grid (same shape, affine within ``AFFINE_TOLERANCE_MM``).
-
-    Returns:
-        float32 image on the cropped template grid.
-
-    Raises:
-        InputMissingError, DataError: unreadable input (see ``load_checked_nifti``) or another grid; the
-            message gives the file's shape and voxel size, the expected ones and the fix.
-    """
-    img = load_checked_nifti(path, kind="preprocessed")
-    return to_crop_grid(img, template_img, cfg, f"Preprocessed image {path}")

@@ -82,9 +82,10 @@ def pet_dataset(tmp_path_factory: pytest.TempPathFactory) -> Any:
     box = tiny_box(dataset)
     for (label, session), grid in PET_GRIDS.items():
         write_pet(pet_path(dataset, label, session), t1w_path(dataset, label, session), box if grid == "crop" else None)
-    # decoys: another tracer, and an FDG PET not in template space (its grid would fail if it were used)
+    # decoys: another tracer, and an FDG PET in the participant's own space beside the template-space one (a space
+    # that does not fit the template is never preferred to one that does)
     write_pet(pet_path(dataset, "002", "M000", tracer="AV45"), t1w_path(dataset, "002", "M000"), None)
-    native = pet_path(dataset, "002", "M012").with_name("sub-002_ses-M012_trc-FDG_space-T1w_desc-preproc_pet.nii.gz")
+    native = pet_path(dataset, "002", "M000").with_name("sub-002_ses-M000_trc-FDG_space-T1w_desc-preproc_pet.nii.gz")
     save_mni(native, np.ones((20, 24, 20), dtype=np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
     return dataset
 
@@ -138,7 +139,9 @@ def test_preprocessed_pet_is_extracted_in_every_mode(pet_dataset, processed_pet:
         sidecar = json.loads(preproc.with_name(preproc.name.replace(".nii.gz", ".json")).read_text())
         assert sidecar["Units"] == "SUVR" and sidecar["Complete"] is True
         assert sidecar["Sources"] == [f"bids:raw:{source.relative_to(pet_dataset.bids_dir).as_posix()}"]
-        assert sidecar["Description"] == "already preprocessed input, cropped to the template box, SUVR normalisation"
+        assert sidecar["Description"].endswith("by its world coordinates, SUVR normalisation")
+        assert sidecar["SourceSpace"] == SPACE and sidecar["SourceGrid"]["Shape"] == list(nib.load(source).shape)
+        assert sidecar["Resampling"] == ("none" if grid == "crop" else "integer shift")
         assert sidecar["QC"]["suvr_reference_mean"] > 200.0 and sidecar["SHA256"] == file_sha256(preproc)
         qc_file = out / f"sub-{label}" / f"ses-{session}" / "qc" / f"{stem}_desc-qc_pet.json"
         assert json.loads(qc_file.read_text())["Image"] == source.name
@@ -193,7 +196,7 @@ def test_adding_pet_keeps_t1w_outputs_and_a_rerun_skips_everything(
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
 
-def test_preprocessed_pet_on_another_grid_fails_that_image_only(
+def test_preprocessed_pet_outside_the_template_fails_that_image_only(
     pet_dataset, processed_pet: dict[str, Any], tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
@@ -203,7 +206,7 @@ def test_preprocessed_pet_on_another_grid_fails_that_image_only(
     original = bad.read_bytes()
     good = nib.load(bad)
     shifted = good.affine.copy()
-    shifted[:3, 3] += 4.0  # one voxel off the template grid
+    shifted[:3, 3] += 200.0  # the brain far outside the template's field of view
     save_mni(bad, np.asarray(good.dataobj), shifted)
     try:
         args = pet_args(pet_dataset, pet_dataset.bids_dir, out, "--pet-tracer", "FDG", "--participant-label", "001")
@@ -212,12 +215,12 @@ def test_preprocessed_pet_on_another_grid_fails_that_image_only(
         bad.write_bytes(original)  # the dataset is shared by this module's tests
     assert result.returncode == 65
     errors = "\n".join(line for line in result.stderr.splitlines() if " ERROR " in line)
-    assert f"Preprocessed PET {bad} is not on the template grid" in errors, result.stderr[-3000:]
-    assert "preprocess.template_path" in result.stderr
+    assert f"Preprocessed PET {bad} declares space {SPACE}, but its grid" in errors, result.stderr[-3000:]
+    assert "holds only 0.0% of the" in errors and "--template FILE --template-space LABEL" in errors
     status = pd.read_csv(out / "status" / "sub-001_status.tsv", sep="\t", dtype=str, keep_default_na=False)
     failed = status[status["status"] == "failed"]
     assert list(failed["image"]) == [bad.name] and list(failed["stage"]) == ["preprocess"]
-    assert f"{bad} is not on the template grid" in failed["message"].iloc[0]
+    assert f"{bad} declares space {SPACE}" in failed["message"].iloc[0]
     assert set(status[status["status"] != "failed"]["status"]) == {"skipped", "ok"}  # the others (report: ok)
     assert tree_hashes(out) == hashes  # the session's earlier PET outputs are kept, not half-replaced
 
@@ -327,7 +330,10 @@ def test_derivative_pet_query_honours_space_tracer_and_filters(tmp_path: Path) -
           f"sub-01/ses-M000/pet/sub-01_ses-M000_trc-AV45_space-{SPACE}_desc-preproc_pet.nii.gz",
           "sub-01/ses-M012/pet/sub-01_ses-M012_trc-FDG_space-tiny_pet.nii.gz")  # fmt: skip
     records = query_preprocessed_images(query_cfg(tmp_path, root), ["01"], "pet")
-    assert [r.path.name for r in records] == [f"sub-01_ses-M000_trc-FDG_space-{SPACE}_desc-preproc_pet.nii.gz"]
+    # M000: the template-space images win over space-T1w and no space; M012's only PET is kept in its unknown
+    # space, for the participant job to refuse with the fix
+    assert [r.path.name for r in records] == [f"sub-01_ses-M000_trc-FDG_space-{SPACE}_desc-preproc_pet.nii.gz",
+                                              "sub-01_ses-M012_trc-FDG_space-tiny_pet.nii.gz"]  # fmt: skip
     assert records[0].entities["tracer"] == "FDG" and records[0].suffix == "pet" and records[0].preprocessed
     # a filter chooses among the candidates; the template's own space label counts as template space
     smooth = query_cfg(tmp_path, root, bids_filters={"pet": {"desc": "smooth"}})

@@ -1,0 +1,292 @@
+"""Preprocessed inputs in any MNI152 space, placed on the project's template grid by their world coordinates.
+
+Every input here is made from the MNI152 2009a template by affine arithmetic, with a bright marker at a known
+world coordinate (``MARKER_MM``): the marker must land within one voxel of the same world coordinate on the
+output grid. Clinica's t1-linear crop of MNI152NLin2009cSym is the voxel box [12:181, 13:221, 0:179] of the 2009c
+template grid (193 x 229 x 193 at 1 mm, first voxel at (-96, -132, -78) mm), i.e. a 169 x 208 x 179 grid whose
+first voxel is at (-84, -119, -78) mm: a whole-voxel offset from the project's 2009a crop, copied without
+interpolation. The fMRIPrep-style derivative is on a rotated 3 mm grid (trilinear). The refusals and the custom
+map run on the generator's 4 mm template so they stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import run_cli, validate
+
+MARKER_MM = np.array([30.0, -40.0, 20.0])  # inside the brain, off every axis of symmetry
+CLINICA_CROP_AFFINE = np.array([[1.0, 0, 0, -84], [0, 1, 0, -119], [0, 0, 1, -78], [0, 0, 0, 1]])
+CLINICA_CROP_SHAPE = (169, 208, 179)
+TPL = "MNI152NLin2009aSym"
+TINY_CROP = (40, 48, 40)
+
+
+def write_image(path: Path, data: np.ndarray, affine: np.ndarray, code: int = 4) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = nib.Nifti1Image(data.astype(np.float32), affine)
+    image.set_sform(affine, code=code)
+    image.set_qform(affine, code=code)
+    nib.save(image, path)
+    return path
+
+
+def sample_template(template: nib.Nifti1Image, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """The template's values at the world positions of a grid (trilinear, 0 outside): an image 'in MNI space'."""
+    from scipy import ndimage
+
+    to_template = np.linalg.solve(np.asarray(template.affine, dtype=np.float64), affine)
+    data = np.asarray(template.dataobj, dtype=np.float32)
+    return ndimage.affine_transform(data, to_template[:3, :3], to_template[:3, 3], output_shape=shape, order=1)
+
+
+def add_marker(data: np.ndarray, affine: np.ndarray, world_mm: np.ndarray, size: int = 2) -> np.ndarray:
+    """``data`` with a ``size``-voxel cube, 10 times its maximum, starting at the voxel nearest ``world_mm``."""
+    index = np.round(np.linalg.solve(affine, [*world_mm, 1.0])[:3]).astype(int)
+    marked = data.copy()
+    marked[tuple(slice(i, i + size) for i in index)] = 10.0 * float(data.max())
+    return marked
+
+
+def marker_position_mm(path: Path) -> np.ndarray:
+    """World position (mm) of the centre of the voxels above half the maximum of an image."""
+    image = nib.load(path)
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    hot = np.argwhere(data > 0.5 * data.max())
+    return nib.affines.apply_affine(image.affine, hot.mean(axis=0))
+
+
+def bids_root(root: Path, labels: tuple[str, ...], sessions: tuple[str, ...] = ()) -> Path:
+    """A raw BIDS dataset with empty participant folders (the images come from -d)."""
+    root.mkdir(parents=True)
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "raw", "BIDSVersion": "1.10.0"}))
+    for label in labels:
+        for session in sessions or ("",):
+            (root / f"sub-{label}" / (f"ses-{session}" if session else "") / "anat").mkdir(parents=True)
+    return root
+
+
+def derivative_root(root: Path) -> Path:
+    root.mkdir(parents=True)
+    description = {"Name": "fmriprep-like", "BIDSVersion": "1.10.0", "DatasetType": "derivative",
+                   "GeneratedBy": [{"Name": "fmriprep"}]}  # fmt: skip
+    (root / "dataset_description.json").write_text(json.dumps(description))
+    return root
+
+
+def sidecar(path: Path) -> dict[str, Any]:
+    return json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
+
+
+def test_clinica_caps_2009c_crop_is_shifted_onto_the_2009a_grid(tmp_path: Path) -> None:
+    from bids_app.template import default_template_path
+
+    template = nib.load(default_template_path())  # nilearn's 2009a, 197 x 233 x 189, first voxel (-98, -134, -72)
+    data = add_marker(sample_template(template, CLINICA_CROP_SHAPE, CLINICA_CROP_AFFINE), CLINICA_CROP_AFFINE,
+                      MARKER_MM, size=1)  # fmt: skip
+    caps = tmp_path / "caps"
+    folder = caps / "subjects" / "sub-01" / "ses-M000" / "t1_linear"
+    name = "sub-01_ses-M000_space-MNI152NLin2009cSym_desc-Crop_res-1x1x1_T1w.nii.gz"
+    source = write_image(folder / name, data, CLINICA_CROP_AFFINE)
+    (caps / "dataset_description.json").write_text(json.dumps({"Name": "caps", "BIDSVersion": "1.10.0",
+                                                               "DatasetType": "derivative"}))  # fmt: skip
+    bids = bids_root(tmp_path / "bids", ("01",), ("M000",))
+    out = tmp_path / "out"
+    result = run_cli(str(bids), str(out), "participant", "-d", str(caps), "--modes", "image",
+                     "--skip-bids-validation")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("sub-01 ses-M000: input in MNI152NLin2009cSym (169x208x179, 1 mm), shifted onto the "
+            f"{TPL} grid by (0, 2, -6) voxels ({name})") in result.stderr  # fmt: skip
+    preproc = out / "sub-01" / "ses-M000" / "anat" / f"sub-01_ses-M000_space-{TPL}_desc-preproc_T1w.nii.gz"
+    image = nib.load(preproc)
+    assert image.shape == CLINICA_CROP_SHAPE  # the project's default crop of 2009a has Clinica's shape
+    assert np.abs(marker_position_mm(preproc) - MARKER_MM).max() <= 1.0
+    meta = sidecar(preproc)
+    assert meta["SourceSpace"] == "MNI152NLin2009cSym" and meta["Resampling"] == "integer shift"
+    assert meta["SourceGrid"] == {"Shape": list(CLINICA_CROP_SHAPE), "VoxelSizeMM": [1.0, 1.0, 1.0],
+                                  "Affine": CLINICA_CROP_AFFINE.tolist()}  # fmt: skip
+    # values copied, not interpolated: the output holds the source's voxels, shifted
+    out_data, src = np.asarray(image.dataobj), np.asarray(nib.load(source).dataobj)
+    np.testing.assert_array_equal(out_data[:, 2:, :173], src[:, :-2, 6:])
+    assert not out_data[:, :2, :].any() and not out_data[:, :, 173:].any()  # outside Clinica's box: zero
+    tensor = out / "sub-01" / "ses-M000" / "deeplearning" / f"sub-01_ses-M000_space-{TPL}_desc-image_T1w"
+    assert json.loads(tensor.with_suffix(".json").read_text())["SourceSpace"] == "MNI152NLin2009cSym"
+    assert meta["QC"]["smoothed_correlation_to_template"] > 0.95
+
+
+@pytest.fixture(scope="module")
+def derivative_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One participant run on the 4 mm template over an fMRIPrep-like derivative holding, per participant:
+
+    - 01: a T1w in MNI152NLin2009cAsym on a 3 mm grid rotated 4° about z (trilinear), and a GM probability map
+      (``--custom-map gm``) in the same space on the 4 mm grid shifted by whole voxels;
+    - 02: a T1w with no space entity; 03: space-T1w; 04: space-OASIS30ANTs; 05: an MNI T1w whose affine puts the
+      brain 300 mm away. Each of 02-05 is refused with its fix; 01 is processed.
+    """
+    from bids_app.synthetic.anatomy import load_template_space
+
+    root = tmp_path_factory.mktemp("template_space")
+    space = load_template_space(4)
+    template_path = write_image(root / "templates" / f"tpl-{TPL}_res-4mm_T1w.nii.gz", space.t1, space.affine)
+    roi_path = write_image(root / "templates" / "roi.nii.gz", space.roi_mask().astype(np.float32), space.affine)
+    template = nib.load(template_path)
+    derivative = derivative_root(root / "fmriprep")
+    anat = derivative / "sub-01" / "anat"
+
+    theta = np.deg2rad(4.0)
+    rotated = np.eye(4)
+    rotated[:2, :2] = [[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]]
+    affine = rotated @ np.diag([3.0, 3.0, 3.0, 1.0])
+    affine[:3, 3] = [-96.0, -130.0, -74.0]
+    shape = (66, 78, 64)
+    t1w = add_marker(sample_template(template, shape, affine), affine, MARKER_MM)
+    write_image(anat / "sub-01_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz", t1w, affine)
+    write_image(anat / "sub-01_desc-preproc_T1w.nii.gz", t1w, np.diag([3.0, 3.0, 3.0, 1.0]))  # native: ignored
+
+    gm_affine = space.affine.copy()
+    gm_affine[:3, 3] += [8.0, -4.0, 12.0]  # whole 4 mm voxels
+    gm = sample_template(nib.Nifti1Image(space.gm, space.affine), space.gm.shape, gm_affine)
+    gm_name = "sub-01_space-MNI152NLin2009cAsym_label-GM_probseg.nii.gz"
+    write_image(anat / gm_name, gm, gm_affine)
+    write_image(anat / "sub-01_space-MNI152NLin2009cAsym_label-WM_probseg.nii.gz", gm, gm_affine)  # not selected
+
+    refused = {"02": "sub-02_desc-preproc_T1w.nii.gz", "03": "sub-03_space-T1w_desc-preproc_T1w.nii.gz",
+               "04": "sub-04_space-OASIS30ANTs_desc-preproc_T1w.nii.gz",
+               "05": "sub-05_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz"}  # fmt: skip
+    for label, name in refused.items():
+        far = affine.copy()
+        if label == "05":
+            far[:3, 3] += 300.0
+        write_image(derivative / f"sub-{label}" / "anat" / name, t1w, far)
+
+    bids = bids_root(root / "bids", ("01", *refused))
+    out = root / "out"
+    result = run_cli(str(bids), str(out), "participant", "-d", str(derivative), "--template", str(template_path),
+                     "--crop-shape", *map(str, TINY_CROP), "--modes", "image", "roi", "--roi-mask",
+                     f"hippocampus={roi_path}", "--custom-map", "gm=suffix:probseg,label:GM,space:MNI152NLin2009cAsym",
+                     "--skip-bids-validation")  # fmt: skip
+    return {"result": result, "out": out, "derivative": derivative, "refused": refused, "gm": anat / gm_name,
+            "space": space}  # fmt: skip
+
+
+def test_fmriprep_derivative_on_a_rotated_3mm_grid_is_resampled_by_world_coordinates(derivative_run) -> None:
+    out = derivative_run["out"]
+    preproc = out / "sub-01" / "anat" / f"sub-01_space-{TPL}_desc-preproc_T1w.nii.gz"
+    assert nib.load(preproc).shape == TINY_CROP
+    assert np.abs(marker_position_mm(preproc) - MARKER_MM).max() <= 4.0  # one 4 mm voxel
+    meta = sidecar(preproc)
+    assert meta["SourceSpace"] == "MNI152NLin2009cAsym" and meta["Resampling"] == "trilinear"
+    assert meta["SourceGrid"]["Shape"] == [66, 78, 64]
+    assert meta["SourceGrid"]["VoxelSizeMM"] == pytest.approx([3.0, 3.0, 3.0])
+    assert "resampled (trilinear) onto the MNI152NLin2009aSym grid" in derivative_run["result"].stderr
+    tensor = out / "sub-01" / "deeplearning" / f"sub-01_space-{TPL}_desc-image_T1w.npy"
+    assert np.load(tensor).shape == (1, *TINY_CROP)
+
+
+def test_images_whose_space_cannot_be_told_are_refused_with_the_fix(derivative_run) -> None:
+    result, out = derivative_run["result"], derivative_run["out"]
+    assert result.returncode == 65, result.stderr[-3000:]
+    errors = "\n".join(line for line in result.stderr.splitlines() if " ERROR " in line)
+    derivative, refused = derivative_run["derivative"], derivative_run["refused"]
+    path = {label: derivative / f"sub-{label}" / "anat" / name for label, name in refused.items()}
+    assert f"Preprocessed T1w {path['02']} names no space (no space- entity" in errors
+    assert f"Preprocessed T1w {path['03']} is in space T1w, the participant's own anatomy" in errors
+    assert '--bids-filter-file {"t1w": {"space": "MNI152NLin2009cAsym"}}' in errors
+    assert f"Preprocessed T1w {path['04']} is in space 'OASIS30ANTs'" in errors
+    assert "--template FILE --template-space OASIS30ANTs" in errors
+    assert f"Preprocessed T1w {path['05']} declares space MNI152NLin2009cAsym, but its grid" in errors
+    assert "holds only 0.0% of the MNI152NLin2009aSym template's brain" in errors
+    status = pd.read_csv(out / "participant_status.tsv", sep="\t", dtype=str, keep_default_na=False)
+    failed = status[status["status"] == "failed"]
+    assert sorted(failed["image"]) == sorted(refused.values()) and set(failed["stage"]) == {"preprocess"}
+    assert not list(out.glob("sub-0[2-5]/**/*.nii.gz"))  # nothing written for a refused image
+    # the participant with a placeable image is processed in full
+    assert set(status[status["participant_id"] == "sub-01"]["status"]) == {"ok"}
+
+
+def test_custom_map_is_placed_kept_and_extracted_in_image_and_roi_modes(derivative_run) -> None:
+    out, space = derivative_run["out"], derivative_run["space"]
+    preproc = out / "sub-01" / "maps" / f"sub-01_space-{TPL}_desc-preproc_gm.nii.gz"
+    data = np.asarray(nib.load(preproc).dataobj)
+    assert data.shape == TINY_CROP
+    # values kept: the map's own (probabilities), shifted by whole voxels onto the grid, no rescaling
+    source = np.asarray(nib.load(derivative_run["gm"]).dataobj)
+    assert data.min() >= 0.0 and data.max() == pytest.approx(float(source.max()))
+    from bids_app.config import PreprocessConfig
+    from bids_app.preprocess.t1_linear import crop_box, load_template
+
+    template_path = out.parent / "templates" / f"tpl-{TPL}_res-4mm_T1w.nii.gz"
+    box = crop_box(load_template(PreprocessConfig(template_path=template_path)), TINY_CROP)
+    covered = np.zeros(space.gm.shape, dtype=bool)
+    covered[2:, :-1, 3:] = True  # the source grid starts (2, -1, 3) voxels into the template's
+    np.testing.assert_allclose(data, np.where(covered, space.gm, 0.0)[box], atol=1e-6)
+    meta = sidecar(preproc)
+    assert meta["SourceSpace"] == "MNI152NLin2009cAsym" and meta["Resampling"] == "integer shift"
+    assert meta["Description"].startswith("custom template-space map") and "SkullStripped" not in meta
+    assert meta["QC"]["nmi_to_template"] > 1.06
+    dl = out / "sub-01" / "deeplearning"
+    assert np.load(dl / f"sub-01_space-{TPL}_desc-image_gm.npy").shape == (1, *TINY_CROP)
+    roi = np.load(dl / f"sub-01_space-{TPL}_desc-roi_gm.npy")
+    assert roi.shape[:2] == (1, 1) and roi.max() > 0
+    assert (out / "sub-01" / "qc" / "sub-01_desc-qc_gm.json").is_file()
+    from bids_app.participant.qc_summary import qc_table
+
+    summary = qc_table(out)  # what the group level's qc_summary.tsv and --exclude-failed-qc read
+    row = summary[summary["suffix"] == "gm"]
+    assert list(row["qc_metric"]) == ["nmi_to_template"] and list(row["qc_pass"]) == [True]
+    page = (out / "sub-01" / "sub-01_report.html").read_text(encoding="utf-8")
+    assert 'id="sub-01_gm"' in page
+    assert not list(out.glob("sub-01/**/*WM*"))  # the WM map did not match the filters
+    assert validate(out).returncode == 0
+
+
+def test_custom_map_specs_are_checked_before_anything_runs(tmp_path: Path) -> None:
+    from bids_app.cli.arguments import parse_config
+    from bids_app.errors import ConfigError
+
+    bids = bids_root(tmp_path / "bids", ("01",))
+    base = [str(bids), str(tmp_path / "out"), "participant"]
+    cfg = parse_config([*base, "-d", str(tmp_path), "--custom-map", "gm=suffix:probseg,label:GM", "fa=suffix:FA"])
+    assert cfg.preprocess.custom_maps == ("gm=suffix:probseg,label:GM", "fa=suffix:FA")
+    for specs, message in (
+        (["GM=suffix:probseg"], "Invalid --custom-map name 'GM'"),
+        (["pet=suffix:probseg"], "Invalid --custom-map name 'pet'"),
+        (["gm=suffix"], "'suffix' is not ENTITY:VALUE"),
+        (["gm"], "expected NAME=ENTITY:VALUE"),
+        (["gm=suffix:a", "gm=suffix:b"], "the name(s) gm are given twice"),
+    ):
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            parse_config([*base, "-d", str(tmp_path), "--custom-map", *specs])
+    with pytest.raises(ConfigError, match="custom maps are selected in the --derivatives"):
+        parse_config([*base, "--custom-map", "gm=suffix:probseg"])
+
+
+def test_custom_maps_are_found_in_a_clinica_caps_by_their_file_name_entities(tmp_path: Path) -> None:
+    from bids_app.config import AnalysisLevel, PreprocessConfig, RunConfig
+    from bids_app.inputs.bids_query import query_custom_maps
+
+    caps = tmp_path / "caps"
+    dartel = "t1/spm/dartel/group-AD"
+    names = {
+        f"subjects/sub-01/ses-M000/{dartel}/sub-01_ses-M000_T1w_segm-graymatter_space-Ixi549Space_modulated-on_"
+        "probability.nii.gz",
+        f"subjects/sub-01/ses-M000/{dartel}/sub-01_ses-M000_T1w_segm-whitematter_space-Ixi549Space_modulated-on_"
+        "probability.nii.gz",
+        f"subjects/sub-02/ses-M000/{dartel}/sub-02_ses-M000_T1w_segm-graymatter_space-Ixi549Space_modulated-on_"
+        "probability.nii.gz",
+    }
+    for name in names:
+        (caps / name).parent.mkdir(parents=True, exist_ok=True)
+        (caps / name).write_bytes(b"")
+    preprocess = PreprocessConfig(derivatives_dirs=(caps,), custom_maps=("gm=segm:graymatter,suffix:probability",))
+    cfg = RunConfig(tmp_path, tmp_path / "out", AnalysisLevel.PARTICIPANT, preprocess=preprocess)
+    records = query_custom_maps(cfg, ["01"])
+    assert [(r.participant_label, r.session_label, r.suffix, r.custom) for r in records] == [("01", "M000", "gm", True)]
+    assert "segm-graymatter" in records[0].path.name and records[0].entities["space"] == "Ixi549Space"

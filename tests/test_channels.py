@@ -1,0 +1,107 @@
+"""A model of two channels end to end: ``--channels T1w pet-FDG`` in roi mode trains, predicts and reports.
+
+One participant has no PET: its session is listed in the model folder's ``excluded_sessions.tsv``, counted in
+``maps.json``, named in the log and the group report, and left out of the split (never zero-padded). The same
+seed twice gives the same prediction bytes; another output without the model's PET is refused before anything
+is predicted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from tests.conftest import TINY_CROP, make_dataset, run_cli
+
+MISSING = "008"  # the participant without PET
+GROUP = ("group", "--label", "diagnosis", "--mode", "roi", "--architecture", "small_cnn", "--epochs", "1",
+         "--batch-size", "2", "--n-splits", "1", "--test-size", "2", "--n-bootstrap", "20", "--seed", "5",
+         "--channels", "T1w", "pet-FDG")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """8 participants in roi mode, T1w and a template-space "PET" (a copy of the T1w) for all but one."""
+    root = tmp_path_factory.mktemp("channels")
+    dataset = make_dataset(root, 8, 1, seed=11, effect_size=0.8)
+    for t1w in sorted(dataset.derivative_dir.rglob("*_desc-preproc_T1w.nii.gz")):
+        if f"sub-{MISSING}" not in t1w.name:
+            pet_dir = t1w.parent.parent / "pet"
+            pet_dir.mkdir()
+            name = t1w.name.replace("_space-", "_trc-FDG_space-").replace("_T1w.", "_pet.")
+            shutil.copyfile(t1w, pet_dir / name)
+    mask = dataset.bids_dir / "code" / "template" / "roi-hippocampus_mask.nii.gz"
+    out = root / "out"
+    result = run_cli(str(dataset.bids_dir), str(out), "participant", "-d", str(dataset.derivative_dir), "--template",
+                     str(dataset.template_path), "--crop-shape", *TINY_CROP, "--nprocs", "2", "--pet-tracer", "FDG",
+                     "--modes", "roi", "--roi-mask", f"hippocampus={mask}", "--skip-bids-validation")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dataset.bids_dir, out
+
+
+@pytest.fixture(scope="module")
+def trained(cohort: tuple[Path, Path]) -> tuple[Path, str]:
+    bids_dir, out = cohort
+    result = run_cli(str(bids_dir), str(out), *GROUP, "--model-name", "two")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / "models" / "two", result.stderr
+
+
+def test_a_two_channel_roi_model_trains_predicts_and_lists_the_session_without_pet(trained, cohort) -> None:
+    from bids_app.maps import Maps
+
+    maps_dir, log = trained
+    assert f"1 session(s) of {cohort[1]} lack one of the channels T1w, pet-FDG" in log
+    assert f"sub-{MISSING} ses-M000 lacks pet-FDG" in log
+    assert "have no tensor in" not in log  # its T1w is there: said once, as a missing channel
+    excluded = pd.read_csv(maps_dir / "excluded_sessions.tsv", sep="\t", dtype=str)
+    assert excluded.to_dict("records") == [
+        {"participant_id": f"sub-{MISSING}", "session_id": "ses-M000", "missing_kinds": "pet-FDG"}
+    ]
+    record = json.loads((maps_dir / "maps.json").read_text())
+    assert record["channels"] == ["T1w", "pet-FDG"] and record["config"]["train"]["channels"] == ["T1w", "pet-FDG"]
+    assert record["input_shape"][0] == 2
+    assert record["excluded_sessions"] == {"n_sessions": 1, "by_missing_kind": {"pet-FDG": 1},
+                                           "table": "excluded_sessions.tsv"}  # fmt: skip
+    maps = Maps.open(maps_dir)
+    model = maps.load_model(0, "loss")
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv3d))
+    assert first.weight.shape[1] == 2
+    pool = pd.read_csv(maps_dir / "groups" / "train+validation.tsv", sep="\t", dtype=str)
+    test = pd.read_csv(maps_dir / "split-0" / "best-loss" / "test" / "test_image_level_prediction.tsv", sep="\t")
+    assert len(test) == 2 and len(pool) == 5  # 7 sessions with both kinds: nobody zero-padded in
+    assert f"sub-{MISSING}" not in {*pool["participant_id"], *test["participant_id"]}
+    report = (maps_dir / "report.html").read_text()
+    assert "Input channel(s), in order: T1w, pet-FDG. 1 session(s) were left out" in report
+    assert f"sub-{MISSING} ses-M000 (no pet-FDG)" in report
+
+
+def test_the_same_seed_twice_predicts_the_same_bytes(trained, cohort) -> None:
+    bids_dir, out = cohort
+    maps_dir, _ = trained
+    result = run_cli(str(bids_dir), str(out), *GROUP, "--model-name", "again")
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = out / "models" / "again"
+    files = sorted(p.relative_to(maps_dir) for p in maps_dir.glob("split-0/best-loss/*/*_prediction.tsv"))
+    assert len(files) >= 2
+    for name in files:
+        assert (again / name).read_bytes() == (maps_dir / name).read_bytes(), name
+    assert (again / "excluded_sessions.tsv").read_bytes() == (maps_dir / "excluded_sessions.tsv").read_bytes()
+
+
+def test_an_output_without_the_models_pet_is_refused_before_any_prediction(trained, cohort, tmp_path) -> None:
+    bids_dir, out = cohort
+    maps_dir, _ = trained
+    other = tmp_path / "other"
+    shutil.copytree(out, other, ignore=shutil.ignore_patterns("models", "*_pet.*"))
+    result = run_cli(str(bids_dir), str(out), "group", "--stages", "predict", "--model-name", "two",
+                     "--predict-from", str(other), "--group-name", "site2")  # fmt: skip
+    assert result.returncode == 66, result.stderr[-2000:]
+    assert "has no roi tensor of pet-FDG, but model two reads channels T1w, pet-FDG" in result.stderr
+    assert "--pet-tracer FDG" in result.stderr
+    assert not list(maps_dir.glob("split-*/best-*/site2"))
