@@ -180,10 +180,19 @@ def test_the_baseline_concatenates_the_channels_features(tmp_path: Path) -> None
         (("T1w", "Gm"), "Unknown image kind 'Gm'"),
     ],
 )
-def test_bad_channels_are_refused_naming_the_value(channels: tuple[str, ...], message: str) -> None:
+def test_bad_channels_are_refused_naming_the_value(
+    channels: tuple[str, ...], message: str, tmp_path: Path, capfd
+) -> None:
+    from bids_app.cli.main import main
+
     cfg = RunConfig(Path("/b"), Path("/o"), "group", train=TrainConfig(channels=channels))  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=message) as error:
         check_config_values(cfg)
     assert "--channels" in str(error.value)
+    if channels:  # on the command line: exit 64 before OUTPUT_DIR exists
+        (tmp_path / "bids").mkdir()
+        assert main([str(tmp_path / "bids"), str(tmp_path / "out"), "group", "--channels", *channels]) == 64
+        assert not (tmp_path / "out").exists()
+        assert message in capfd.readouterr().err
     good = TrainConfig(channels=("T1w", "pet-FDG", "gm"))
     check_config_values(RunConfig(Path("/b"), Path("/o"), "group", train=good))  # type: ignore[arg-type]
