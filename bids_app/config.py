@@ -107,6 +107,8 @@ class ExtractionConfig:
     roi_crop: bool = True  # crop each region to its bounding box; False keeps the full frame (masked)
     normalization: Normalization = Normalization.ZSCORE  # min-max left ROIs too flat to learn (docs/performance.md)
     dtype: TensorDtype = TensorDtype.FLOAT32
+    # image mode only: resample to this isotropic voxel edge (mm, >= the template's; None keeps the template grid)
+    image_voxel_size: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,5 +427,10 @@ def check_config_values(cfg: RunConfig) -> None:
                          ("--validation-size (split.validation_size)", cfg.split.validation_size)):  # fmt: skip
         if size >= 1 and size != int(size):
             fail(option, size, "a fraction of the participants (0 <= x < 1) or a whole count (x >= 1).")
+    voxel_size = cfg.extraction.image_voxel_size
+    if voxel_size is not None and not (math.isfinite(voxel_size) and voxel_size > 0):
+        fail("--image-voxel-size (extraction.image_voxel_size)", voxel_size,
+             "use a voxel edge in mm > 0, at least the template's (e.g. 2 or 3), or none for the template "
+             "grid.")  # fmt: skip
     if cfg.preprocess.crop_shape is not None and min(cfg.preprocess.crop_shape) < 1:
         fail("--crop-shape (preprocess.crop_shape)", list(cfg.preprocess.crop_shape), "use three integers >= 1.")

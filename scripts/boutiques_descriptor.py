@@ -67,6 +67,7 @@ RANGES = {
     "stride": (1, False, None, False),
     "discarded_slices": (0, False, None, False),
     "crop_shape": (1, False, None, False),
+    "image_voxel_size": (0, True, None, False),
     "learning_rate": (0, True, None, False),
     "weight_decay": (0, False, None, False),
     "dropout": (0, False, 1, True),
@@ -85,6 +86,11 @@ BOOL_HELP = {
     "test_baseline_only": (
         "Keep only baseline sessions in the test set (the default).",
         "Keep every session in the test set.",
+    ),
+    "channels_last": (
+        "Model and batches in channels-last memory format, the faster layout on CPU; results agree with the "
+        "contiguous layout to float rounding (the default).",
+        "Model and batches in torch's default contiguous layout.",
     ),
     "linear_baseline": (
         "Also fit a linear model (logistic regression or ridge) on the same tensors and splits, its metrics beside "

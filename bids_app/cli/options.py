@@ -27,7 +27,8 @@ class BoolFlag(argparse.Action):
 # Names users type, kept here (no torch, numpy or scipy) so that --help can list them; tests/cli/test_help.py
 # checks them against the real registries (models.list_architectures, data.augment, metrics.metric_names,
 # interpret.saliency.SaliencyMethod).
-ARCHITECTURE_NAMES = ("conv4_fc3", "conv5_fc3", "conv_autoencoder", "resnet3d", "small_autoencoder", "small_cnn")
+ARCHITECTURE_NAMES = ("conv3_fc3_3mm", "conv4_fc3", "conv4_fc3_2mm", "conv5_fc3", "conv_autoencoder", "resnet3d",
+                      "small_autoencoder", "small_cnn")  # fmt: skip
 AUGMENTATION_NAMES = ("affine", "elastic", "flip", "motion", "ghosting", "spike", "bias_field", "blur", "gamma",
                       "intensity_scaling", "gaussian_noise")  # fmt: skip
 INTERPRET_METHOD_NAMES = ("gradients", "grad_cam", "integrated_gradients")
@@ -213,6 +214,18 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
         {"choices": ["minmax", "zscore", "none"], "help": "per-image intensity normalisation"},
     ),
     (P, "tensor_dtype", "extraction.dtype", (), {"choices": ["float32", "float16"], "help": "tensor type"}),
+    (
+        P,
+        "image_voxel_size",
+        "extraction.image_voxel_size",
+        (),
+        {
+            "type": float,
+            "metavar": "MM",
+            "help": "image mode only: resample image tensors to this isotropic voxel size (mm, >= the template's; "
+            "Gaussian anti-aliasing), e.g. 2 or 3 for a CPU",
+        },
+    ),
     (F, "label", "labels.label", (), {"metavar": "COLUMN", "help": "column of participants.tsv or sessions.tsv"}),
     (F, "task", "labels.task", (), {"choices": [t.value for t in Task], "help": "what the model predicts"}),
     (F, "classes", "labels.classes", (), {"nargs": "+", "metavar": "CLASS", "help": "restrict to these classes"}),
@@ -470,6 +483,7 @@ DEFAULT_TEXT = {
     "from_model": "none: the options given",
     "template": "MNI152 2009a symmetric, 1 mm, shipped by nilearn",
     "crop_shape": "none: the template frame",
+    "image_voxel_size": "none: the template grid",
     "pet_tracer": "none: T1w only",
     "custom_map": "none",
     "suvr_reference_mask": "none: the whole brain",

@@ -44,6 +44,7 @@ MATCHED_SETTINGS = (
     "template_sha256",
     "crop_shape",
     "mode",
+    "image_voxel_size",
     "patch_size",
     "stride",
     "slice_direction",
@@ -114,9 +115,9 @@ def tensor_settings(sidecar: Mapping[str, Any]) -> dict[str, Any]:
 
     Keys (present only when the sidecar records them): ``template`` (file name), ``template_path``,
     ``template_sha256``, ``template_space``, ``crop_shape`` (list or None: the template's full grid),
-    ``registration``, ``mode``, ``patch_size``, ``stride``, ``slice_direction``, ``discarded_slices``,
-    ``roi_names``, ``roi_crop``, ``roi_mask_path`` and ``roi_mask_sha256`` (name → path, sha256),
-    ``normalization``, ``dtype``, ``pipeline_version``.
+    ``registration``, ``mode``, ``image_voxel_size`` (image mode: mm, None on the template grid), ``patch_size``,
+    ``stride``, ``slice_direction``, ``discarded_slices``, ``roi_names``, ``roi_crop``, ``roi_mask_path`` and
+    ``roi_mask_sha256`` (name → path, sha256), ``normalization``, ``dtype``, ``pipeline_version``.
     """
     settings: dict[str, Any] = {}
     preprocessing = sidecar.get("Preprocessing")
@@ -139,6 +140,9 @@ def tensor_settings(sidecar: Mapping[str, Any]) -> dict[str, Any]:
                           ("RoiCrop", "roi_crop")):  # fmt: skip
             if key in parameters:
                 settings[name] = parameters[key]
+    if settings.get("mode") == "image":  # absent from ModeParameters on the template grid (and before the option)
+        voxel_size = parameters.get("VoxelSize") if isinstance(parameters, Mapping) else None
+        settings["image_voxel_size"] = None if voxel_size is None else float(voxel_size)
     masks = sidecar.get("RoiMasks")
     if isinstance(masks, Mapping) and masks:
         settings["roi_mask_path"] = {str(name): str(mask.get("Path")) for name, mask in masks.items()}
@@ -217,6 +221,7 @@ CONFIG_KEYS = {
     "crop_shape": ("preprocess", "crop_shape", "--crop-shape"),
     "registration": ("preprocess", "registration", "--registration"),
     "mode": ("extraction", "modes", "--modes"),
+    "image_voxel_size": ("extraction", "image_voxel_size", "--image-voxel-size"),
     "patch_size": ("extraction", "patch_size", "--patch-size"),
     "stride": ("extraction", "stride", "--stride"),
     "slice_direction": ("extraction", "slice_direction", "--slice-direction"),
@@ -279,6 +284,8 @@ def _shown(key: str, value: Any, settings: Mapping[str, Any]) -> str:
     if key == "template_sha256":
         name = settings.get("template", "template")
         return f"{name} (sha256 {str(value)[:12]}…)"
+    if key == "image_voxel_size":
+        return "none (the template grid)" if value is None else f"{float(value):g} mm"
     return json.dumps(value) if not isinstance(value, str) else value
 
 

@@ -4,7 +4,7 @@ Shapes (float32, or float16 when ``ExtractionConfig.dtype`` says so):
 
 | mode  | tensor                          | parts                                         |
 |-------|---------------------------------|-----------------------------------------------|
-| image | ``(1, D, H, W)``                | 1                                             |
+| image | ``(1, D, H, W)``                | 1 (``D, H, W`` of ``image_voxel_size`` if set) |
 | patch | ``(n_patches, 1, P, P, P)``     | ``prod((dim - P) // stride + 1)``             |
 | slice | ``(n_slices, 1, A, B)``         | ``n_axis - 2 * discarded_slices``             |
 | roi   | ``(n_rois, 1, d, h, w)``        | number of ROI masks                           |
@@ -14,7 +14,7 @@ Typical use for one preprocessed image::
     img, volume = load_volume(preproc_path, cfg.normalization)  # RAS order, normalised float32
     masks = load_roi_masks(cfg.roi_masks, img) if cfg.roi_masks else None
     for mode in cfg.modes:
-        tensor = extract_tensor(volume, mode, cfg, masks)
+        tensor = extract_tensor(volume, mode, cfg, masks, affine=img.affine)
         sidecar = {"Mode": mode.value, "ModeParameters": mode_parameters(mode, cfg, list(masks or ())), ...}
         write_tensor(tensor_path, tensor, sidecar)
 """
@@ -28,7 +28,15 @@ import numpy as np
 
 from bids_app.config import ExtractionConfig, ExtractionMode
 from bids_app.errors import ConfigError
-from bids_app.extraction.image import extract_image, load_volume, normalize_volume
+from bids_app.extraction.image import (
+    check_image_voxel_size,
+    coarse_grid,
+    extract_image,
+    load_volume,
+    normalize_volume,
+    resample_to_voxel_size,
+    voxel_sizes,
+)
 from bids_app.extraction.patch import extract_patches, patch_grid_shape, patch_origins
 from bids_app.extraction.roi import align_mask, extract_rois, load_roi_masks, roi_boxes
 from bids_app.extraction.slice import SLICE_AXES, extract_slices, kept_slice_range
@@ -44,6 +52,8 @@ __all__ = [
     "EXTRACTORS",
     "SLICE_AXES",
     "align_mask",
+    "check_image_voxel_size",
+    "coarse_grid",
     "extract_image",
     "extract_patches",
     "extract_rois",
@@ -59,7 +69,9 @@ __all__ = [
     "normalize_volume",
     "patch_origins",
     "read_sidecar",
+    "resample_to_voxel_size",
     "roi_boxes",
+    "voxel_sizes",
     "write_tensor",
 ]
 
@@ -73,7 +85,10 @@ EXTRACTORS: dict[ExtractionMode, Callable[..., np.ndarray]] = {
 
 
 def _cutter_arguments(
-    mode: ExtractionMode, cfg: ExtractionConfig, roi_masks: Mapping[str, np.ndarray] | None
+    mode: ExtractionMode,
+    cfg: ExtractionConfig,
+    roi_masks: Mapping[str, np.ndarray] | None,
+    affine: np.ndarray | None,
 ) -> dict[str, Any]:
     if mode is ExtractionMode.PATCH:
         return {"patch_size": cfg.patch_size, "stride": cfg.stride}
@@ -83,6 +98,8 @@ def _cutter_arguments(
         if not roi_masks:
             raise ConfigError("Extraction mode 'roi' needs ROI masks. Set roi_masks to (name, path) pairs.")
         return {"masks": roi_masks, "crop": cfg.roi_crop}
+    if cfg.image_voxel_size is not None:
+        return {"voxel_size": cfg.image_voxel_size, "affine": affine}
     return {}
 
 
@@ -91,14 +108,16 @@ def extract_tensor(
     mode: ExtractionMode,
     cfg: ExtractionConfig,
     roi_masks: dict[str, np.ndarray] | None = None,
+    affine: np.ndarray | None = None,
 ) -> np.ndarray:
     """Cut a normalised volume into the tensor of one mode, in the configured storage dtype.
 
     Args:
         volume: ``(D, H, W)`` float32 volume already normalised (:func:`normalize_volume`).
         mode: which cutter to apply.
-        cfg: patch size, stride, slice direction, discarded slices, ROI cropping, dtype.
+        cfg: patch size, stride, slice direction, discarded slices, ROI cropping, image voxel size, dtype.
         roi_masks: ``{name: (D, H, W) bool}`` from :func:`load_roi_masks`; required for ``roi``.
+        affine: the volume's ``(4, 4)`` voxel-to-world affine; required for ``image`` with ``image_voxel_size``.
 
     Returns:
         ``(n_parts, 1, ...)`` array (shapes in the module docstring), float32 or float16 per ``cfg.dtype``.
@@ -109,7 +128,7 @@ def extract_tensor(
     """
     if volume.ndim != 3:
         raise ValueError(f"volume must be 3D (D, H, W), got shape {volume.shape}")
-    tensor = EXTRACTORS[mode](volume, **_cutter_arguments(mode, cfg, roi_masks))
+    tensor = EXTRACTORS[mode](volume, **_cutter_arguments(mode, cfg, roi_masks, affine))
     return tensor.astype(cfg.dtype.value, copy=False)
 
 
@@ -122,8 +141,8 @@ def mode_parameters(mode: ExtractionMode, cfg: ExtractionConfig, roi_names: Sequ
         roi_names: region names in tensor order; empty means the names in ``cfg.roi_masks``.
 
     Returns:
-        ``{}`` for image; ``PatchSize``/``Stride`` for patch; ``SliceDirection``/``SliceAxis``/
-        ``DiscardedSlices`` for slice; ``RoiNames``/``RoiCrop`` for roi.
+        ``{}`` for image on the template grid, ``VoxelSize`` (mm) on a coarser one; ``PatchSize``/``Stride`` for
+        patch; ``SliceDirection``/``SliceAxis``/``DiscardedSlices`` for slice; ``RoiNames``/``RoiCrop`` for roi.
     """
     if mode is ExtractionMode.PATCH:
         return {"PatchSize": cfg.patch_size, "Stride": cfg.stride}
@@ -136,7 +155,8 @@ def mode_parameters(mode: ExtractionMode, cfg: ExtractionConfig, roi_names: Sequ
     if mode is ExtractionMode.ROI:
         names = list(roi_names) if roi_names else [name for name, _ in cfg.roi_masks]
         return {"RoiNames": names, "RoiCrop": cfg.roi_crop}
-    return {}
+    # Absent on the template grid, so tensors made before the option existed keep their configuration hash.
+    return {} if cfg.image_voxel_size is None else {"VoxelSize": cfg.image_voxel_size}
 
 
 def n_parts(mode: ExtractionMode, cfg: ExtractionConfig, volume_shape: Sequence[int], n_rois: int = 0) -> int:

@@ -31,7 +31,15 @@ from bids_app.config import ExtractionMode, InterpretConfig, RunConfig, Task
 from bids_app.derivatives import atomic_write_json, atomic_write_text, file_sha256
 from bids_app.errors import ConfigError
 from bids_app.interpret.saliency import SaliencyMethod, stitch_parts
-from bids_app.interpret.volumes import ClassMeans, ImageGrid, map_name, read_tensor_grid, remove_stale_maps, write_map
+from bids_app.interpret.volumes import (
+    ClassMeans,
+    ImageGrid,
+    map_name,
+    read_tensor_grid,
+    remove_stale_maps,
+    to_source_grid,
+    write_map,
+)
 from bids_app.labels import COHORT
 from bids_app.labels import NA as MISSING
 from bids_app.maps import Maps, MapsRecord
@@ -191,7 +199,7 @@ class GroupExplainer:
         written: set[Path] = set()
         for i in tqdm(range(len(rows)), desc="interpret", unit="image", disable=None):
             row = rows.iloc[i]
-            grid, parameters = read_tensor_grid(Path(row["tensor_path"]), self.record.mode)
+            grid, parameters, tensor_grid = read_tensor_grid(Path(row["tensor_path"]), self.record.mode)
             samples = range(int(ends[i] - row["n_parts"]), int(ends[i]))
             x = np.stack([dataset.read_sample(j) for j in samples])
             true_index = -1 if labels is None else int(labels[samples.start])
@@ -200,7 +208,11 @@ class GroupExplainer:
             masks = self._roi_masks(grid, parameters) if self.record.mode is ExtractionMode.ROI else []
             for method in self.methods:
                 part_maps = self._saliency(method, x, explained)
-                volume = stitch_parts(part_maps, self.record.mode, parameters, grid.shape, masks)
+                if tensor_grid is not None:  # image mode on a coarser grid: explained there, mapped back
+                    coarse = stitch_parts(part_maps, self.record.mode, parameters, tensor_grid.shape, masks)
+                    volume = to_source_grid(coarse, tensor_grid, grid)
+                else:
+                    volume = stitch_parts(part_maps, self.record.mode, parameters, grid.shape, masks)
                 # two cohorts' sub-001 are two people: a multi-cohort group's maps go to one folder per cohort
                 cohort_dir = f"cohort-{row[COHORT]}" if COHORT in rows.columns else ""
                 file_name = map_name(str(row["participant_id"]), str(row["session_id"]), method)

@@ -1,7 +1,9 @@
 """Saliency volumes on disk: the preprocessed image's grid, NIfTI writing, per-image and per-class mean maps.
 
 A saliency map is written on the grid (shape, affine, xform codes) of the preprocessed image its tensor was
-cut from, found through the tensor sidecar's ``Source``. File names, under ``<method>/`` of an interpret
+cut from, found through the tensor sidecar's ``Source``. An image-mode tensor on a coarser grid
+(``--image-voxel-size``) is explained on its own grid, and the map is then resampled (trilinear) onto the
+``Source`` grid through the two affines (:func:`to_source_grid`). File names, under ``<method>/`` of an interpret
 folder (``bids_app.interpret.stage``)::
 
     sub-<p>[_ses-<s>]_desc-<label>_saliency.nii.gz          one per image
@@ -88,11 +90,26 @@ def read_grid(source_path: Path) -> ImageGrid:
     return ImageGrid(source_path, affine, (shape[0], shape[1], shape[2]), int(qform_code), int(sform_code))
 
 
-def read_tensor_grid(tensor_path: Path, mode: ExtractionMode) -> tuple[ImageGrid, dict[str, Any]]:
-    """The grid of the preprocessed image ``tensor_path`` was cut from, and the sidecar's ``ModeParameters``.
+@dataclasses.dataclass(frozen=True, eq=False)
+class TensorGrid:
+    """The grid of an image-mode tensor resampled to a coarser voxel size, whose maps go back to ``Source``.
+
+    Attributes:
+        affine: ``(4, 4)`` voxel-to-world affine of the tensor's voxels, mm.
+        shape: ``(D', H', W')`` of the tensor's volume.
+    """
+
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+
+
+def read_tensor_grid(tensor_path: Path, mode: ExtractionMode) -> tuple[ImageGrid, dict[str, Any], TensorGrid | None]:
+    """The grid of the preprocessed image ``tensor_path`` was cut from, the sidecar's ``ModeParameters``, and
+    the tensor's own grid when it is coarser than that image's (image mode with ``VoxelSize``; else None).
 
     Raises:
-        DataError: the sidecar is not of ``mode`` or names no ``Source``; see also :func:`read_grid`.
+        DataError: the sidecar is not of ``mode`` or names no ``Source``, or its recorded ``Grid`` is not the
+            coarse grid of its ``Source``; see also :func:`read_grid`.
     """
     from bids_app.extraction.storage import read_sidecar
 
@@ -104,7 +121,50 @@ def read_tensor_grid(tensor_path: Path, mode: ExtractionMode) -> tuple[ImageGrid
             "Re-run the participant level for this image."
         )
     grid = read_grid(output_root(tensor_path) / str(sidecar["Source"]))
-    return grid, dict(sidecar.get("ModeParameters") or {})
+    parameters = dict(sidecar.get("ModeParameters") or {})
+    if mode is not ExtractionMode.IMAGE or parameters.get("VoxelSize") is None:
+        return grid, parameters, None
+    from bids_app.extraction import coarse_grid
+
+    shape, affine = coarse_grid(grid.shape, grid.affine, float(parameters["VoxelSize"]))
+    recorded = (sidecar.get("Grid") or {}).get("Affine")
+    if recorded is not None and not np.allclose(np.asarray(recorded, dtype=np.float64), affine, atol=1e-4):
+        raise DataError(
+            f"Tensor sidecar of {tensor_path} records the grid affine {recorded}, but the {parameters['VoxelSize']} "
+            f"mm grid of its Source {grid.source_path} has {affine.round(6).tolist()}. Re-run the participant "
+            "level for this image."
+        )
+    return grid, parameters, TensorGrid(affine, shape)
+
+
+def to_source_grid(volume: np.ndarray, tensor_grid: TensorGrid, grid: ImageGrid) -> np.ndarray:
+    """Resample a map on a tensor's coarse grid onto its ``Source`` image's grid (trilinear, edges extended).
+
+    Each ``Source`` voxel takes the value at its own world position, read through the tensor's affine, so the
+    map lands where the coarse voxels were (the coarse grid's voxel centres are not fine voxel centres).
+
+    Args:
+        volume: ``tensor_grid.shape`` map.
+        tensor_grid: the tensor's grid (:func:`read_tensor_grid`).
+        grid: the ``Source`` image's grid.
+
+    Returns:
+        ``grid.shape`` float32 map.
+    """
+    from scipy import ndimage
+
+    if volume.shape != tensor_grid.shape:
+        raise ValueError(f"map of shape {volume.shape} for the tensor grid {tensor_grid.shape}")
+    fine_to_coarse = np.linalg.solve(tensor_grid.affine, grid.affine)  # Source voxel -> tensor voxel
+    resampled = ndimage.affine_transform(
+        np.asarray(volume, dtype=np.float32),
+        fine_to_coarse[:3, :3],
+        offset=fine_to_coarse[:3, 3],
+        output_shape=grid.shape,
+        order=1,
+        mode="nearest",
+    )
+    return np.asarray(resampled, dtype=np.float32)
 
 
 def same_grid(reference: ImageGrid | None, grid: ImageGrid) -> ImageGrid:

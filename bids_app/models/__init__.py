@@ -22,7 +22,7 @@ from torch import nn
 from bids_app.config import ExtractionMode, Task
 from bids_app.errors import ConfigError
 from bids_app.models.autoencoder import ConvAutoencoder, SmallAutoencoder
-from bids_app.models.cnn import Conv4FC3, Conv5FC3, ConvNet, SmallCNN
+from bids_app.models.cnn import Conv3FC3Image3mm, Conv4FC3, Conv4FC3Image2mm, Conv5FC3, ConvNet, SmallCNN
 from bids_app.models.resnet import ResNet3D
 from bids_app.models.transfer import copy_conv_weights, freeze_all_but_last, grad_cam_layer
 
@@ -87,6 +87,20 @@ _REGISTRY: dict[str, _Entry] = {
     for entry in (
         _entry("conv4_fc3", Conv4FC3, (2, 3), _PREDICTION, "4 conv blocks (8-64 channels), 3 fc layers; patches"),
         _entry("conv5_fc3", Conv5FC3, (2, 3), _PREDICTION, "5 conv blocks (8-128 channels), 3 fc layers; images"),
+        _entry(
+            "conv4_fc3_2mm",
+            Conv4FC3Image2mm,
+            (3,),
+            _PREDICTION,
+            "4 conv blocks (16-128 channels), 3 fc layers; whole images at 2 mm (--image-voxel-size 2)",
+        ),
+        _entry(
+            "conv3_fc3_3mm",
+            Conv3FC3Image3mm,
+            (3,),
+            _PREDICTION,
+            "3 conv blocks (16-64 channels), 3 fc layers; whole images at 3 mm (--image-voxel-size 3)",
+        ),
         _entry("resnet3d", ResNet3D, (3,), _PREDICTION, "ResNet-18-style 3D network (16-128 channels), any input size"),
         _entry("small_cnn", SmallCNN, (2, 3), _PREDICTION, "tiny 2-block CNN for tests and demos"),
         _entry(

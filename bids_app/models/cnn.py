@@ -140,6 +140,33 @@ class Conv4FC3(ConvFC):
     HIDDEN = (50, 40)
 
 
+class Conv4FC3Image2mm(ConvFC):
+    """Four conv blocks (16, 32, 64, 128 channels) and fc layers of 256 and 64 units, for whole images at 2 mm.
+
+    A 2 mm image (``--image-voxel-size 2``: 85×104×90) is an eighth of the 1 mm voxels, so the first blocks can
+    afford twice conv5_fc3's channels. Four halvings leave 128×6×7×6 features (32 256 values, conv5_fc3's count
+    on a 1 mm image; a feature voxel spans 32 mm, as there), about 8.5 M parameters. conv5_fc3 on the same input
+    ends at 128×3×4×3 (64 mm per feature voxel), and conv4_fc3's 50-unit fc layer was sized for patches.
+    """
+
+    N_DOWNSAMPLINGS = 4
+    CHANNELS = (16, 32, 64, 128)
+    HIDDEN = (256, 64)
+
+
+class Conv3FC3Image3mm(ConvFC):
+    """Three conv blocks (16, 32, 64 channels) and fc layers of 128 and 64 units, for whole images at 3 mm.
+
+    A 3 mm image (``--image-voxel-size 3``: 57×70×60) after three halvings is 64×8×9×8 (36 864 values; a feature
+    voxel spans 24 mm), about 4.8 M parameters. Five halvings (conv5_fc3) would leave 2×3×2 voxels of 96 mm, too
+    coarse to keep where in the brain a local effect is.
+    """
+
+    N_DOWNSAMPLINGS = 3
+    CHANNELS = (16, 32, 64)
+    HIDDEN = (128, 64)
+
+
 class SmallCNN(ConvNet):
     """Two conv blocks (4, 8 channels), global average pooling, two small fc layers: for tests and demos.
 
