@@ -39,19 +39,23 @@ from bids_app.derivatives import (
 from bids_app.errors import BidsAppError, IOFailure, OutputError
 from bids_app.inputs.bids_query import ImageRecord
 from bids_app.participant.status import Outcome, StatusRow
-from bids_app.template import DEFAULT_SPACE
+from bids_app.template import MNI152_SPACES
 
 log = logging.getLogger(__name__)
 
-STANDARD_SPACES = {DEFAULT_SPACE, "MNI152NLin2009cSym", "MNI152NLin2009cAsym", "MNI152NLin6Asym", "MNI152Lin"}
+STANDARD_SPACES = MNI152_SPACES  # BIDS standard template identifiers: no SpatialReference needed
+_PLACED = "already preprocessed input in a template space, placed on the template grid by its world coordinates"
 # The preprocessed image sidecar's Description, by (is PET, was already preprocessed).
 DESCRIPTIONS = {
     (False, False): "t1-linear: N4 bias correction, affine registration to the template, crop",
-    (False, True): "already preprocessed input, cropped to the template box",
+    (False, True): _PLACED,
     (True, False): "pet-linear: rigid registration to the session's T1w composed with its affine to the template, "
     "crop, SUVR normalisation",
-    (True, True): "already preprocessed input, cropped to the template box, SUVR normalisation",
+    (True, True): f"{_PLACED}, SUVR normalisation",
 }
+CUSTOM_MAP_DESCRIPTION = (
+    "custom template-space map (--custom-map), placed on the template grid by its world coordinates; values kept"
+)
 
 
 def check_extraction(cfg: RunConfig) -> None:
@@ -131,6 +135,7 @@ class ParticipantJob:
         stale = remove_stale_temporaries(cfg.output_dir / f"sub-{label}")
         if stale:
             log.warning("sub-%s: removed %d temporary file(s) left by an interrupted run", label, len(stale))
+        self._grid: Any = None  # preprocess.template_space.TemplateGrid, built for the first preprocessed input
         self.report_entries: list[Any] = []
         self.t1_transforms: dict[str | None, tuple[Path, Path]] = {}  # session → (raw T1w, transform)
         self._roi_masks: dict[str, Any] | None = None
@@ -182,8 +187,6 @@ class ParticipantJob:
         """The preprocessed image (computed or re-used), its provenance and whether it was re-used."""
         import nibabel as nib
 
-        from bids_app.preprocess.qc import compute_qc
-
         cfg, out = self.cfg, self.cfg.output_dir
         extra = self._extra_entities(record)
         path = preproc_path(out, self.label, record.session_label, self.space, record.suffix, extra)
@@ -197,15 +200,16 @@ class ParticipantJob:
             self._remember_transform(record)
             self._warn_failed_qc(record, existing.get("QC", {}))
             self.report_entries.append((record, image, existing.get("QC", {})))
+            if existing.get("SourceSpace"):
+                provenance["SourceSpace"] = existing["SourceSpace"]
             return image, {**provenance, "Source": path, "SourceSHA256": existing["SHA256"]}, True
 
-        if record.suffix == "pet":
+        placement = None
+        if record.preprocessed:
+            image, qc, placement = self._place_preprocessed(record)
+            provenance["SourceSpace"] = placement.source_space
+        elif record.suffix == "pet":
             image, qc = self._run_pet(record)
-        elif record.preprocessed:
-            from bids_app.preprocess.t1_linear import load_preprocessed
-
-            image = load_preprocessed(record.path, self.template, cfg.preprocess)
-            qc = compute_qc(image, self.template_crop)
         else:
             from bids_app.preprocess.t1_linear import run_t1_linear
 
@@ -226,7 +230,7 @@ class ParticipantJob:
             **qc,
         }
         atomic_write_json(qc_path(out, self.label, record.session_label, record.suffix, extra), qc_record)
-        atomic_write_json(sidecar_path(path), self._preproc_sidecar(record, pre_hash, sha, qc))
+        atomic_write_json(sidecar_path(path), self._preproc_sidecar(record, pre_hash, sha, qc, placement))
         self._warn_failed_qc(record, qc)
         self.report_entries.append((record, image, qc))
         return image, {**provenance, "Source": path, "SourceSHA256": sha}, False
@@ -255,13 +259,15 @@ class ParticipantJob:
     def _preprocess_hash(self, record: ImageRecord, raw_sha: str) -> str:
         """What the preprocessed image depends on: the input's bytes and the settings that act on its kind."""
         settings = dataclasses.asdict(self.cfg.preprocess)
-        for unrelated in ("derivatives_dirs", "pet_tracers"):  # where inputs come from, not how they are processed
+        for unrelated in ("derivatives_dirs", "pet_tracers", "custom_maps"):  # which inputs, not how processed
             settings.pop(unrelated)
         if record.suffix != "pet":
             settings.pop("suvr_reference_mask")
         return config_hash({"preprocess": settings, "input_sha256": raw_sha, "preprocessed": record.preprocessed})
 
-    def _preproc_sidecar(self, record: ImageRecord, pre_hash: str, sha: str, qc: dict[str, Any]) -> dict[str, Any]:
+    def _preproc_sidecar(
+        self, record: ImageRecord, pre_hash: str, sha: str, qc: dict[str, Any], placement: Any = None
+    ) -> dict[str, Any]:
         cfg = self.cfg
         sidecar: dict[str, Any] = {
             "SkullStripped": False,  # t1-linear does not remove the skull
@@ -277,6 +283,11 @@ class ParticipantJob:
             sidecar["SpatialReference"] = template.resolve().as_uri() if template else self.space
         if record.suffix == "pet":
             sidecar["Units"] = "SUVR"
+        if record.custom:
+            sidecar["Description"] = CUSTOM_MAP_DESCRIPTION
+            sidecar.pop("SkullStripped")  # says nothing about a map
+        if placement is not None:  # SourceSpace, SourceGrid, Resampling
+            sidecar.update(placement.to_sidecar())
         sidecar.update(
             {
                 "QC": qc,
@@ -293,14 +304,45 @@ class ParticipantJob:
             xfm = transform_path(self.cfg.output_dir, self.label, record.session_label, self.space)
             self.t1_transforms[record.session_label] = (record.path, xfm)
 
-    def _run_pet(self, record: ImageRecord) -> tuple[Any, dict[str, float]]:
-        """pet-linear on a raw PET, or the crop and SUVR normalisation of one already in template space."""
-        from bids_app.errors import InputMissingError
-        from bids_app.preprocess.pet_linear import load_preprocessed_pet, run_pet_linear
+    @property
+    def grid(self) -> Any:
+        """The cropped template grid preprocessed inputs are placed on (``TemplateGrid``), built on first use."""
+        if self._grid is None:
+            from bids_app.preprocess.template_space import TemplateGrid
 
-        if record.preprocessed:
-            loaded = load_preprocessed_pet(record.path, self.template, self.cfg.preprocess)
-            return loaded.image, loaded.qc
+            self._grid = TemplateGrid.of(self.template_crop, self.space)
+        return self._grid
+
+    def _place_preprocessed(self, record: ImageRecord) -> tuple[Any, dict[str, float], Any]:
+        """An image already in a template space (CAPS, BIDS derivative, ``--custom-map``) on the template grid by
+        its world coordinates (``preprocess.template_space``), PET normalised to SUVR; with its QC and placement.
+
+        Raises:
+            DataError: its space or affine does not fit the template (the message names the fix).
+        """
+        from bids_app.preprocess.pet_linear import load_preprocessed_pet
+        from bids_app.preprocess.qc import compute_qc
+        from bids_app.preprocess.template_space import load_preprocessed
+
+        space = record.entities.get("space")
+        if record.suffix == "pet":
+            loaded = load_preprocessed_pet(record.path, space, self.grid, self.template, self.cfg.preprocess)
+            image, qc, placement = loaded.image, loaded.qc, loaded.placement
+            assert placement is not None  # a preprocessed PET is always placed
+        else:
+            what = f"Custom map {record.suffix!r}" if record.custom else f"Preprocessed {record.suffix}"
+            filter_kind = "custom_maps" if record.custom else record.suffix.lower()
+            image, placement = load_preprocessed(record.path, space, self.grid, what, filter_kind)
+            qc = compute_qc(image, self.template_crop)
+        log.info("sub-%s%s: %s (%s).", self.label, f" ses-{record.session_label}" if record.session_label else "",
+                 placement.describe(self.space), record.path.name)  # fmt: skip
+        return image, qc, placement
+
+    def _run_pet(self, record: ImageRecord) -> tuple[Any, dict[str, float]]:
+        """pet-linear on a raw PET (registered through the session's T1w)."""
+        from bids_app.errors import InputMissingError
+        from bids_app.preprocess.pet_linear import run_pet_linear
+
         if record.session_label not in self.t1_transforms:
             raise InputMissingError(
                 f"PET {record.path} needs the T1w of sub-{self.label} session {record.session_label} "
@@ -360,6 +402,7 @@ class ParticipantJob:
             **self._tensor_grid(mode, image),
             "Normalization": cfg.normalization.value,
             "Space": self.space,
+            **({"SourceSpace": provenance["SourceSpace"]} if "SourceSpace" in provenance else {}),
             "Source": Path(provenance["Source"]).relative_to(self.cfg.output_dir).as_posix(),
             "SourceSHA256": provenance["SourceSHA256"],
             "RawSource": provenance["RawSource"],
