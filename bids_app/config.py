@@ -89,6 +89,7 @@ class PreprocessConfig:
     n4_shrink_factor: int = 4
     derivatives_dirs: tuple[Path, ...] = ()  # already preprocessed inputs (BIDS derivative or Clinica CAPS)
     pet_tracers: tuple[str, ...] = ()  # empty: T1w only
+    contrasts: tuple[str, ...] = ()  # raw T2w/FLAIR, registered through the session's T1w; empty: T1w only
     suvr_reference_mask: Path | None = None  # binary mask in template space; None: whole-brain reference
     # template-space maps of the --derivatives folders, each "NAME=ENTITY:VALUE[,ENTITY:VALUE...]" (kinds.CustomMap)
     custom_maps: tuple[str, ...] = ()
@@ -288,7 +289,9 @@ SECTIONS = ("preprocess", "extraction", "labels", "split", "train", "predict", "
 # never paths. Letters and digits first, then letters, digits, '_' and '-'.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 # The input kinds --bids-filter-file may filter (keys of RunConfig.bids_filters).
-FILTER_KINDS = ("t1w", "pet")
+FILTER_KINDS = ("t1w", "t2w", "flair", "pet")
+# The raw contrasts --contrasts may add to T1w (each registered to the session's raw T1w: t2-linear, flair-linear).
+CONTRASTS = ("T2w", "FLAIR")
 
 
 def check_channels(names: tuple[str, ...]) -> None:
@@ -367,6 +370,13 @@ def check_config_values(cfg: RunConfig) -> None:
         hint = f" Did you mean '{close[0]}'?" if close else ""
         fail("--bids-filter-file kind(s)", unknown, f"the kinds are {', '.join(FILTER_KINDS)} (lower case).{hint}")
     check_channels(cfg.train.channels)
+    contrasts = list(cfg.preprocess.contrasts)
+    if any(c not in CONTRASTS for c in contrasts) or len(set(contrasts)) != len(contrasts):
+        fail("--contrasts (preprocess.contrasts)", contrasts, f"give each of {', '.join(CONTRASTS)} at most once "
+             "(case-sensitive), or none for T1w only.")  # fmt: skip
+    if contrasts and cfg.preprocess.derivatives_dirs:
+        fail("--contrasts (preprocess.contrasts)", contrasts, "raw T2w/FLAIR are registered through the session's "
+             "raw T1w, which --derivatives skips: run without -d to process raw T1w and contrasts.")  # fmt: skip
     check_custom_maps(cfg)
     for option, name in (
         ("--model-name (train.model_name)", cfg.train.model_name),

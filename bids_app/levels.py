@@ -94,6 +94,8 @@ def run_participant(cfg: RunConfig, ctx: RunContext) -> int:
             for r in query_raw_images(cfg, participants, "pet")
             if r.entities.get("tracer") in cfg.preprocess.pet_tracers
         ]
+    for contrast in cfg.preprocess.contrasts:  # raw only (config refuses --contrasts with -d)
+        records += query_raw_images(cfg, participants, contrast.lower())
     if cfg.preprocess.custom_maps:  # template-space maps of the -d folders (config refuses them without -d)
         records += query_custom_maps(cfg, participants)
     by_participant: dict[str, list[ImageRecord]] = {p: [] for p in participants}

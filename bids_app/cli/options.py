@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bids_app.config import ExtractionMode, GroupStage, SliceDirection, Task, TrackingBackend
+from bids_app.config import CONTRASTS, ExtractionMode, GroupStage, SliceDirection, Task, TrackingBackend
 
 
 class BoolFlag(argparse.Action):
@@ -153,6 +153,17 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
         "preprocess.pet_tracers",
         (),
         {"nargs": "+", "metavar": "TRACER", "help": "also process PET with these tracers"},
+    ),
+    (
+        P,
+        "contrasts",
+        "preprocess.contrasts",
+        (),
+        {
+            "nargs": "+",
+            "choices": list(CONTRASTS),
+            "help": "also process these raw contrasts, each registered to the session's T1w",
+        },
     ),
     (
         P,
@@ -485,6 +496,7 @@ DEFAULT_TEXT = {
     "crop_shape": "none: the template frame",
     "image_voxel_size": "none: the template grid",
     "pet_tracer": "none: T1w only",
+    "contrasts": "none: T1w only",
     "custom_map": "none",
     "suvr_reference_mask": "none: the whole brain",
     "classes": "every class present",

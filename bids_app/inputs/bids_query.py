@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 NIFTI_EXTENSIONS = [".nii", ".nii.gz"]
 SUFFIXES = {"t1w": "T1w", "pet": "pet"}
+# raw images by --bids-filter-file kind: (suffix, datatype); T2w and FLAIR are registered through the session's T1w
+RAW_KINDS = {"t1w": ("T1w", "anat"), "t2w": ("T2w", "anat"), "flair": ("FLAIR", "anat"), "pet": ("pet", "pet")}
 # Clinica CAPS t1-linear and pet-linear outputs, read as already preprocessed input.
 CAPS_GLOBS = {
     "t1w": "subjects/sub-*/ses-*/t1_linear/*_T1w.nii.gz",
@@ -45,7 +47,7 @@ class ImageRecord:
     participant_label: str
     session_label: str | None
     path: Path
-    suffix: str  # "T1w" or "pet"
+    suffix: str  # "T1w", "T2w", "FLAIR" or "pet"
     entities: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
     preprocessed: bool = False  # already in template space (CAPS or derivative input)
     custom: bool = False  # a --custom-map: ``suffix`` is the map's name
@@ -176,12 +178,11 @@ def _pick_one(files: list[Any], participant: str, session: str | None) -> Any:
 
 
 def query_raw_images(cfg: RunConfig, participants: Sequence[str], kind: str = "t1w") -> list[ImageRecord]:
-    """One raw image per participant/session for ``kind`` ('t1w' or 'pet'), honouring filters and sessions."""
+    """One raw image per participant/session for ``kind`` (a key of ``RAW_KINDS``: 't1w', 't2w', 'flair',
+    'pet'), honouring its ``--bids-filter-file`` filters and the sessions."""
     layout = build_layout(cfg.bids_dir, participants, cfg.bids_database_dir)
-    base: dict[str, Any] = {
-        "suffix": "T1w" if kind == "t1w" else "pet",
-        "datatype": "anat" if kind == "t1w" else "pet",
-    }
+    suffix, datatype = RAW_KINDS[kind]
+    base: dict[str, Any] = {"suffix": suffix, "datatype": datatype}
     user = cfg.bids_filters.get(kind, {})
     query = {**base, **_pybids_filters(user)}
     records: list[ImageRecord] = []
@@ -205,6 +206,12 @@ def query_raw_images(cfg: RunConfig, participants: Sequence[str], kind: str = "t
     if kind == "t1w":
         warn_sessions_without_t1w(cfg, participants, records, "raw")
     return records
+
+
+def describe_raw_query(cfg: RunConfig, kind: str) -> str:
+    """What :func:`query_raw_images` looks for, in words: ``anat/*_FLAIR.nii[.gz] with the filters {...}``."""
+    suffix, datatype = RAW_KINDS[kind]
+    return f"{datatype}/*_{suffix}.nii[.gz] with the filters {json.dumps(cfg.bids_filters.get(kind, {}))}"
 
 
 def warn_sessions_without_t1w(

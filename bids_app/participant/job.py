@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bids_app import read_version
-from bids_app.config import ExtractionMode, RunConfig
+from bids_app.config import CONTRASTS, ExtractionMode, RunConfig
 from bids_app.data.origin import SIDECAR_KEY, read_dataset_identity
 from bids_app.derivatives import (
     atomic_path,
@@ -210,6 +210,8 @@ class ParticipantJob:
             provenance["SourceSpace"] = placement.source_space
         elif record.suffix == "pet":
             image, qc = self._run_pet(record)
+        elif record.suffix in CONTRASTS:
+            image, qc = self._run_contrast(record)
         else:
             from bids_app.preprocess.t1_linear import run_t1_linear
 
@@ -259,25 +261,41 @@ class ParticipantJob:
     def _preprocess_hash(self, record: ImageRecord, raw_sha: str) -> str:
         """What the preprocessed image depends on: the input's bytes and the settings that act on its kind."""
         settings = dataclasses.asdict(self.cfg.preprocess)
-        for unrelated in ("derivatives_dirs", "pet_tracers", "custom_maps"):  # which inputs, not how processed
+        for unrelated in ("derivatives_dirs", "pet_tracers", "contrasts", "custom_maps"):  # which inputs, not how
             settings.pop(unrelated)
         if record.suffix != "pet":
             settings.pop("suvr_reference_mask")
-        return config_hash({"preprocess": settings, "input_sha256": raw_sha, "preprocessed": record.preprocessed})
+        inputs = {"preprocess": settings, "input_sha256": raw_sha, "preprocessed": record.preprocessed}
+        if record.suffix in CONTRASTS and record.session_label in self.t1_transforms:
+            # registered through the session's T1w: another T1w gives another image
+            inputs["t1w_sha256"] = file_sha256(self.t1_transforms[record.session_label][0])
+        return config_hash(inputs)
 
     def _preproc_sidecar(
         self, record: ImageRecord, pre_hash: str, sha: str, qc: dict[str, Any], placement: Any = None
     ) -> dict[str, Any]:
+        from bids_app.preprocess.anat_linear import DESCRIPTIONS as CONTRAST_DESCRIPTIONS
+
         cfg = self.cfg
+        contrast = record.suffix in CONTRASTS
         sidecar: dict[str, Any] = {
             "SkullStripped": False,  # t1-linear does not remove the skull
-            "Description": DESCRIPTIONS[record.suffix == "pet", record.preprocessed],
+            "Description": CONTRAST_DESCRIPTIONS[record.suffix]
+            if contrast
+            else DESCRIPTIONS[record.suffix == "pet", record.preprocessed],
         }
         source = bids_uri(cfg.bids_dir, record.path)
         if source:
             sidecar["Sources"] = [source]
         else:
             sidecar["InputFile"] = str(record.path)
+        if contrast:  # the T1w it was registered through, and that T1w's transform to the template
+            t1w, xfm = self.t1_transforms[record.session_label]
+            t1w_source = bids_uri(cfg.bids_dir, t1w) or str(t1w)
+            sidecar["RegisteredThroughT1w"] = t1w_source
+            sidecar["T1wToTemplateTransform"] = xfm.relative_to(cfg.output_dir).as_posix()
+            if source:
+                sidecar["Sources"].append(t1w_source)
         if self.space not in STANDARD_SPACES:
             template = cfg.preprocess.template_path
             sidecar["SpatialReference"] = template.resolve().as_uri() if template else self.space
@@ -352,6 +370,22 @@ class ParticipantJob:
         result = run_pet_linear(
             record.path, t1w, xfm, self.cfg.preprocess, self.work_dir, omp_nthreads=self.cfg.omp_nthreads
         )
+        return result.image, result.qc
+
+    def _run_contrast(self, record: ImageRecord) -> tuple[Any, dict[str, float]]:
+        """t2-linear / flair-linear on a raw T2w or FLAIR, through the session's T1w."""
+        from bids_app.errors import InputMissingError
+        from bids_app.preprocess.anat_linear import PIPELINE_NAMES, run_anat_linear
+
+        if record.session_label not in self.t1_transforms:
+            raise InputMissingError(
+                f"{record.suffix} {record.path} needs the T1w of sub-{self.label} session {record.session_label} "
+                f"({PIPELINE_NAMES[record.suffix]} registers it to that T1w). Add the T1w or drop {record.suffix} "
+                "from --contrasts."
+            )
+        t1w, xfm = self.t1_transforms[record.session_label]
+        result = run_anat_linear(record.path, record.suffix, t1w, xfm, self.cfg.preprocess, self.work_dir,
+                                 omp_nthreads=self.cfg.omp_nthreads)  # fmt: skip
         return result.image, result.qc
 
     # -- extraction ------------------------------------------------------------------------------------
@@ -476,12 +510,13 @@ def process_participant(cfg: RunConfig, label: str, records: list[ImageRecord]) 
                 f"No T1w image for participant {label} in {cfg.bids_dir} with the active filters.",
             )
         ]
+    missing = report_missing_contrasts(cfg, label, records)
     work_root = cfg.work_dir or Path(tempfile.gettempdir())
     work_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"bids_app_sub-{label}_", dir=work_root) as tmp:
         job = ParticipantJob(cfg, label, Path(tmp))
-        rows: list[StatusRow] = []
-        # T1w first: PET needs the session's T1w transform.
+        rows: list[StatusRow] = list(missing)
+        # T1w first: PET, T2w and FLAIR need the session's T1w transform.
         for record in sorted(records, key=lambda r: (r.suffix != "T1w", r.session_label or "")):
             try:
                 rows += job.process_image(record)
@@ -506,4 +541,28 @@ def process_participant(cfg: RunConfig, label: str, records: list[ImageRecord]) 
                 )
         rows += job.write_report()
     log.info("sub-%s done in %.1f s", label, time.perf_counter() - start)
+    return rows
+
+
+def report_missing_contrasts(cfg: RunConfig, label: str, records: list[ImageRecord]) -> list[StatusRow]:
+    """One WARNING and one ``missing`` status row per session that has its T1w but not a ``--contrasts`` image.
+
+    The T1w (and the session's other images) are processed as usual: a missing contrast is not a failure
+    (exit code 0), but it is said, so that a group run stacking that contrast knows why the session is absent.
+    """
+    from bids_app.inputs.bids_query import describe_raw_query
+
+    sessions = sorted({r.session_label or "" for r in records if r.suffix == "T1w"})
+    present = {(r.suffix, r.session_label or "") for r in records}
+    rows = []
+    for session in sessions:
+        for contrast in cfg.preprocess.contrasts:
+            if (contrast, session) in present:
+                continue
+            where = describe_raw_query(cfg, contrast.lower())
+            log.warning("No %s for sub-%s%s: looked for %s in %s. Its T1w is processed without it; a group run "
+                        "with --channels %s leaves the session out.", contrast, label,
+                        f" ses-{session}" if session else "", where, cfg.bids_dir, contrast)  # fmt: skip
+            message = f"no {contrast}: looked for {where} in {cfg.bids_dir}"
+            rows.append(StatusRow(label, session or None, "", f"preprocess-{contrast}", Outcome.MISSING, message))
     return rows

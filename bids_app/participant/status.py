@@ -22,6 +22,7 @@ class Outcome:
     OK = "ok"
     SKIPPED = "skipped"  # outputs already present with the same configuration hash
     FAILED = "failed"
+    MISSING = "missing"  # a requested input (--contrasts) the session lacks; its other images are processed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +30,7 @@ class StatusRow:
     participant_label: str
     session_label: str | None
     image: str  # input file name
-    stage: str  # preprocess, extract-<mode>, report, participant
+    stage: str  # preprocess, preprocess-<kind> (a missing contrast), extract-<mode>, report, participant
     status: str
     message: str = ""
     seconds: float = 0.0
