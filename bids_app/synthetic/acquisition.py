@@ -102,6 +102,7 @@ class NativeGrid:
     shape: tuple[int, int, int]
     affine: np.ndarray  # (4, 4) native voxel → scanner mm, RAS+
     to_template: np.ndarray  # (4, 4)
+    scale: float = 1.0  # head size relative to the template
 
 
 def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
@@ -112,15 +113,19 @@ def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
     return np.eye(3) + np.sin(angle) * cross + (1.0 - np.cos(angle)) * cross @ cross
 
 
-def random_native_grid(rng: np.random.Generator, space: TemplateSpace, slice_factor: float = 1.0) -> NativeGrid:
+def random_native_grid(
+    rng: np.random.Generator, space: TemplateSpace, slice_factor: float = 1.0, scale: float | None = None
+) -> NativeGrid:
     """A random head pose in scanner space and a brain-centred field of view of ``NATIVE_FOV_MM``.
 
     Scanner mm ``x = s R (y - c) + t`` for MNI mm ``y`` (``c``: brain centre); the grid centre sits at
     ``t`` give or take 2 mm, so the translation shows in the affine and the rotation in the voxels. Voxels are
-    as large as the template's, the third axis ``slice_factor`` times thicker (thick-slice acquisitions).
+    as large as the template's, the third axis ``slice_factor`` times thicker (thick-slice acquisitions). The
+    head size ``s`` is drawn unless ``scale`` gives it (another image of the same head: the session's T1w's).
     """
     rotation = _rotation(rng, MAX_ROTATION_DEG)
-    scale = 1.0 + rng.uniform(-MAX_SCALE, MAX_SCALE)
+    drawn_scale = 1.0 + rng.uniform(-MAX_SCALE, MAX_SCALE)  # drawn either way: the stream stays the same
+    scale = drawn_scale if scale is None else scale
     shift = rng.uniform(-MAX_SHIFT_MM, MAX_SHIFT_MM, 3)
     voxel_mm = np.array([1.0, 1.0, slice_factor]) * space.voxel_mm
     shape = tuple(int(n) for n in np.round(NATIVE_FOV_MM / voxel_mm))
@@ -130,7 +135,7 @@ def random_native_grid(rng: np.random.Generator, space: TemplateSpace, slice_fac
     scanner_to_mni[:3, :3] = rotation.T / scale
     scanner_to_mni[:3, 3] = space.brain_center_mm - rotation.T @ shift / scale
     to_template = np.linalg.inv(space.affine) @ scanner_to_mni @ affine
-    return NativeGrid(shape=(shape[0], shape[1], shape[2]), affine=affine, to_template=to_template)
+    return NativeGrid(shape=(shape[0], shape[1], shape[2]), affine=affine, to_template=to_template, scale=scale)
 
 
 def resample_to_native(volume: np.ndarray, grid: NativeGrid) -> np.ndarray:
@@ -140,17 +145,22 @@ def resample_to_native(volume: np.ndarray, grid: NativeGrid) -> np.ndarray:
 
 
 def acquire_mr(
-    rng: np.random.Generator, space: TemplateSpace, image: np.ndarray, slice_factor: float = 1.0
-) -> tuple[np.ndarray, np.ndarray]:
+    rng: np.random.Generator,
+    space: TemplateSpace,
+    image: np.ndarray,
+    slice_factor: float = 1.0,
+    scale: float | None = None,
+) -> tuple[np.ndarray, NativeGrid]:
     """Pose, bias field and Rician noise applied to a template-space T1w, T2w or FLAIR.
 
     Args:
         slice_factor: the native grid's third axis is this many times thicker than the template's voxels.
+        scale: the head size (None: drawn; a T2w or FLAIR takes its session's T1w's, the same head).
 
     Returns:
-        (int16 volume of the native grid's shape, (4, 4) affine in scanner mm).
+        (int16 volume of the native grid's shape, the native grid: ``.affine`` in scanner mm, ``.scale``).
     """
-    grid = random_native_grid(rng, space, slice_factor)
+    grid = random_native_grid(rng, space, slice_factor, scale)
     native = resample_to_native(image, grid)
     unit_axes = [np.linspace(0.0, 1.0, n) for n in grid.shape]
     native *= np.exp(evaluate_field(random_field_coefficients(rng, 3, 0.08), unit_axes))
@@ -158,7 +168,7 @@ def acquire_mr(
     real = native + sigma * rng.standard_normal(grid.shape, dtype=np.float32)
     imaginary = sigma * rng.standard_normal(grid.shape, dtype=np.float32)
     magnitude = np.sqrt(real * real + imaginary * imaginary)
-    return np.clip(np.rint(magnitude), 0, np.iinfo(np.int16).max).astype(np.int16), grid.affine
+    return np.clip(np.rint(magnitude), 0, np.iinfo(np.int16).max).astype(np.int16), grid
 
 
 def acquire_pet(rng: np.random.Generator, space: TemplateSpace, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

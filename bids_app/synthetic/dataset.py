@@ -291,8 +291,8 @@ def _write_participant(settings: _Settings, index: int, p: Participant, who: Ide
         prefix = f"sub-{p.label}_ses-{session}"
         session_dir = settings.out_dir / f"sub-{p.label}" / f"ses-{session}"
         template_image = cohorts.apply_kind(kind, p.affected, images.at(p.years_later + k), space, [seed, 7, index, k])
-        data, affine = acquisition.acquire_mr(np.random.default_rng([seed, stream, index, k]), space, template_image)
-        _write_nifti(session_dir / "anat" / f"{prefix}_T1w.nii.gz", data, affine, SCANNER_XFORM)
+        data, t1w_grid = acquisition.acquire_mr(np.random.default_rng([seed, stream, index, k]), space, template_image)
+        _write_nifti(session_dir / "anat" / f"{prefix}_T1w.nii.gz", data, t1w_grid.affine, SCANNER_XFORM)
         atomic_write_json(session_dir / "anat" / f"{prefix}_T1w.json", acquisition.T1W_SIDECAR)
         if settings.preprocessed is not None:
             _write_preprocessed(settings, p.label, session, template_image, space.affine)
@@ -304,8 +304,8 @@ def _write_participant(settings: _Settings, index: int, p: Participant, who: Ide
                                        [seed, 7, index, k, code])  # fmt: skip
             sidecar, slice_factor = acquisition.CONTRAST_ACQUISITIONS[contrast]
             rng_mr = np.random.default_rng([seed, stream, index, k, code])
-            data, affine = acquisition.acquire_mr(rng_mr, space, image, slice_factor)
-            _write_nifti(session_dir / "anat" / f"{prefix}_{contrast}.nii.gz", data, affine, SCANNER_XFORM)
+            data, grid = acquisition.acquire_mr(rng_mr, space, image, slice_factor, t1w_grid.scale)  # same head
+            _write_nifti(session_dir / "anat" / f"{prefix}_{contrast}.nii.gz", data, grid.affine, SCANNER_XFORM)
             atomic_write_json(session_dir / "anat" / f"{prefix}_{contrast}.json", sidecar)
         if pet_images is not None:
             rng_pet = np.random.default_rng([seed, stream + 1, index, k])
