@@ -102,15 +102,20 @@ def cut(
     outlines: Sequence[tuple[np.ndarray, tuple[int, int, int]]] = (),
 ) -> Panel:
     """The panel of ``volume`` (3D) at ``index`` along voxel axis ``normal``; ``outlines`` are 3D masks of the
-    same shape cut at the same place."""
+    same shape cut at the same place.
+
+    The planes are copied out of a view (``np.take`` would first copy the whole volume when it is not C-ordered,
+    as NIfTI data is: 30 ms a cut at 1 mm), so a panel holds a few kB, never its volume.
+    """
     horizontal, vertical = (axis for axis in range(3) if axis != normal)
+    where = tuple(index if axis == normal else slice(None) for axis in range(3))
     return Panel(
-        plane=np.take(volume, index, axis=normal),
+        plane=np.array(volume[where]),
         spacing=(geometry.zooms[horizontal], geometry.zooms[vertical]),
         window=window,
         letters=geometry.letters(horizontal, vertical),
         caption=caption,
-        outlines=tuple((np.take(mask, index, axis=normal), colour) for mask, colour in outlines),
+        outlines=tuple((np.array(mask[where]), colour) for mask, colour in outlines),
     )
 
 
