@@ -46,17 +46,18 @@ def make_volume(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
     return out[np.newaxis]
 
 
-def time_transform(name: str, sample: np.ndarray, mode: ExtractionMode, repeats: int) -> float:
-    """Median milliseconds of one augmented sample with transform ``name`` alone."""
+def time_transform(name: str, sample: np.ndarray, mode: ExtractionMode, repeats: int) -> tuple[float, float]:
+    """Median wall and CPU milliseconds of one augmented sample with transform ``name`` alone."""
     transform = augment.build_augmentation((name,), mode, SliceDirection.CORONAL)
     assert transform is not None
     transform(sample, 0)  # builds the TorchIO object
-    times = []
+    wall, cpu = [], []
     for seed in range(1, repeats + 1):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         transform(sample, seed)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return 1000 * statistics.median(wall), 1000 * statistics.median(cpu)
 
 
 def main() -> None:
@@ -79,21 +80,24 @@ def main() -> None:
     image = make_volume(tuple(args.shape))
     coronal = np.ascontiguousarray(image[:, :, image.shape[2] // 2])  # (1, X, Z)
     print(
-        f"image {tuple(image.shape[1:])}, slice {tuple(coronal.shape[1:])}; {args.threads} threads; median of "
-        f"{args.repeats} seeds; ms per sample when the transform applies, and expected (x p) per training sample"
+        f"image {tuple(image.shape[1:])}, slice {tuple(coronal.shape[1:])}; {args.threads} thread(s); median of "
+        f"{args.repeats} seeds; ms per sample when the transform applies (wall, and CPU time of this process, "
+        "which a loaded machine inflates less), and the expected CPU ms per training sample (x p)"
     )
-    print(f"{'transform':<18} {'p':>4} {'image ms':>10} {'expected':>10} {'slice ms':>10} {'expected':>10}")
-    total_image = total_slice = 0.0
+    header = ("transform", "p", "image wall", "image cpu", "expected", "slice wall", "slice cpu", "expected")
+    print(f"{header[0]:<18} {header[1]:>4}" + "".join(f" {h:>11}" for h in header[2:]))
+    totals = [0.0, 0.0]
     for name in augment.AUGMENTATIONS:
         p = probabilities.get(name, 1.0)
-        image_ms = time_transform(name, image, ExtractionMode.IMAGE, args.repeats)
-        slice_ms = time_transform(name, coronal, ExtractionMode.SLICE, max(args.repeats, 20))
-        total_image += p * image_ms
-        total_slice += p * slice_ms
-        print(f"{name:<18} {p:>4.2g} {image_ms:>10.1f} {p * image_ms:>10.1f} {slice_ms:>10.2f} {p * slice_ms:>10.2f}")
-    print(f"{'all eleven':<18} {'':>4} {'':>10} {total_image:>10.1f} {'':>10} {total_slice:>10.2f}")
-    unaugmented = time_transform("intensity_scaling", image, ExtractionMode.IMAGE, args.repeats)
-    print(f"(intensity_scaling alone is the floor of the wrapper: copy, fork of the generator: {unaugmented:.1f} ms)")
+        image_wall, image_cpu = time_transform(name, image, ExtractionMode.IMAGE, args.repeats)
+        slice_wall, slice_cpu = time_transform(name, coronal, ExtractionMode.SLICE, max(args.repeats, 20))
+        totals[0] += p * image_cpu
+        totals[1] += p * slice_cpu
+        figures = (image_wall, image_cpu, p * image_cpu, slice_wall, slice_cpu, p * slice_cpu)
+        print(f"{name:<18} {p:>4.2g}" + "".join(f" {v:>11.1f}" for v in figures))
+    print(f"{'all eleven':<18} {'':>4} {'':>11} {'':>11} {totals[0]:>11.1f} {'':>11} {'':>11} {totals[1]:>11.1f}")
+    floor = time_transform("intensity_scaling", image, ExtractionMode.IMAGE, args.repeats)
+    print(f"(intensity_scaling alone, the floor of the wrapper: copy, fork of the generator: {floor[0]:.1f} ms wall)")
 
 
 if __name__ == "__main__":

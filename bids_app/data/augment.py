@@ -296,7 +296,7 @@ def build_augmentation(
     unknown = [name for name in names if name not in AUGMENTATIONS]
     if unknown:
         raise ConfigError(
-            f"Unknown augmentation(s) {', '.join(repr(u) for u in unknown)} in train.augmentations. "
+            f"Unknown augmentation(s) {', '.join(repr(u) for u in unknown)} in --augmentations (train.augmentations). "
             f"Available: {', '.join(AUGMENTATIONS)}."
         )
     if not names:
@@ -306,7 +306,7 @@ def build_augmentation(
         if "flip" in names:
             raise ConfigError(
                 "Augmentation 'flip' mirrors left-right, but sagittal slices have no left-right axis. "
-                "Remove 'flip' from train.augmentations or use coronal or axial slices."
+                "Remove 'flip' from --augmentations (train.augmentations) or use --slice-direction coronal or axial."
             )
         lr_axis = None
     return Augmentation(names=tuple(name for name in AUGMENTATIONS if name in names), lr_axis=lr_axis)
