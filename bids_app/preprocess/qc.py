@@ -145,7 +145,9 @@ def block_mean(volume: np.ndarray, blocks: tuple[int, int, int]) -> np.ndarray:
     if blocks == (1, 1, 1):
         return np.asarray(volume, dtype=np.float32)
     ends = [n // k * k for n, k in zip(volume.shape, blocks, strict=True)]
-    total = np.zeros([n // k for n, k in zip(volume.shape, blocks, strict=True)], dtype=np.float32)
+    # the sum in the volume's own memory order (NIfTI data is Fortran-ordered): each strided view is read in order
+    order = "F" if volume.flags.f_contiguous and not volume.flags.c_contiguous else "C"
+    total = np.zeros([n // k for n, k in zip(volume.shape, blocks, strict=True)], dtype=np.float32, order=order)
     for i, j, k in itertools.product(*(range(b) for b in blocks)):  # strided views: no copy of the volume
         total += volume[i : ends[0] : blocks[0], j : ends[1] : blocks[1], k : ends[2] : blocks[2]]
     return total / np.float32(blocks[0] * blocks[1] * blocks[2])
