@@ -195,7 +195,7 @@ class RuntimeConfig:
 
     device: str = "auto"  # auto, cpu, cuda or cuda:<index>
     amp: bool = False  # float16 autocast with loss scaling, CUDA only
-    channels_last: bool = False  # model and batches in channels-last memory format (speed only)
+    channels_last: bool = True  # model and batches in channels-last memory format (speed only; docs/performance.md)
     num_workers: int = 0  # DataLoader worker processes
     cache_samples: bool = False  # keep every sample in memory after its first read (per worker process)
     deterministic: bool = False  # torch deterministic algorithms

@@ -462,8 +462,12 @@ OPTIONS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, Any]], ...] = (
         M,
         "channels_last",
         "runtime.channels_last",
-        (),
-        {"action": "store_true", "help": "channels-last memory format for model and batches (speed only)"},
+        ("--no-channels-last",),
+        {
+            "action": BoolFlag,
+            "help": "channels-last memory format for model and batches, the faster one on CPU (same results to "
+            "float rounding), or the default contiguous layout (--no-channels-last)",
+        },
     ),
     (M, "deterministic", "runtime.deterministic", (), {"action": "store_true", "help": "deterministic algorithms"}),
     (M, "num_workers", "runtime.num_workers", (), {"type": int, "help": "DataLoader worker processes"}),

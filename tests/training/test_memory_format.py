@@ -1,9 +1,10 @@
-"""``runtime.channels_last``: the model and every input batch in channels-last memory format, same results.
+"""``runtime.channels_last`` (on by default): the model and every input batch in channels-last memory format.
 
 What is checked: the layout of batches, convolution weights and convolution outputs while training, validating,
 predicting and explaining (3D models: ``torch.channels_last_3d``, 2D models: ``torch.channels_last``), with one
 input channel as the data have and with several; that losses, weights and predictions after 2 epochs equal
-those of the default layout within float tolerance; resume across the option, AMP and DDP.
+those of the contiguous layout within float tolerance; resume across the option, AMP and DDP; the default and
+the flags that change it.
 
 Tolerances: the optimiser is SGD where weights are compared. Convolutions in another layout sum in another
 order (differences of ~1e-7); SGD carries them forward linearly (measured 6e-8 on the weights after 2 epochs),
@@ -26,6 +27,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from bids_app.cli.arguments import build_parser, parse_config
 from bids_app.config import (
     AnalysisLevel,
     ExtractionMode,
@@ -38,6 +40,7 @@ from bids_app.config import (
     TrainConfig,
 )
 from bids_app.data.dataset import TensorDataset
+from bids_app.errors import ConfigError, UsageError
 from bids_app.interpret.saliency import SaliencyMethod
 from bids_app.interpret.stage import GroupExplainer
 from bids_app.maps import Maps
@@ -74,6 +77,28 @@ def strides_in(tensor: torch.Tensor, memory_format: torch.memory_format) -> bool
     layouts, while its channel stride tells them apart (1 in channels-last, ``D*H*W`` otherwise).
     """
     return tensor.stride() == torch.empty(tensor.shape, memory_format=memory_format, device="meta").stride()
+
+
+def test_channels_last_is_the_default_and_no_channels_last_turns_it_off(tmp_path: Path) -> None:
+    """The faster CPU layout is the default (docs/performance.md); a flag or the config file chooses the other."""
+    bare = [str(tmp_path / "bids"), str(tmp_path / "out"), "group"]
+    assert RuntimeConfig().channels_last is True
+    assert parse_config(bare).runtime.channels_last is True
+    assert parse_config([*bare, "--no-channels-last"]).runtime.channels_last is False
+    assert parse_config([*bare, "--no-channels-last", "--channels_last"]).runtime.channels_last is True  # last wins
+    config = tmp_path / "run.toml"
+    config.write_text("[runtime]\nchannels_last = false\n")
+    assert parse_config([*bare, "--config", str(config)]).runtime.channels_last is False
+    assert parse_config([*bare, "--config", str(config), "--channels-last"]).runtime.channels_last is True
+    config.write_text('[runtime]\nchannels_last = "no"\n')
+    with pytest.raises(ConfigError, match="'runtime.channels_last' must be true or false, got 'no'"):
+        parse_config([*bare, "--config", str(config)])
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config([*bare, "--channels-last=no"])
+    assert exit_info.value.code == UsageError.exit_code
+    help_text = " ".join(build_parser().format_help().split())
+    assert "--no-channels-last, --channels-last, --channels_last" in help_text
+    assert "(--no-channels-last) (default: on)" in help_text
 
 
 def test_batch_memory_format_follows_the_batch_rank() -> None:
@@ -179,17 +204,18 @@ def predictions(maps_dir: Path, table: pd.DataFrame, mode: ExtractionMode, chann
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_training_runs_channels_last_and_matches_the_default_layout(
+def test_training_runs_channels_last_by_default_and_matches_the_contiguous_layout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: ExtractionMode
 ) -> None:
     table, splits = make_data(tmp_path, mode, Task.CLASSIFICATION)
     fmt, n_parts = MODES[mode]
     n_train, n_validation = (math.ceil(n_images * n_parts / BATCH) for n_images in (7, 5))
     default_layouts = watch_convolutions(monkeypatch, fmt)
-    default = train(make_config(tmp_path, mode=mode, model_name="default", **SGD), table, splits)
+    config = make_config(tmp_path, mode=mode, model_name="default", channels_last=False, **SGD)
+    default = train(config, table, splits)
     monkeypatch.undo()
     layouts = watch_convolutions(monkeypatch, fmt)
-    channels_last = train(make_config(tmp_path, mode=mode, model_name="cl", channels_last=True, **SGD), table, splits)
+    channels_last = train(make_config(tmp_path, mode=mode, model_name="cl", **SGD), table, splits)  # the default
 
     assert layouts.training == ([True] * n_train + [False] * n_validation) * 2  # 2 epochs
     assert all(layouts.inputs) and all(layouts.weights) and all(layouts.outputs)
@@ -257,8 +283,8 @@ def test_the_predict_stage_runs_channels_last(tmp_path: Path, monkeypatch: pytes
 
 def test_resume_may_switch_channels_last_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     table, splits = make_data(tmp_path, ExtractionMode.IMAGE, Task.CLASSIFICATION)
-    whole = train(make_config(tmp_path, model_name="whole", **SGD), table, splits)
-    cfg = make_config(tmp_path, model_name="resumed", **SGD)
+    whole = train(make_config(tmp_path, model_name="whole", channels_last=False, **SGD), table, splits)
+    cfg = make_config(tmp_path, model_name="resumed", channels_last=False, **SGD)
     interrupt_after(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, table, splits)
@@ -302,7 +328,7 @@ def test_the_checkpoint_config_hash_ignores_resumable_options_only(tmp_path: Pat
         name: config_hash(**option)
         for name, option in (
             ("default", {}),
-            ("channels_last", {"channels_last": True}),
+            ("channels_last", {"channels_last": False}),  # on by default
             ("device", {"device": "cuda:1"}),
             ("num_workers", {"num_workers": 3}),
             ("cache_samples", {"cache_samples": True}),
