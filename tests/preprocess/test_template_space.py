@@ -89,8 +89,14 @@ def test_clinica_caps_2009c_crop_is_shifted_onto_the_2009a_grid(tmp_path: Path) 
     from bids_app.template import default_template_path
 
     template = nib.load(default_template_path())  # nilearn's 2009a, 197 x 233 x 189, first voxel (-98, -134, -72)
-    data = add_marker(sample_template(template, CLINICA_CROP_SHAPE, CLINICA_CROP_AFFINE), CLINICA_CROP_AFFINE,
-                      MARKER_MM, size=1)  # fmt: skip
+    offset = np.round(np.linalg.solve(template.affine, CLINICA_CROP_AFFINE)[:3, 3]).astype(int)  # (14, 15, -6)
+    source = np.zeros(CLINICA_CROP_SHAPE, dtype=np.float32)  # the template's voxels at the crop's world positions
+    inside = [
+        slice(max(0, -o), min(n, m - o)) for o, n, m in zip(offset, CLINICA_CROP_SHAPE, template.shape, strict=True)
+    ]
+    taken = tuple(slice(s.start + o, s.stop + o) for s, o in zip(inside, offset, strict=True))
+    source[tuple(inside)] = np.asarray(template.dataobj)[taken]
+    data = add_marker(source, CLINICA_CROP_AFFINE, MARKER_MM, size=1)
     caps = tmp_path / "caps"
     folder = caps / "subjects" / "sub-01" / "ses-M000" / "t1_linear"
     name = "sub-01_ses-M000_space-MNI152NLin2009cSym_desc-Crop_res-1x1x1_T1w.nii.gz"
