@@ -408,7 +408,8 @@ def write_participant_report(html_path: Path, participant_label: str, entries: S
     rule_text = (
         f"T1w images pass when smoothed_correlation_to_template ≥ {qc_module.MIN_T1W_CORRELATION:g}; "
         f"T2w and FLAIR images when nmi_to_template ≥ {qc_module.MIN_CONTRAST_NMI:g}; "
-        f"PET images pass when nmi_to_template ≥ {qc_module.MIN_PET_NMI:g}. Figures are computed inside the "
+        f"PET images pass when nmi_to_template ≥ {qc_module.MIN_PET_NMI:g}; custom maps (--custom-map) when "
+        f"nmi_to_template ≥ {qc_module.MIN_MAP_NMI:g}. Figures are computed inside the "
         "template's brain mask on the cropped template grid (bold: the figure that decides)."
     )
     n_failed = sum(not qc_passes(e.qc, e.kind) for e in entries)
