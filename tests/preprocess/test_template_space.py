@@ -296,3 +296,33 @@ def test_custom_maps_are_found_in_a_clinica_caps_by_their_file_name_entities(tmp
     records = query_custom_maps(cfg, ["01"])
     assert [(r.participant_label, r.session_label, r.suffix, r.custom) for r in records] == [("01", "M000", "gm", True)]
     assert "segm-graymatter" in records[0].path.name and records[0].entities["space"] == "Ixi549Space"
+
+
+def test_a_flipped_and_permuted_grid_on_the_same_lattice_is_copied_not_interpolated() -> None:
+    """FSL-style storage (x stored right to left) with the axes in another order, offset by whole voxels: the
+    fast path copies the source's values (no interpolation) to the target voxels at the same world positions."""
+    from bids_app.preprocess.template_space import Resampling, TemplateGrid, to_template_grid
+
+    def field(world: np.ndarray) -> np.ndarray:  # a positive, asymmetric function of the world position (mm)
+        x, y, z = world[..., 0], world[..., 1], world[..., 2]
+        return (np.exp(-(x**2 + y**2 + z**2) / 200.0) * (2.0 + 0.01 * x + 0.02 * y + 0.03 * z)).astype(np.float32)
+
+    def centres(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+        return nib.affines.apply_affine(affine, np.stack(np.indices(shape), axis=-1))
+
+    target_affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    target_affine[:3, 3] = [-20.0, -24.0, -18.0]
+    target_shape = (20, 24, 18)
+    grid = TemplateGrid.of(nib.Nifti1Image(field(centres(target_shape, target_affine)), target_affine), TPL)
+    # source voxel (i, j, k): world x = 30 - 2j (flipped), y = -22 + 2k, z = -22 + 2i
+    source_affine = np.array([[0.0, -2, 0, 30], [0, 0, 2, -22], [2, 0, 0, -22], [0, 0, 0, 1]])
+    source_shape = (20, 25, 22)  # x from 30 down to -18, y -22 to 20, z -22 to 16
+    source = nib.Nifti1Image(field(centres(source_shape, source_affine)), source_affine)
+    image, placement = to_template_grid(source, "MNI152NLin6Asym", grid, Path("flipped.nii.gz"), "Preprocessed T1w")
+    assert placement.resampling is Resampling.SHIFT and placement.brain_coverage > 0.8
+    world = centres(target_shape, target_affine)
+    covered = (world[..., 0] >= -18) & (world[..., 1] >= -22) & (world[..., 1] <= 20)
+    out = np.asarray(image.dataobj)
+    np.testing.assert_array_equal(out[covered], field(world)[covered])  # the source's own float32 values
+    assert not out[~covered].any()
+    np.testing.assert_array_equal(image.affine, target_affine)
