@@ -7,8 +7,9 @@ default memory layout ``RuntimeConfig().channels_last``; a step is one batch of 
 (batch to device, forward, per-sample cross-entropy, backward, optimizer step). Rows: the default image
 architecture (``TrainConfig().architecture``) at 1, 2 and 3 mm, and the coarse entries ``conv4_fc3_2mm`` at 2 mm
 and ``conv3_fc3_3mm`` at 3 mm. Each gets a fresh model (seed 0), ``--warmup`` untimed steps, then ``--steps``
-timed ones; the table gives the median step, images/s, the speed-up over the first row and the extraction cost of
-the coarse grid (Gaussian prefilter + trilinear sampling of one 1 mm image, ``extraction.resample_to_voxel_size``).
+timed ones; the table gives the median step, images/s, the speed-up over the first row, the extraction cost of
+the coarse grid (Gaussian prefilter + trilinear sampling of one 1 mm image, ``extraction.resample_to_voxel_size``)
+and the machine's 1-minute load average when the row ended (figures from a loaded machine are provisional).
 Data are one random batch in memory: this measures the model, not the loader (``bench_dataloader.py``).
 
 On a CUDA device (``--device cuda``) each row runs with and without AMP (float16 autocast, loss scaling), and
@@ -151,7 +152,7 @@ def main() -> None:
     print(f"batch {TrainConfig().batch_size}, channels_last={RuntimeConfig().channels_last} (the defaults), "
           f"{args.warmup} warm-up + {args.steps} timed steps per row; crop {CROP_1MM} at 1 mm")  # fmt: skip
     header = (f"{'architecture':<15} {'mm':>3} {'input':>13} {'params':>7} {'amp':>5} {'s/step':>7} {'images/s':>9} "
-              f"{'x 1 mm':>7} {'resample s/img':>15} {'GPU util':>9}")  # fmt: skip
+              f"{'x 1 mm':>7} {'resample s/img':>15} {'GPU util':>9} {'load':>5}")  # fmt: skip
     print(header)
     reference: float | None = None
     for architecture, voxel_mm in rows:
@@ -164,7 +165,8 @@ def main() -> None:
             reference = reference or rate
             size = "x".join(str(n) for n in shape)
             print(f"{architecture:<15} {voxel_mm:>3g} {size:>13} {n_parameters / 1e6:>6.2f}M {amp!s:>5} "
-                  f"{step:>7.2f} {rate:>9.2f} {rate / reference:>7.1f} {resample:>15.2f} {utilisation:>9}",
+                  f"{step:>7.2f} {rate:>9.2f} {rate / reference:>7.1f} {resample:>15.2f} {utilisation:>9} "
+                  f"{os.getloadavg()[0]:>5.1f}",
                   flush=True)  # fmt: skip
 
 

@@ -27,6 +27,7 @@ from bids_app.models.transfer import parameter_layers
 SHAPES = {3: (1, 20, 23, 18), 2: (1, 23, 20)}
 ODD_SHAPES = {3: [(1, 17, 19, 23), (1, 33, 18, 21)], 2: [(1, 17, 31), (2, 21, 20)]}
 REALISTIC = (1, 169, 208, 179)
+COARSE_INPUTS = {"conv4_fc3_2mm": (1, 85, 104, 90), "conv3_fc3_3mm": (1, 57, 70, 60)}  # 169x208x179 at 2 and 3 mm
 N_OUTPUTS = {Task.CLASSIFICATION: 3, Task.REGRESSION: 1, Task.RECONSTRUCTION: 0}
 
 CASES = [(info.name, dims, task) for info in list_architectures() for dims in info.dims for task in info.tasks]
@@ -131,8 +132,9 @@ def test_realistic_shape_computation_without_forward() -> None:
 def test_parameter_counts_are_sane_at_1mm() -> None:
     counts = {}
     for info in list_architectures():  # building is cheap (~0.1 s in all); only a forward pass would be slow
-        if 3 in info.dims:
-            model = build_model(info.name, task=info.tasks[0], input_shape=REALISTIC, n_outputs=2)
+        if 3 in info.dims:  # the coarse-image entries at the grid they are made for (--image-voxel-size 2 or 3)
+            shape = COARSE_INPUTS.get(info.name, REALISTIC)
+            model = build_model(info.name, task=info.tasks[0], input_shape=shape, n_outputs=2)
             counts[info.name] = sum(p.numel() for p in model.parameters())
     assert all(0 < count < 10_000_000 for count in counts.values()), counts
     fc1_weights = 32256 * 256
@@ -146,7 +148,7 @@ def test_parameter_counts_are_sane_at_1mm() -> None:
 def test_unknown_architecture_suggests_close_name() -> None:
     with pytest.raises(ConfigError, match=r"Unknown architecture 'conv5fc3'\. Did you mean 'conv5_fc3'\?") as info:
         check_compatibility("conv5fc3", Task.CLASSIFICATION, ExtractionMode.IMAGE, SHAPES[3])
-    assert "Available: conv4_fc3, conv5_fc3, conv_autoencoder, resnet3d" in str(info.value)
+    assert "Available: conv3_fc3_3mm, conv4_fc3, conv4_fc3_2mm, conv5_fc3, conv_autoencoder, resnet3d" in str(info.value)
     with pytest.raises(ConfigError, match=r"Unknown architecture 'zzz'\. Available:"):
         build_model("zzz", task=Task.CLASSIFICATION, input_shape=SHAPES[3], n_outputs=2)
 
