@@ -15,7 +15,8 @@ prints three things:
    (``-d``, 1 process), cumulative CPU seconds per image of reading/decompression, QC, checksums, extraction,
    writing and the report, and the 15 most expensive functions by own time.
 
-Run: ``python benchmarks/bench_participant_preprocessed.py [--n-subjects 20] [--n-sessions 2] [--skip-cli]``.
+Run: ``python benchmarks/bench_participant_preprocessed.py [--n-subjects 20] [--n-sessions 2] [--skip-cli]``;
+before/after: ``git archive COMMIT | tar -x -C /tmp/old`` then the same with ``--source /tmp/old`` (table only).
 Check ``uptime`` first: the figures are only as good as the machine is idle.
 """
 
@@ -25,6 +26,7 @@ import argparse
 import contextlib
 import cProfile
 import io
+import os
 import pstats
 import resource
 import statistics
@@ -58,11 +60,13 @@ def _cli(bids_dir: Path, deriv_dir: Path, out: Path, modes: tuple[str, ...], roi
     return [str(bids_dir), str(out), *command]
 
 
-def _run_cli(args: list[str]) -> tuple[float, float]:
+def _run_cli(args: list[str], source: Path | None) -> tuple[float, float]:
     """Wall seconds and CPU seconds (user + system, every child process) of one participant-level run."""
+    env = {**os.environ, "PYTHONPATH": str(source)} if source else None
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "bids_app", *args], capture_output=True, text=True, check=False)
+    result = subprocess.run([sys.executable, "-m", "bids_app", *args], capture_output=True, text=True, check=False,
+                            env=env)  # fmt: skip
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
@@ -135,6 +139,8 @@ def main() -> None:
     parser.add_argument("--n-sessions", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1, help="passes of the tensor-path loop (default 1)")
     parser.add_argument("--skip-cli", action="store_true", help="only the tensor path and the profile")
+    parser.add_argument("--source", type=Path, help="run the participant level from this bids_app source tree (e.g. "
+                        "an older commit: git archive COMMIT | tar -x -C DIR) and print only its table")  # fmt: skip
     args = parser.parse_args()
     from bids_app.synthetic.dataset import generate_dataset
 
@@ -153,10 +159,12 @@ def main() -> None:
                 for nprocs in (1, 2):
                     out = root / f"out_{name}_{nprocs}"
                     wall, cpu = _run_cli(_cli(dataset.bids_dir, dataset.derivative_dir, out, modes,
-                                              dataset.roi_mask_path, nprocs))  # fmt: skip
+                                              dataset.roi_mask_path, nprocs), args.source)  # fmt: skip
                     print(f"{name:6} {nprocs:5d} {wall:8.1f} {wall * nprocs / n_images:16.3f} {cpu / n_images:12.3f}",
                           flush=True)  # fmt: skip
             print("(issue 16: clinicadl prepare-data, image mode, no QC/report: 0.66 s per image per process)")
+        if args.source:
+            return
         wall, cpu = _tensor_path_seconds(inputs, root / "tensors", args.repeats)
         print(f"\nTensor path alone (read, template grid, normalise, cut image mode, write + sidecar): {wall:.3f} s "
               f"per image, {cpu:.3f} s CPU (target < 0.3 s)")  # fmt: skip

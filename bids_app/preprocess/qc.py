@@ -47,6 +47,7 @@ import itertools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import nibabel as nib
 import numpy as np
@@ -152,7 +153,7 @@ def block_mean(volume: np.ndarray, blocks: tuple[int, int, int]) -> np.ndarray:
         return np.asarray(volume, dtype=np.float32)
     ends = [n // k * k for n, k in zip(volume.shape, blocks, strict=True)]
     # the sum in the volume's own memory order (NIfTI data is Fortran-ordered): each strided view is read in order
-    order = "F" if volume.flags.f_contiguous and not volume.flags.c_contiguous else "C"
+    order: Literal["C", "F"] = "F" if volume.flags.f_contiguous and not volume.flags.c_contiguous else "C"
     total = np.zeros([n // k for n, k in zip(volume.shape, blocks, strict=True)], dtype=np.float32, order=order)
     for i, j, k in itertools.product(*(range(b) for b in blocks)):  # strided views: no copy of the volume
         total += volume[i : ends[0] : blocks[0], j : ends[1] : blocks[1], k : ends[2] : blocks[2]]
