@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 import traceback
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,9 @@ from bids_app.template import MNI152_SPACES
 
 log = logging.getLogger(__name__)
 
+# template crop (cached per process by _load_template_set) → its preprocess.template_space.TemplateGrid
+_TEMPLATE_GRIDS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
 STANDARD_SPACES = MNI152_SPACES  # BIDS standard template identifiers: no SpatialReference needed
 _PLACED = "already preprocessed input in a template space, placed on the template grid by its world coordinates"
 # The preprocessed image sidecar's Description, by (is PET, was already preprocessed).
@@ -63,11 +67,9 @@ def check_extraction(cfg: RunConfig) -> None:
     """Refuse extraction parameters that cannot fit the cropped template before any participant runs."""
     from bids_app.errors import ConfigError
     from bids_app.extraction import n_parts
-    from bids_app.preprocess.t1_linear import crop_box, load_template
 
-    template = load_template(cfg.preprocess)
-    box = crop_box(template, cfg.preprocess.crop_shape)
-    shape = tuple(s.stop - s.start for s in box)
+    template, template_crop, _ = _load_template_set(cfg.preprocess)  # kept: jobs run in this process re-use it
+    shape = tuple(int(n) for n in template_crop.shape[:3])
     if ExtractionMode.ROI in cfg.extraction.modes and not cfg.extraction.roi_masks:
         raise ConfigError("roi mode needs at least one --roi-mask NAME=PATH (a binary mask in template space).")
     if cfg.extraction.image_voxel_size is not None:
@@ -326,11 +328,16 @@ class ParticipantJob:
 
     @property
     def grid(self) -> Any:
-        """The cropped template grid preprocessed inputs are placed on (``TemplateGrid``), built on first use."""
+        """The cropped template grid preprocessed inputs are placed on (``TemplateGrid``), built on first use and
+        kept per process with the template crop it belongs to (0.1 s at 1 mm: once, not once per participant)."""
         if self._grid is None:
-            from bids_app.preprocess.template_space import TemplateGrid
+            grid = _TEMPLATE_GRIDS.get(self.template_crop)
+            if grid is None or grid.space != self.space:
+                from bids_app.preprocess.template_space import TemplateGrid
 
-            self._grid = TemplateGrid.of(self.template_crop, self.space)
+                grid = TemplateGrid.of(self.template_crop, self.space, self.qc_reference.mask)
+                _TEMPLATE_GRIDS[self.template_crop] = grid
+            self._grid = grid
         return self._grid
 
     def _place_preprocessed(self, record: ImageRecord) -> tuple[Any, dict[str, float], Any]:
@@ -357,7 +364,9 @@ class ParticipantJob:
             error = space_error(record.path, space, self.grid.space, what, filter_kind)  # before reading the file
             if error is not None:
                 raise error
-            source = load_checked_nifti(record.path, kind=what.lower())
+            # messages read "Cannot read preprocessed image …", "custom map 'gm' image … contains NaN …"
+            reading = f"custom map {record.suffix!r}" if record.custom else "preprocessed"
+            source = load_checked_nifti(record.path, kind=reading)
             image, placement = to_template_grid(source, space, self.grid, record.path, what, filter_kind)
             qc = compute_qc(image, self.template_crop, self.qc_reference)
             self.input_panels[record.path] = input_panels(source)  # the report's input row: no second read

@@ -81,9 +81,10 @@ class TemplateGrid:
         return cls.of(crop_image(template_img, crop_box(template_img, crop_shape)), space)
 
     @classmethod
-    def of(cls, crop: nib.Nifti1Image, space: str) -> TemplateGrid:
-        """The grid of ``crop``, the template already cut to its crop box."""
-        brain = brain_mask(crop)
+    def of(cls, crop: nib.Nifti1Image, space: str, brain: np.ndarray | None = None) -> TemplateGrid:
+        """The grid of ``crop``, the template already cut to its crop box; ``brain``: its
+        :func:`bids_app.preprocess.qc.brain_mask` when the caller holds it already."""
+        brain = brain_mask(crop) if brain is None else brain
         sampled = np.argwhere(brain[::COVERAGE_STRIDE, ::COVERAGE_STRIDE, ::COVERAGE_STRIDE]) * COVERAGE_STRIDE
         points = np.column_stack([sampled.astype(np.float64), np.ones(len(sampled))])
         box = np.zeros((2, 3))

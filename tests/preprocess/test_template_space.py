@@ -272,6 +272,17 @@ def test_custom_map_specs_are_checked_before_anything_runs(tmp_path: Path) -> No
             parse_config([*base, "-d", str(tmp_path), "--custom-map", *specs])
     with pytest.raises(ConfigError, match="custom maps are selected in the --derivatives"):
         parse_config([*base, "--custom-map", "gm=suffix:probseg"])
+    # the TOML spelling, and the resolved configuration written back reads the same
+    from bids_app.config_file import dump_config
+
+    toml = tmp_path / "config.toml"
+    toml.write_text(
+        f'[preprocess]\nderivatives_dirs = ["{tmp_path}"]\ncustom_maps = ["fa=desc:FA,space:MNI152NLin6Asym"]\n'
+    )
+    from_file = parse_config([*base, "--config", str(toml)])
+    assert from_file.preprocess.custom_maps == ("fa=desc:FA,space:MNI152NLin6Asym",)
+    toml.write_text(dump_config(from_file))
+    assert parse_config([*base, "--config", str(toml)]).preprocess.custom_maps == from_file.preprocess.custom_maps
 
 
 def test_custom_maps_are_found_in_a_clinica_caps_by_their_file_name_entities(tmp_path: Path) -> None:
