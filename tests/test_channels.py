@@ -1,6 +1,7 @@
-"""A model of two channels end to end: ``--channels T1w pet-FDG`` in roi mode trains, predicts and reports.
+"""Models of two channels end to end: ``--channels T1w pet-FDG`` and ``--channels T1w FLAIR`` in roi mode train,
+predict and report.
 
-One participant has no PET: its session is listed in the model folder's ``excluded_sessions.tsv``, counted in
+One participant has no PET (no FLAIR): its session is listed in the model folder's ``excluded_sessions.tsv``, counted in
 ``maps.json``, named in the log and the group report, and left out of the split (never zero-padded). The same
 seed twice gives the same prediction bytes; another output without the model's PET is refused before anything
 is predicted.
@@ -105,3 +106,45 @@ def test_an_output_without_the_models_pet_is_refused_before_any_prediction(train
     assert "has no roi tensor of pet-FDG, but model two reads channels T1w, pet-FDG" in result.stderr
     assert "--pet-tracer FDG" in result.stderr
     assert not list(maps_dir.glob("split-*/best-*/site2"))
+
+
+@pytest.fixture(scope="module")
+def flair_cohort(tmp_path_factory: pytest.TempPathFactory):
+    """8 participants with raw T1w and FLAIR but one session without FLAIR, through the participant level in roi
+    mode (flair-linear: registered to the session's T1w)."""
+    from bids_app.synthetic.dataset import generate_dataset
+
+    root = tmp_path_factory.mktemp("flair")
+    dataset = generate_dataset(root / "bids", n_subjects=8, n_sessions=1, preset="tiny", seed=11, effect_size=0.8,
+                               contrasts=("FLAIR",), missing_contrast_fraction=1 / 8)  # fmt: skip
+    out = root / "out"
+    result = run_cli(str(dataset.bids_dir), str(out), "participant", "--template", str(dataset.template_path),
+                     "--crop-shape", *TINY_CROP, "--modes", "roi", "--roi-mask", f"hippocampus={dataset.roi_mask_path}",
+                     "--contrasts", "FLAIR", "--nprocs", "2", "--skip-bids-validation")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dataset, out
+
+
+def test_a_t1w_and_flair_roi_model_trains_predicts_and_reports_the_session_without_flair(flair_cohort) -> None:
+    from bids_app.maps import Maps
+
+    dataset, out = flair_cohort
+    ((label, session),) = dataset.sessions_without_contrasts
+    group = [arg if arg != "pet-FDG" else "FLAIR" for arg in GROUP]
+    result = run_cli(str(dataset.bids_dir), str(out), *group, "--model-name", "t1w-flair")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"sub-{label} ses-{session} lacks FLAIR" in result.stderr
+    maps_dir = out / "models" / "t1w-flair"
+    excluded = pd.read_csv(maps_dir / "excluded_sessions.tsv", sep="\t", dtype=str)
+    assert excluded.to_dict("records") == [
+        {"participant_id": f"sub-{label}", "session_id": f"ses-{session}", "missing_kinds": "FLAIR"}
+    ]
+    record = json.loads((maps_dir / "maps.json").read_text())
+    assert record["channels"] == ["T1w", "FLAIR"] and record["excluded_sessions"]["n_sessions"] == 1
+    first = next(m for m in Maps.open(maps_dir).load_model(0, "loss").modules() if isinstance(m, torch.nn.Conv3d))
+    assert first.weight.shape[1] == 2
+    test = pd.read_csv(maps_dir / "split-0" / "best-loss" / "test" / "test_image_level_prediction.tsv", sep="\t")
+    pool = pd.read_csv(maps_dir / "groups" / "train+validation.tsv", sep="\t", dtype=str)
+    assert len(test) == 2 and len(test) + len(pool) == 7
+    assert f"sub-{label}" not in {*pool["participant_id"], *test["participant_id"]}
+    assert f"sub-{label} ses-{session} (no FLAIR)" in (maps_dir / "report.html").read_text()
