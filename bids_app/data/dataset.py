@@ -241,7 +241,8 @@ class TensorDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
         first = self._rows[index] * self.n_channels
         stored = [self._read_channel(index, first + c, out[c : c + 1]) for c in range(self.n_channels)]
         if self.cache:
-            kept = stored[0] if len(stored) == 1 else np.concatenate(stored)
+            parts = [part for part in stored if part is not None]  # every channel's, when caching
+            kept = parts[0] if len(parts) == 1 else np.concatenate(parts)
             kept.flags.writeable = False  # handed out by read_sample; a sample must not change
             self._cached[index] = kept
 

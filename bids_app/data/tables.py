@@ -123,9 +123,8 @@ def index_channels(
     keys = ["participant_id", "session_id"]
     table = per_kind[0]
     for kind, other in zip(kinds[1:], per_kind[1:], strict=False):
-        renamed = other[[*keys, "tensor_path", "n_parts", "sample_shape", "tensor_sha256", "_parameters"]].rename(
-            columns=lambda c, name=kind.name: c if c in keys else f"{c}@{name}"
-        )
+        columns = ["tensor_path", "n_parts", "sample_shape", "tensor_sha256", "_parameters"]
+        renamed = other[[*keys, *columns]].rename(columns={c: f"{c}@{kind.name}" for c in columns})
         table = table.merge(renamed, on=keys, how="inner")
     sessions = [set(zip(t["participant_id"], t["session_id"], strict=True)) for t in per_kind]
     complete = set.intersection(*sessions) if sessions else set()
