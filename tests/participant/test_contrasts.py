@@ -114,7 +114,7 @@ def test_session_without_a_contrast_is_reported_and_not_a_failure(contrast_run) 
     assert set(bare_rows["status"]) == {"ok", "missing"}  # its T1w went through every mode
     # alone, a missing contrast is no failure: exit 0 (the T1w outputs are re-used)
     again = run_cli(*participant_args(dataset, dataset.bids_dir, out, "--contrasts", *CONTRASTS,
-                                      "--participant-label", bare))  # fmt: skip
+                                      "--participant-label", bare, "--skip-bids-validation"))  # fmt: skip
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"No T2w for sub-{bare} ses-{session}" in again.stderr
 
@@ -158,9 +158,29 @@ def test_contrasts_are_refused_with_derivatives_and_filters_are_honoured(contras
     copy = tmp_path / "out2"
     shutil.copytree(out, copy)
     filtered = run_cli(*participant_args(dataset, dataset.bids_dir, copy, "--contrasts", "FLAIR", "--participant-label",
-                                         who["full"], "--bids-filter-file", str(filters)))  # fmt: skip
+                                         who["full"], "--bids-filter-file", str(filters),
+                                         "--skip-bids-validation"))  # fmt: skip
     assert filtered.returncode == 0, filtered.stderr[-2000:]
     rows = pd.read_csv(copy / "status" / f"sub-{who['full']}_status.tsv", sep="\t", dtype=str)
     missing = rows[rows["status"] == "missing"]
     assert list(missing["stage"]) == ["preprocess-FLAIR"]
     assert '{"acquisition": "axial"}' in missing["message"].iloc[0]
+
+
+def test_contrasts_from_toml_and_bad_values(tmp_path: Path) -> None:
+    """``[preprocess] contrasts`` reads like ``--contrasts`` and survives the dumped config; a lower-case or
+    repeated name is refused with the option, the value and the fix."""
+    from bids_app.config import check_config_values
+    from bids_app.config_file import config_to_nested, load_config_file, resolve_config
+    from bids_app.errors import ConfigError
+
+    base = {"run": {"bids_dir": str(tmp_path), "output_dir": str(tmp_path / "out"), "analysis_level": "participant"}}
+    config = tmp_path / "config.toml"
+    config.write_text('[preprocess]\ncontrasts = ["FLAIR"]\n\n[bids_filters.flair]\nacquisition = "axial"\n')
+    cfg = resolve_config({**base, **load_config_file(config)})
+    check_config_values(cfg)
+    assert cfg.preprocess.contrasts == ("FLAIR",) and cfg.bids_filters == {"flair": {"acquisition": "axial"}}
+    assert resolve_config(config_to_nested(cfg)) == cfg
+    for bad in (["flair"], ["T2w", "T2w"]):
+        with pytest.raises(ConfigError, match=r"Invalid --contrasts \(preprocess.contrasts\).*at most once"):
+            check_config_values(resolve_config({**base, "preprocess": {"contrasts": bad}}))
