@@ -45,6 +45,11 @@ def test_contrasts_are_written_per_session_with_their_own_pose_and_some_sessions
             assert zooms == [4.0, 4.0, 6.0]  # thick slices
             assert (anat / f"sub-{label}_ses-{session}_FLAIR.json").is_file()
     assert validate(ds.bids_dir).returncode == 0
+    again = generate_dataset(tmp_path / "again", n_subjects=2, n_sessions=2, seed=4, contrasts=["T2w", "FLAIR"],
+                             missing_contrast_fraction=0.25)  # fmt: skip
+    files = sorted(p.relative_to(ds.bids_dir) for p in ds.bids_dir.rglob("*.nii.gz"))
+    assert files == sorted(p.relative_to(again.bids_dir) for p in again.bids_dir.rglob("*.nii.gz"))
+    assert all(_sha(ds.bids_dir / f) == _sha(again.bids_dir / f) for f in files)  # same seed, same bytes
 
 
 def test_t2w_and_flair_have_their_tissue_contrast() -> None:
