@@ -16,7 +16,8 @@ prints three things:
    writing and the report, and the 15 most expensive functions by own time.
 
 Run: ``python benchmarks/bench_participant_preprocessed.py [--n-subjects 20] [--n-sessions 2] [--skip-cli]``;
-before/after: ``git archive COMMIT | tar -x -C /tmp/old`` then the same with ``--source /tmp/old`` (table only).
+before/after: ``git archive COMMIT bids_app | tar -x -C /tmp/old`` then add ``--source /tmp/old``: each run of the
+old tree follows the same run of this one, so both see the same machine load.
 Check ``uptime`` first: the figures are only as good as the machine is idle.
 """
 
@@ -139,8 +140,10 @@ def main() -> None:
     parser.add_argument("--n-sessions", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1, help="passes of the tensor-path loop (default 1)")
     parser.add_argument("--skip-cli", action="store_true", help="only the tensor path and the profile")
-    parser.add_argument("--source", type=Path, help="run the participant level from this bids_app source tree (e.g. "
-                        "an older commit: git archive COMMIT | tar -x -C DIR) and print only its table")  # fmt: skip
+    parser.add_argument("--source", type=Path, help="also run the participant level from this bids_app source tree "
+                        "(e.g. an older commit: git archive COMMIT bids_app | tar -x -C DIR), each run next to this "
+                        "tree's")  # fmt: skip
+    parser.add_argument("--modes", nargs="+", choices=list(MODE_SETS), help="mode sets to run (default: all three)")
     args = parser.parse_args()
     from bids_app.synthetic.dataset import generate_dataset
 
@@ -154,17 +157,21 @@ def main() -> None:
         print(f"{n_images} preprocessed 1 mm inputs ({args.n_subjects} participants x {args.n_sessions} sessions), "
               "cropped to 169x208x179")  # fmt: skip
         if not args.skip_cli:
-            print(f"\n{'modes':6} {'procs':>5} {'wall s':>8} {'s/image/process':>16} {'CPU s/image':>12}")
+            trees: list[tuple[str, Path | None]] = [("this tree", None)]
+            if args.source:
+                trees.append(("--source", args.source))  # interleaved: both see the same machine load
+            print(f"\n{'tree':10} {'modes':6} {'procs':>5} {'wall s':>8} {'s/image/process':>16} {'CPU s/image':>12}")
             for name, modes in MODE_SETS.items():
+                if args.modes and name not in args.modes:
+                    continue
                 for nprocs in (1, 2):
-                    out = root / f"out_{name}_{nprocs}"
-                    wall, cpu = _run_cli(_cli(dataset.bids_dir, dataset.derivative_dir, out, modes,
-                                              dataset.roi_mask_path, nprocs), args.source)  # fmt: skip
-                    print(f"{name:6} {nprocs:5d} {wall:8.1f} {wall * nprocs / n_images:16.3f} {cpu / n_images:12.3f}",
-                          flush=True)  # fmt: skip
+                    for tree, source in trees:
+                        out = root / f"out_{name}_{nprocs}_{len(source.parts) if source else 0}"
+                        wall, cpu = _run_cli(_cli(dataset.bids_dir, dataset.derivative_dir, out, modes,
+                                                  dataset.roi_mask_path, nprocs), source)  # fmt: skip
+                        print(f"{tree:10} {name:6} {nprocs:5d} {wall:8.1f} {wall * nprocs / n_images:16.3f} "
+                              f"{cpu / n_images:12.3f}", flush=True)  # fmt: skip
             print("(issue 16: clinicadl prepare-data, image mode, no QC/report: 0.66 s per image per process)")
-        if args.source:
-            return
         wall, cpu = _tensor_path_seconds(inputs, root / "tensors", args.repeats)
         print(f"\nTensor path alone (read, template grid, normalise, cut image mode, write + sidecar): {wall:.3f} s "
               f"per image, {cpu:.3f} s CPU (target < 0.3 s)")  # fmt: skip
