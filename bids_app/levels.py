@@ -828,12 +828,13 @@ def group_table(
     tensors: TensorIndex,
     labels_cfg: LabelConfig,
     mode: ExtractionMode,
-    kinds: Sequence[ImageKind],
+    kinds: Sequence[ImageKind] | None = None,
     *,
     cohort: bool = False,
     excluded: pd.DataFrame | None = None,
 ) -> GroupTable:
-    """Labels joined with the tensors the participant level produced for ``mode`` and the channels ``kinds``.
+    """Labels joined with the tensors the participant level produced for ``mode`` and the channels ``kinds``
+    (None: T1w alone).
 
     ``cohort``: the table is one cohort of several, whose classes are checked together (``data.cohorts``).
     ``excluded``: sessions already reported as lacking a channel (``data.tables.index_channels``), whose
@@ -843,7 +844,7 @@ def group_table(
     from bids_app.errors import InputMissingError
     from bids_app.labels import load_labels
 
-    if tensors.empty:
+    if tensors.empty and kinds is not None:
         check_kinds_present(cfg.output_dir, mode, kinds)  # a channel no session has: named, with its option
         raise InputMissingError(
             f"No complete {mode.value} tensors in {cfg.output_dir}. Run the participant level first "
