@@ -24,9 +24,9 @@ step), the fraction of the limit, and two losses: the first step's, computed by 
 weights, batch and dropout mask, with its relative difference to the first variant's (float rounding only:
 ~1e-7 for an exact variant), and the mean of the timed epoch, after Adam steps that amplify rounding
 differences. Inductor draws dropout masks from its own generator, so a compiled step's losses differ at the
-first step whatever its arithmetic; the last column compares arithmetic alone: each variant's eval-mode logits
-of the batch at the initial weights against the same logits computed in float64 (largest difference over the
-largest float64 logit).
+first step whatever its arithmetic; the last column compares arithmetic alone: each variant's logits of the
+batch at the initial weights, in training mode (batch-norm on the batch's statistics) with dropout off, against
+the same logits computed in float64 (largest difference over the largest float64 logit).
 
 Data are one random batch already in memory, handed out ``--steps`` times: this measures the model, not the
 loader (see ``bench_dataloader.py``).
@@ -38,6 +38,8 @@ Run: ``python benchmarks/bench_train_step.py [--batch-size 2] [--warmup 2] [--st
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -48,6 +50,7 @@ import time
 from collections.abc import Iterator
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from bids_app.config import RuntimeConfig, Task, TrainConfig
@@ -142,15 +145,37 @@ def batch(shape: tuple[int, ...], batch_size: int) -> tuple[torch.Tensor, torch.
     return torch.rand(batch_size, *shape, generator=generator), torch.arange(batch_size) % 2
 
 
+@contextlib.contextmanager
+def without_dropout(model: nn.Module) -> Iterator[None]:
+    """``model`` in training mode with its dropout off, its state (batch-norm running statistics) put back after.
+
+    Training mode: batch normalisation uses the statistics of the batch, as in a training step (their float32
+    sums over a whole image are where a layout's rounding shows most); no dropout: the mask would hide it.
+    """
+    state = copy.deepcopy(model.state_dict())
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    rates = [m.p for m in dropouts]
+    model.train()
+    try:
+        for module in dropouts:
+            module.p = 0.0
+        with torch.no_grad():
+            yield
+    finally:
+        for module, rate in zip(dropouts, rates, strict=True):
+            module.p = rate
+        model.load_state_dict(state)
+
+
 def float64_logits(architecture: str, shape: tuple[int, ...], batch_size: int) -> torch.Tensor:
-    """The eval-mode logits of the variants' initial model on their batch, computed in float64.
+    """The logits of the variants' initial model on their batch (``without_dropout``), computed in float64.
 
     The reference for the float32 variants: a layout or a compiled graph changes the order of the sums, so each
     variant's logits differ from these by float32 rounding; an exact variant differs by no more than the default.
     """
     torch.manual_seed(0)
-    model = build_model(architecture, task=Task.CLASSIFICATION, input_shape=shape, n_outputs=2).double().eval()
-    with torch.no_grad():
+    model = build_model(architecture, task=Task.CLASSIFICATION, input_shape=shape, n_outputs=2).double()
+    with without_dropout(model):
         return model(batch(shape, batch_size)[0].double())
 
 
@@ -177,8 +202,7 @@ def run_variant(
         memory_format=memory_format,
     )
     x, y = batch(shape, batch_size)
-    model.eval()  # the initial weights' logits, without dropout: what the arithmetic gives (see float64_logits)
-    with torch.no_grad():
+    with without_dropout(model):  # the initial weights' training-mode logits (see float64_logits)
         logits = loop.model(x.contiguous(memory_format=memory_format)).tolist()
     start = time.perf_counter()
     first_loss = train_epoch(loop, TimedBatches(x, y, 1))  # type: ignore[arg-type]
