@@ -337,3 +337,28 @@ def test_a_flipped_and_permuted_grid_on_the_same_lattice_is_copied_not_interpola
     np.testing.assert_array_equal(out[covered], field(world)[covered])  # the source's own float32 values
     assert not out[~covered].any()
     np.testing.assert_array_equal(image.affine, target_affine)
+
+
+def test_an_image_whose_bright_mass_lies_outside_the_template_brain_is_refused() -> None:
+    """A field of view that holds the template's brain but whose intensities sit elsewhere (a scanner-space image
+    named as if in MNI space): refused, naming where the intensities are centred and the fix."""
+    from bids_app.errors import DataError
+    from bids_app.preprocess.template_space import TemplateGrid, to_template_grid
+
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [-20.0, -24.0, -18.0]
+    centres = nib.affines.apply_affine(affine, np.stack(np.indices((20, 24, 18)), axis=-1))
+    blob = np.exp(-(centres**2).sum(axis=-1) / 200.0).astype(np.float32)
+    grid = TemplateGrid.of(nib.Nifti1Image(blob, affine), TPL)
+    wide = np.diag([2.0, 2.0, 2.0, 1.0])
+    wide[:3, 3] = [-100.0, -100.0, -100.0]  # 200 mm each way: the template's brain is well inside
+    head = np.zeros((100, 100, 100), dtype=np.float32)
+    head[70:90, 70:90, 70:90] = 1.0  # centred at (59, 59, 59) mm
+    with pytest.raises(DataError, match=r"its intensities are centred at \(59, 59, 59\) mm, outside the") as refusal:
+        to_template_grid(nib.Nifti1Image(head, wide), "MNI152NLin2009cAsym", grid, Path("x.nii.gz"), "Preprocessed T1w")
+    assert "--template FILE --template-space LABEL" in str(refusal.value)
+    head[:] = 0.0
+    head[45:55, 45:55, 45:55] = 1.0  # the same field of view, its mass where the template's brain is: accepted
+    image, placement = to_template_grid(nib.Nifti1Image(head, wide), "MNI152NLin2009cAsym", grid, Path("x.nii.gz"),
+                                        "Preprocessed T1w")  # fmt: skip
+    assert placement.brain_coverage == 1.0 and np.asarray(image.dataobj).any()
