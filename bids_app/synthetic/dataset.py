@@ -210,7 +210,7 @@ def _write_raw_metadata(
         f"{version} from the MNI152 2009a template: each participant is a smooth random deformation of the "
         "template; AD participants lose grey-matter intensity around both hippocampi. Images are moved to a "
         "random native pose with a bias field and Rician noise. The atrophy region is in "
-        f"`code/template/{ROI_MASK_NAME}`.\n\nSettings: {settings}.\n",
+        f"`code/template/{ROI_MASK_NAME}`.\n\n{_contrasts_text(arguments)}Settings: {settings}.\n",
     )
     _write_tsv(
         bids_dir / "participants.tsv",
@@ -222,6 +222,19 @@ def _write_raw_metadata(
     for p in participants:
         rows = [[f"ses-{s}", f"{p.age + years:.1f}", p.diagnosis] for years, s in enumerate(sessions)]  # yearly
         _write_tsv(bids_dir / f"sub-{p.label}" / f"sub-{p.label}_sessions.tsv", list(SESSIONS_JSON), rows)
+
+
+def _contrasts_text(arguments: dict[str, Any]) -> str:
+    """The README's paragraph on T2w/FLAIR, empty without ``contrasts`` (the default README stays as it was)."""
+    if not arguments.get("contrasts"):
+        return ""
+    looks = {"T2w": "T2w (bright CSF, white matter darker than grey matter)",
+             "FLAIR": "FLAIR (dark CSF, 1.5 times thicker slices)"}  # fmt: skip
+    return (
+        f"Each session also has {' and '.join(looks[c] for c in arguments['contrasts'])} images of the same "
+        "anatomy, each at its own pose with the T1w's head size; a fraction of the sessions "
+        f"(missing_contrast_fraction={arguments.get('missing_contrast_fraction', 0.0)}) have their T1w only.\n\n"
+    )
 
 
 def _write_templates(bids_dir: Path, preset: str) -> tuple[Path, Path]:
