@@ -183,7 +183,7 @@ def run_variant(
     variant: Variant, architecture: str, shape: tuple[int, ...], batch_size: int, warmup: int, steps: int
 ) -> dict[str, object]:
     """Seconds of the warm-up epoch and of each timed step, and the timed epoch's mean per-sample loss."""
-    torch.backends.mkldnn.enabled = variant.mkldnn
+    torch.backends.mkldnn.enabled = variant.mkldnn  # type: ignore[assignment]  # a module property
     tc = TrainConfig(architecture=architecture)
     rt = RuntimeConfig(channels_last=variant.channels_last, device="cpu")
     torch.manual_seed(0)
@@ -246,7 +246,7 @@ def spawn(name: str, args: argparse.Namespace) -> dict[str, object] | str:
     if done.returncode != 0 or not lines:
         errors = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
         return f"failed: {errors[-1]}"
-    return json.loads(lines[-1])  # type: ignore[no-any-return]
+    return json.loads(lines[-1])
 
 
 def main() -> None:

@@ -91,7 +91,7 @@ def test_channels_last_is_the_default_and_no_channels_last_turns_it_off(tmp_path
     assert parse_config([*bare, "--config", str(config)]).runtime.channels_last is False
     assert parse_config([*bare, "--config", str(config), "--channels-last"]).runtime.channels_last is True
     config.write_text('[runtime]\nchannels_last = "no"\n')
-    with pytest.raises(ConfigError, match="'runtime.channels_last' must be true or false, got 'no'"):
+    with pytest.raises(ConfigError, match=r"'runtime\.channels_last' must be true or false, got 'no'"):
         parse_config([*bare, "--config", str(config)])
     with pytest.raises(SystemExit) as exit_info:
         parse_config([*bare, "--channels-last=no"])
