@@ -15,8 +15,8 @@ from bids_app.errors import ConfigError
 from tests.conftest import run_cli
 
 SHAPES = {
-    "image": (1, 20, 24, 18),  # (C, X, Y, Z): image, patch, region
-    "two channels": (2, 16, 18, 14),
+    "image": (1, 16, 18, 14),  # (C, X, Y, Z): image, patch, region
+    "two channels": (2, 12, 14, 10),
     "slice": (1, 20, 24),  # (C, H, W)
 }
 SEEDS = [int(s) for s in np.random.default_rng(0).integers(0, 2**62, 8)]  # like the sampler's seeds
