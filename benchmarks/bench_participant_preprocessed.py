@@ -66,8 +66,9 @@ def _run_cli(args: list[str], source: Path | None) -> tuple[float, float]:
     env = {**os.environ, "PYTHONPATH": str(source)} if source else None
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
+    # from the source tree's folder: ``python -m`` puts the working folder first on sys.path, before PYTHONPATH
     result = subprocess.run([sys.executable, "-m", "bids_app", *args], capture_output=True, text=True, check=False,
-                            env=env)  # fmt: skip
+                            env=env, cwd=source)  # fmt: skip
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
