@@ -398,8 +398,11 @@ def model_participant_config(nested: Mapping[str, Any], maps_dir: Path) -> dict[
     for key, (section, name, flag) in CONFIG_KEYS.items():
         if key in ("template_path", "mode", "roi_mask_path") or name not in explicit[section]:
             continue
-        if name in wanted[section] and _comparable(explicit[section][name]) != _comparable(wanted[section][name]):
-            refuse(flag, _plain_value(explicit[section][name]), _plain_value(wanted[section][name]))
+        given, expected = explicit[section][name], wanted[section].get(name)
+        if key == "image_voxel_size" and isinstance(given, int) and not isinstance(given, bool):
+            given = float(given)  # a TOML file's 2 is the model's 2.0
+        if name in wanted[section] and _comparable(given) != _comparable(expected):
+            refuse(flag, _plain_value(explicit[section][name]), _plain_value(expected))
     return merge_nested(wanted, nested)
 
 

@@ -173,13 +173,13 @@ def test_bad_values_are_refused_before_anything_is_written(tiny_dataset, tmp_pat
 
 @pytest.fixture(scope="module")
 def coarse(tmp_path_factory: pytest.TempPathFactory):
-    """6 tiny participants' image tensors at 8 mm, and a small_cnn trained on them for one epoch (2 tested)."""
+    """6 tiny participants' image tensors at 8 mm; a small_cnn trained on them for one epoch (2 tested, predicted)."""
     root = tmp_path_factory.mktemp("coarse")
     dataset = make_dataset(root, 6, 1, seed=61)
     out = root / "out"
     made = participant(dataset, out, "--modes", "image", "--image-voxel-size", "8")
     assert made.returncode == 0, made.stderr[-3000:]
-    trained = group(dataset, out, "--stages", "split", "train")
+    trained = group(dataset, out, "--stages", "split", "train", "predict")
     assert trained.returncode == 0, trained.stderr[-3000:]
     return dataset, out
 
@@ -217,13 +217,28 @@ def test_saliency_maps_go_back_to_the_template_grid(coarse) -> None:
         assert np.asarray(saliency.dataobj).any()
 
 
-def test_a_model_trained_at_8_mm_refuses_template_grid_tensors(coarse, tmp_path: Path) -> None:
+def test_a_model_trained_at_8_mm_refuses_template_grid_tensors_and_from_model_remakes_them(
+    coarse, tmp_path: Path
+) -> None:
     dataset, out = coarse
     other = tmp_path / "other"
-    made = participant(dataset, other, "--modes", "image", "--participant-label", "001")
+    test_rows = pd.read_csv(out / "models" / "cnn" / "groups" / "test" / "data.tsv", sep="\t")
+    label = str(test_rows["participant_id"].iloc[0]).removeprefix("sub-")  # never seen in training: no leak
+    made = participant(dataset, other, "--modes", "image", "--participant-label", label)
     assert made.returncode == 0, made.stderr[-3000:]
     refused = group(dataset, out, "--stages", "predict", "--predict-from", str(other), "--group-name", "fine")
     assert refused.returncode == 65, refused.stderr[-3000:]
     line = refused.stderr.strip().splitlines()[-1]
     assert "image_voxel_size none (the template grid)" in line and "image_voxel_size 8 mm" in line
     assert "--from-model" in line
+    maps = out / "models" / "cnn"
+    contradicted = participant(dataset, other, "--from-model", str(maps), "--image-voxel-size", "4", "--overwrite")
+    assert contradicted.returncode == 64, contradicted.stderr[-3000:]
+    assert "--image-voxel-size 4.0 contradicts --from-model" in contradicted.stderr
+    remade = participant(dataset, other, "--from-model", str(maps), "--participant-label", label, "--overwrite")
+    assert remade.returncode == 0, remade.stderr[-3000:]
+    (sidecar,) = other.glob(f"sub-{label}/**/*desc-image_T1w.json")
+    assert json.loads(sidecar.read_text())["ModeParameters"] == {"VoxelSize": 8.0}
+    predicted = group(dataset, out, "--stages", "predict", "--predict-from", str(other), "--group-name", "fine")
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert len(pd.read_csv(maps / "split-0" / "best-loss" / "fine" / "fine_image_level_prediction.tsv", sep="\t")) == 1
