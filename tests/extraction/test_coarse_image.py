@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from bids_app.config import ExtractionConfig, ExtractionMode, Task
 from bids_app.data.origin import settings_differences, tensor_settings
@@ -140,6 +141,8 @@ def test_coarse_architectures_fit_their_grids(name: str, shape, features) -> Non
     check_compatibility(name, Task.CLASSIFICATION, ExtractionMode.IMAGE, shape)
     model = build_model(name, task=Task.CLASSIFICATION, input_shape=shape, n_outputs=2)
     assert model.feature_shape(shape) == features  # type: ignore[operator]
+    with torch.no_grad():  # the flattened size fc1 was built for is what the convolutions really give
+        assert tuple(model.features(torch.zeros(1, *shape)).shape[1:]) == features  # type: ignore[operator]
     with pytest.raises(ConfigError, match="takes 3D inputs"):
         check_compatibility(name, Task.CLASSIFICATION, ExtractionMode.SLICE, (1, 85, 104))
 
