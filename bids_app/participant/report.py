@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import html
 import logging
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +143,10 @@ class _Overlay:
             for axis, n in enumerate(template.shape[:3]):
                 profile = self.mask.sum(axis=tuple(a for a in range(3) if a != axis))
                 self.centre[axis] = round(float(np.average(np.arange(n), weights=profile)))
+
+
+# template image → its overlay, while the image lives (a job keeps its template crop for the whole process)
+_OVERLAYS: weakref.WeakKeyDictionary[nib.Nifti1Image, _Overlay] = weakref.WeakKeyDictionary()
 
 
 class _Registered:
@@ -398,13 +403,10 @@ def write_participant_report(html_path: Path, participant_label: str, entries: S
 
     html_path = Path(html_path)
     anchors = [section_id(participant_label, e) for e in entries]
-    overlays: dict[int, _Overlay] = {}  # by template object: a participant's images share one template
-    for entry in entries:
-        if id(entry.template) not in overlays:
-            overlays[id(entry.template)] = _Overlay(entry.template)
-    sections = [
-        _section(participant_label, e, a, overlays[id(e.template)]) for e, a in zip(entries, anchors, strict=True)
-    ]
+    for entry in entries:  # a participant's images share one template, and a process's jobs share theirs
+        if entry.template not in _OVERLAYS:
+            _OVERLAYS[entry.template] = _Overlay(entry.template)
+    sections = [_section(participant_label, e, a, _OVERLAYS[e.template]) for e, a in zip(entries, anchors, strict=True)]
     rule_text = (
         f"T1w images pass when smoothed_correlation_to_template ≥ {qc_module.MIN_T1W_CORRELATION:g}; "
         f"T2w and FLAIR images when nmi_to_template ≥ {qc_module.MIN_CONTRAST_NMI:g}; "
