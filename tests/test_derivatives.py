@@ -121,3 +121,23 @@ def test_nifti_checksum_is_computed_while_writing_and_equals_the_files(tmp_path:
     np.testing.assert_array_equal(loaded.affine, image.affine)
     assert atomic_write_nifti(tmp_path / "again.nii.gz", image) == sha  # no time stamp: same image, same bytes
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary left
+
+
+@pytest.mark.parametrize("order", ["C", "F", "int16"])
+def test_nifti_written_without_copying_holds_what_nibabel_would_write(tmp_path: Path, order: str) -> None:
+    """The fast path (float voxels handed over as a view) and the fallback both store nibabel's own bytes."""
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+
+    from bids_app.derivatives import atomic_write_nifti
+
+    data = np.random.default_rng(1).normal(size=(7, 8, 9)).astype(np.float32)
+    data = np.asfortranarray(data) if order == "F" else data
+    data = (data * 100).astype(np.int16) if order == "int16" else data
+    image = nib.Nifti1Image(data, np.diag([2.0, 3.0, 4.0, 1.0]))
+    image.set_sform(image.affine, code=4)
+    path = tmp_path / "x.nii.gz"
+    atomic_write_nifti(path, image)
+    assert gzip.decompress(path.read_bytes()) == image.to_bytes()
