@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from bids_app.config import RunConfig
+from bids_app.config import RunConfig, TrainConfig
 from bids_app.config_file import config_to_nested
 from bids_app.derivatives import atomic_path
 from bids_app.errors import ConfigError, DataError
@@ -38,6 +38,7 @@ RESUMABLE_KEYS = ("resume", "epochs", "splits")
 # [train] options that act after the network is trained (the linear baseline is fitted beside it): not hashed.
 AFTER_TRAINING_KEYS = ("linear_baseline",)
 HASHED_RUNTIME_KEYS = ("amp", "deterministic")
+DEFAULT_CHANNELS = TrainConfig().channels
 
 
 @dataclasses.dataclass
@@ -250,6 +251,9 @@ def training_config_hash(cfg: RunConfig, split: int, train_table: pd.DataFrame, 
     nested = config_to_nested(cfg)
     train_options = {k: v for k, v in nested["train"].items() if k not in (*RESUMABLE_KEYS, *AFTER_TRAINING_KEYS)}
     train_options.update({k: nested["runtime"][k] for k in HASHED_RUNTIME_KEYS})
+    if tuple(train_options.get("channels", DEFAULT_CHANNELS)) == DEFAULT_CHANNELS:
+        # one T1w channel is what every checkpoint before --channels was trained on: they keep their hash
+        train_options.pop("channels", None)
     images = {
         name: [
             [str(r.participant_id), str(r.session_id), str(getattr(r, "label", "")), Path(str(r.tensor_path)).name]

@@ -453,6 +453,8 @@ def test_checkpoint_config_hash_is_the_fingerprint_of_bids_app_0_1_0() -> None:
     assert checkpoint.training_config_hash(cfg, 0, rows, rows) == (
         "12b97154aa829a36358c7352eb2aec8c88c822026bc6a68170a01838b9c8322e"
     )
+    flair = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, channels=("T1w", "FLAIR")))
+    assert checkpoint.training_config_hash(flair, 0, rows, rows) != checkpoint.training_config_hash(cfg, 0, rows, rows)
     amp = dataclasses.replace(cfg, runtime=RuntimeConfig(amp=True, device="cpu", num_workers=2))
     assert checkpoint.training_config_hash(amp, 0, rows, rows) == (
         "7afcf29584958f2b62d54ffa9543dee0cd1aff08f5dfce5f5c24d9e50e8e319b"
