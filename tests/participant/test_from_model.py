@@ -131,11 +131,12 @@ def test_tensors_made_otherwise_are_refused_then_from_model_matches_them(site) -
 
 def test_another_template_or_normalisation_is_named(site, tmp_path: Path) -> None:
     first, out_a, second, _ = site
-    other_template = tmp_path / "tpl-Other_res-4mm_T1w.nii.gz"
+    # the same space (an MNI152 one, so the site's template-space inputs fit it), another file
+    other_template = tmp_path / "tpl-MNI152NLin2009aSym_res-4mm_desc-brighter_T1w.nii.gz"
     image = nib.load(first.template_path)
     nib.save(nib.Nifti1Image(np.asarray(image.dataobj, dtype=np.float32) * 1.5, image.affine), other_template)
     for extra, named in (
-        (("--template", str(other_template), "--template-space", "Other"), "template_sha256"),
+        (("--template", str(other_template), "--template-space", "MNI152NLin2009aSym"), "template_sha256"),
         (("--template", str(first.template_path), "--normalization", "minmax"), "normalization"),  # not the default
     ):
         out = tmp_path / named

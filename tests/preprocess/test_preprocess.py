@@ -22,13 +22,8 @@ from bids_app.preprocess import qc as qc_module
 from bids_app.preprocess.nifti_checks import load_checked_nifti
 from bids_app.preprocess.pet_linear import load_preprocessed_pet, run_pet_linear
 from bids_app.preprocess.qc import QC_KEYS, brain_mask, compute_qc, qc_passes
-from bids_app.preprocess.t1_linear import (
-    crop_box,
-    crop_image,
-    load_preprocessed,
-    load_template,
-    run_t1_linear,
-)
+from bids_app.preprocess.t1_linear import crop_box, crop_image, load_template, run_t1_linear
+from bids_app.preprocess.template_space import Resampling, TemplateGrid, load_preprocessed
 
 TINY_CROP = (42, 52, 45)  # ~ the 1 mm crop (169, 208, 179) at 4 mm
 
@@ -127,7 +122,8 @@ def test_t1_linear_on_a_generated_participant_matches_its_template_space_image(t
     raw = sorted(tiny_dataset.bids_dir.glob("sub-*/ses-*/anat/*_T1w.nii.gz"))[0]
     truth_path = next(tiny_dataset.derivative_dir.rglob(raw.name.replace("_T1w", "_space-*_desc-preproc_T1w")))
     result = run_t1_linear(raw, tiny_cfg, tmp_path)
-    truth = load_preprocessed(truth_path, load_template(tiny_cfg), tiny_cfg)
+    grid = TemplateGrid.from_template(load_template(tiny_cfg), tiny_cfg.crop_shape, tiny_cfg.template_space)
+    truth, _ = load_preprocessed(truth_path, tiny_cfg.template_space, grid)
     a, b = np.asarray(result.image.dataobj), np.asarray(truth.dataobj)
     inside = b > 0
     assert np.corrcoef(a[inside], b[inside])[0, 1] >= 0.9
@@ -214,12 +210,16 @@ def tiny_template(tiny_cfg) -> nib.Nifti1Image:
     return load_template(tiny_cfg)
 
 
+def _grid(tiny_template, tiny_cfg) -> TemplateGrid:
+    return TemplateGrid.from_template(tiny_template, TINY_CROP, tiny_cfg.template_space)
+
+
 def test_load_preprocessed_crops_a_full_grid_image(tiny_template, tiny_cfg, tmp_path):
     data = np.asarray(tiny_template.dataobj) * 2.0
     path = _save(tmp_path / "full.nii.gz", data, tiny_template.affine, code=4)
-    image = load_preprocessed(path, tiny_template, tiny_cfg)
+    image, placement = load_preprocessed(path, tiny_cfg.template_space, _grid(tiny_template, tiny_cfg))
     box = crop_box(tiny_template, TINY_CROP)
-    assert image.shape == TINY_CROP
+    assert image.shape == TINY_CROP and placement.resampling is Resampling.SHIFT
     np.testing.assert_array_equal(np.asarray(image.dataobj), data[box])
     np.testing.assert_allclose(image.affine, crop_image(tiny_template, box).affine)
 
@@ -229,37 +229,16 @@ def test_load_preprocessed_accepts_the_cropped_grid(tiny_template, tiny_cfg, tmp
     affine = crop.affine.copy()
     affine[:3, 3] += 0.004  # float32 header rounding stays within tolerance
     path = _save(tmp_path / "crop.nii.gz", np.asarray(crop.dataobj), affine, code=4)
-    image = load_preprocessed(path, tiny_template, tiny_cfg)
+    image, placement = load_preprocessed(path, tiny_cfg.template_space, _grid(tiny_template, tiny_cfg))
+    assert placement.resampling is Resampling.NONE
     np.testing.assert_array_equal(np.asarray(image.dataobj), np.asarray(crop.dataobj))
     np.testing.assert_allclose(image.affine, crop.affine)
 
 
 def test_load_preprocessed_accepts_the_generators_derivative(tiny_dataset, tiny_template, tiny_cfg):
     path = next(tiny_dataset.derivative_dir.rglob("*_desc-preproc_T1w.nii.gz"))
-    assert load_preprocessed(path, tiny_template, tiny_cfg).shape == TINY_CROP
-
-
-@pytest.mark.parametrize(
-    ("shape", "voxel_mm", "shift_mm", "expected"),
-    [
-        ((49, 58, 47), 4.0, 4.0, "shape (49, 58, 47), voxel size (4.0, 4.0, 4.0)"),  # full grid, shifted a voxel
-        ((42, 52, 45), 4.0, 1.0, "shape (42, 52, 45), voxel size (4.0, 4.0, 4.0)"),  # crop grid, shifted
-        ((98, 116, 94), 2.0, 0.0, "shape (98, 116, 94), voxel size (2.0, 2.0, 2.0)"),  # another resolution
-        ((40, 40, 40), 4.0, 0.0, "shape (40, 40, 40)"),
-    ],
-)
-def test_load_preprocessed_rejects_other_grids(tiny_template, tiny_cfg, tmp_path, shape, voxel_mm, shift_mm, expected):
-    affine = np.diag([voxel_mm] * 3 + [1.0])
-    affine[:3, 3] = tiny_template.affine[:3, 3] + shift_mm
-    if shape == TINY_CROP:
-        affine[:3, 3] = crop_image(tiny_template, crop_box(tiny_template, TINY_CROP)).affine[:3, 3] + shift_mm
-    path = _save(tmp_path / "other.nii.gz", np.random.default_rng(0).random(shape, dtype=np.float32), affine)
-    with pytest.raises(DataError) as caught:
-        load_preprocessed(path, tiny_template, tiny_cfg)
-    message = str(caught.value)
-    assert str(path) in message and expected in message
-    assert "expected the template" in message and "(49, 58, 47)" in message and "(42, 52, 45)" in message
-    assert "template_path" in message  # the fix
+    image, _ = load_preprocessed(path, tiny_cfg.template_space, _grid(tiny_template, tiny_cfg))
+    assert image.shape == TINY_CROP
 
 
 # -- input checks --------------------------------------------------------------------------------------
@@ -423,7 +402,7 @@ def test_preprocessed_pet_uses_the_reference_mask(tiny_template, tiny_cfg, tmp_p
     mask[20:26, 20:26, 10:16] = 1
     mask_path = _save(tmp_path / "ref.nii.gz", mask, tiny_template.affine, code=4)
     cfg = dataclasses.replace(tiny_cfg, suvr_reference_mask=mask_path)
-    result = load_preprocessed_pet(pet_path, tiny_template, cfg)
+    result = load_preprocessed_pet(pet_path, cfg.template_space, _grid(tiny_template, cfg), tiny_template, cfg)
     box = crop_box(tiny_template, TINY_CROP)
     suvr = np.asarray(result.image.dataobj)
     assert suvr[(mask > 0)[box]].mean() == pytest.approx(1.0, rel=1e-5)
@@ -438,7 +417,7 @@ def test_empty_reference_mask_is_a_data_error(tiny_template, tiny_cfg, tmp_path)
     mask_path = _save(tmp_path / "ref.nii.gz", mask, tiny_template.affine, code=4)
     cfg = dataclasses.replace(tiny_cfg, suvr_reference_mask=mask_path)
     with pytest.raises(DataError, match=r"reference mask .*ref\.nii\.gz has no voxel inside the crop box"):
-        load_preprocessed_pet(pet_path, tiny_template, cfg)
+        load_preprocessed_pet(pet_path, cfg.template_space, _grid(tiny_template, cfg), tiny_template, cfg)
 
 
 # -- realistic ------------------------------------------------------------------------------------------
