@@ -63,6 +63,16 @@ CUSTOM_MAP_DESCRIPTION = (
 )
 
 
+def custom_map_sidecar(cfg: RunConfig, name: str, source_space: str | None) -> dict[str, Any]:
+    """The ``CustomMap`` of a custom map's tensor sidecar: its ``Name``, the ``Filters`` ([entity, value] pairs
+    of ``--custom-map``) that selected its files and the ``SourceSpace`` they were in. The group level records
+    them (``data.origin.tensor_settings``) and refuses to predict maps selected otherwise than the model's."""
+    from bids_app.kinds import parse_custom_map
+
+    custom_map = next(m for m in map(parse_custom_map, cfg.preprocess.custom_maps) if m.name == name)
+    return {"Name": name, "Filters": [list(pair) for pair in custom_map.filters], "SourceSpace": source_space}
+
+
 def check_extraction(cfg: RunConfig) -> None:
     """Refuse extraction parameters that cannot fit the cropped template before any participant runs."""
     from bids_app.errors import ConfigError
@@ -430,6 +440,8 @@ class ParticipantJob:
                 "params": params,
                 "normalization": cfg.normalization.value,
                 "dtype": cfg.dtype.value,
+                # a custom map's filters: the same file selected as another map is another tensor
+                **({"custom_map": custom_map_sidecar(self.cfg, record.suffix, None)} if record.custom else {}),
             }
         )
         path = tensor_path(
@@ -469,6 +481,8 @@ class ParticipantJob:
         }
         if mode is not ExtractionMode.ROI:
             sidecar.pop("RoiMasks", None)
+        if record.custom:
+            sidecar["CustomMap"] = custom_map_sidecar(self.cfg, record.suffix, provenance.get("SourceSpace"))
         write_tensor(path, array, sidecar)
         self._draw_network_input(record, mode, array, sidecar, path, image)
         return False
