@@ -13,8 +13,8 @@ kind name      file names                from
 ``<name>``     ``..._<name>``            a template-space map of a derivative dataset (``--custom-map``)
 =============  ========================  ==============================================================
 
-A custom map's name is the user's (letters and digits, starting with a lower-case letter so it never collides
-with a BIDS suffix such as ``T1w`` or ``pet``).
+A custom map's name is the user's (letters and digits, starting with a lower-case letter; never a BIDS suffix
+such as ``T1w``, ``FLAIR`` or ``pet`` in any case, so it never collides with a kind's files).
 """
 
 from __future__ import annotations
@@ -29,6 +29,11 @@ ANATOMICAL_SUFFIXES = ("T1w", "T2w", "FLAIR")  # raw anatomical kinds, registere
 PET_SUFFIX = "pet"
 _PET_NAME = re.compile(r"^pet-(?P<tracer>[A-Za-z0-9]+)$")
 CUSTOM_NAME = re.compile(r"^[a-z][A-Za-z0-9]*$")
+# BIDS suffixes a custom map may not take in any case: ``flair`` would pass CUSTOM_NAME, but ``--channels flair``
+# is refused as a case slip of FLAIR, and ``..._flair`` / ``..._FLAIR`` files collide on case-insensitive disks.
+RESERVED_SUFFIXES = (*ANATOMICAL_SUFFIXES, PET_SUFFIX, "PDw", "T2starw", "PDT2", "angio", "T1map", "T2map",
+                     "T2starmap", "R1map", "R2map", "R2starmap", "PDmap", "UNIT1", "MTsat", "bold", "dwi", "asl",
+                     "m0scan", "mask")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,17 +109,25 @@ def parse_custom_map(spec: str) -> CustomMap:
     """``gm=suffix:probseg,label:GM,space:MNI152NLin2009cAsym`` as a :class:`CustomMap`.
 
     Raises:
-        ConfigError: no ``=``, a name that is not ``CUSTOM_NAME`` (or is ``pet``), an empty filter list, a pair
-            without ``:``, or an entity given twice.
+        ConfigError: no ``=``, a name that is not ``CUSTOM_NAME`` or is a BIDS suffix in any case
+            (``RESERVED_SUFFIXES``: ``flair``, ``t1w``, ``pet``...), an empty filter list, a pair without ``:``,
+            or an entity given twice.
     """
     example = "e.g. --custom-map gm=suffix:probseg,label:GM,space:MNI152NLin2009cAsym"
     name, sep, rest = spec.partition("=")
     if not sep or not rest.strip():
         raise ConfigError(f"Invalid --custom-map {spec!r}: expected NAME=ENTITY:VALUE[,ENTITY:VALUE...], {example}.")
-    if not CUSTOM_NAME.match(name) or name == PET_SUFFIX:
+    if not CUSTOM_NAME.match(name):
         raise ConfigError(
             f"Invalid --custom-map name {name!r}: a lower-case letter, then letters and digits (it becomes the "
-            f"suffix of the map's files and its kind name; not 'pet'), {example}."
+            f"suffix of the map's files and its kind name), {example}."
+        )
+    reserved = {suffix.lower(): suffix for suffix in RESERVED_SUFFIXES}.get(name.lower())
+    if reserved is not None:
+        raise ConfigError(
+            f"Invalid --custom-map name {name!r}: it is the BIDS suffix {reserved!r} in another case, which "
+            f"--channels reads as that kind and case-insensitive disks mix up with its files. Name the map "
+            f"otherwise, e.g. {name.lower()}map={rest}."
         )
     filters: list[tuple[str, str]] = []
     for pair in rest.split(","):

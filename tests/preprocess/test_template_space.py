@@ -285,6 +285,22 @@ def test_custom_map_specs_are_checked_before_anything_runs(tmp_path: Path) -> No
     assert parse_config([*base, "--config", str(toml)]).preprocess.custom_maps == from_file.preprocess.custom_maps
 
 
+def test_custom_map_named_like_a_bids_suffix_exits_64_before_anything_is_written(tmp_path: Path) -> None:
+    from bids_app.errors import ConfigError
+    from bids_app.kinds import parse_custom_map
+
+    bids = bids_root(tmp_path / "bids", ("01",))
+    out = tmp_path / "out"
+    result = run_cli(str(bids), str(out), "participant", "-d", str(tmp_path), "--custom-map", "flair=suffix:probseg")
+    assert result.returncode == 64, result.stderr
+    assert "Invalid --custom-map name 'flair'" in result.stderr and "e.g. flairmap=suffix:probseg" in result.stderr
+    assert not out.exists()
+    for name in ("t1w", "t2W", "pET", "pdw", "bold"):
+        with pytest.raises(ConfigError, match=f"Invalid --custom-map name '{name}'"):
+            parse_custom_map(f"{name}=desc:x")
+    assert parse_custom_map("flairmap=desc:x").name == "flairmap"
+
+
 def test_custom_maps_are_found_in_a_clinica_caps_by_their_file_name_entities(tmp_path: Path) -> None:
     from bids_app.config import AnalysisLevel, PreprocessConfig, RunConfig
     from bids_app.inputs.bids_query import query_custom_maps
