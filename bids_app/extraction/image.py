@@ -45,7 +45,7 @@ def normalize_volume(volume: np.ndarray, method: Normalization, source: str = "v
     """
     if volume.ndim != 3:
         raise DataError(f"{source} has shape {volume.shape}; expected a 3D volume. Check the image.")
-    out = np.array(volume, dtype=np.float32, copy=True)
+    out = np.array(volume, dtype=np.float32, copy=True, order="C")  # C order: the tensors are C-ordered
     finite = np.isfinite(out)
     if not finite.all():
         n_bad = int(out.size - np.count_nonzero(finite))
