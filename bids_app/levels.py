@@ -183,6 +183,9 @@ def _run_group(cfg: RunConfig, ctx: RunContext) -> int:
     labels_cfg = maps.record.config.labels if maps else cfg.labels
     # the image kinds stacked as channels: the model's when it is not trained here (a record without: T1w)
     kinds = maps.record.kinds if maps else tuple(parse_kind(name) for name in cfg.train.channels)
+    if maps is not None and tuple(cfg.train.channels) != tuple(kind.name for kind in kinds):
+        log.warning("Model %s reads the channels %s: those are used, not --channels %s (the model folder decides).",
+                    maps.name, ", ".join(k.name for k in kinds), " ".join(cfg.train.channels))  # fmt: skip
     split_done = distributed.broadcast_flag(final.splits_json.is_file())
     new_split = GroupStage.SPLIT in stages and not (cfg.train.resume and split_done)
     if cfg.cohorts:
@@ -190,7 +193,7 @@ def _run_group(cfg: RunConfig, ctx: RunContext) -> int:
     else:
         kept_split = final if split_done and not new_split else None
         index = index_channels(cfg.output_dir, mode, kinds)
-        tensors, excluded = select_images(cfg, index.tensors, kept_split), index.excluded
+        tensors, excluded = select_images(cfg, index.tensors, kept_split), select_excluded(cfg, index.excluded)
         table = group_table(cfg, tensors, labels_cfg, mode, kinds, excluded=excluded)
     log.info("Group level: %d image(s) of %d participant(s) with labels; stages %s", len(table),
              subject_ids(table).nunique(), ", ".join(s.value for s in stages))  # fmt: skip
@@ -727,6 +730,19 @@ def check_resumed_split(cfg: RunConfig, table: GroupTable, layout: MapsLayout) -
         )
 
 
+def select_excluded(cfg: RunConfig, excluded: pd.DataFrame) -> pd.DataFrame:
+    """The sessions lacking a channel (``index_channels``) that ``--participant-label`` and ``--session-label``
+    select, like ``select_images``: the model folder's ``excluded_sessions.tsv`` lists only the run's own."""
+    import pandas as pd
+
+    keep = pd.Series(True, index=excluded.index)
+    if cfg.participant_labels:
+        keep &= excluded["participant_id"].isin({f"sub-{label}" for label in cfg.participant_labels})
+    if cfg.session_labels:
+        keep &= excluded["session_id"].isin({f"ses-{label}" for label in cfg.session_labels})
+    return excluded if bool(keep.all()) else excluded[keep].reset_index(drop=True)
+
+
 def select_images(cfg: RunConfig, table: TensorIndex, kept_split: MapsLayout | None) -> TensorIndex:
     """The tensors ``--participant-label``, ``--session-label`` and ``--bids-filter-file`` select.
 
@@ -844,8 +860,9 @@ def group_table(
     from bids_app.errors import InputMissingError
     from bids_app.labels import load_labels
 
-    if tensors.empty and kinds is not None:
-        check_kinds_present(cfg.output_dir, mode, kinds)  # a channel no session has: named, with its option
+    if tensors.empty:
+        if kinds is not None:
+            check_kinds_present(cfg.output_dir, mode, kinds)  # a channel no session has: named, with its option
         raise InputMissingError(
             f"No complete {mode.value} tensors in {cfg.output_dir}. Run the participant level first "
             f"with --modes {mode.value}."

@@ -148,3 +148,54 @@ def test_a_t1w_and_flair_roi_model_trains_predicts_and_reports_the_session_witho
     assert len(test) == 2 and len(test) + len(pool) == 7
     assert f"sub-{label}" not in {*pool["participant_id"], *test["participant_id"]}
     assert f"sub-{label} ses-{session} (no FLAIR)" in (maps_dir / "report.html").read_text()
+
+
+def _participant(bids_dir: Path, out: Path, derivative: Path, *extra: str):
+    return run_cli(str(bids_dir), str(out), "participant", "-d", str(derivative), "--nprocs", "2",
+                   "--skip-bids-validation", *extra)  # fmt: skip
+
+
+def test_from_model_alone_prepares_the_models_pet_channel_at_a_new_site(trained, cohort, tmp_path) -> None:
+    bids_dir, out = cohort
+    maps_dir, _ = trained
+    derivative = bids_dir / "derivatives" / "preproc"
+    site = tmp_path / "site2"
+    refused = _participant(bids_dir, site, derivative, "--from-model", str(maps_dir), "--pet-tracer", "AV45")
+    assert refused.returncode == 64, refused.stderr[-2000:]
+    assert "--pet-tracer AV45 contradicts --from-model" in refused.stderr and not site.exists()
+    test = pd.read_csv(maps_dir / "split-0" / "best-loss" / "test" / "test_image_level_prediction.tsv", sep="\t")
+    unseen = sorted(test["participant_id"])  # the model's test participants: the leak guard lets them through
+    result = _participant(bids_dir, site, derivative, "--from-model", str(maps_dir), "--participant-label",
+                          *(p.removeprefix("sub-") for p in unseen))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    pet = sorted(site.rglob("*_trc-FDG_*_desc-roi_pet.npy"))
+    assert [p.name.split("_")[0] for p in pet] == unseen
+    predicted = run_cli(str(bids_dir), str(out), "group", "--stages", "predict", "--model-name", "two",
+                        "--predict-from", str(site), "--group-name", "fresh")  # fmt: skip
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    table = pd.read_csv(maps_dir / "split-0" / "best-loss" / "fresh" / "fresh_image_level_prediction.tsv", sep="\t")
+    assert sorted(table["participant_id"]) == unseen
+
+
+def test_channels_made_with_different_normalisations_are_refused(trained, cohort, tmp_path) -> None:
+    bids_dir, out = cohort
+    maps_dir, _ = trained
+    # sub-001 made again with another normalisation, then only its PET tensor copied beside its old T1w one
+    other, site = tmp_path / "minmax", tmp_path / "site"
+    for folder in (other, site):
+        shutil.copytree(out, folder, ignore=shutil.ignore_patterns("models"))
+    mask = bids_dir / "code" / "template" / "roi-hippocampus_mask.nii.gz"
+    template = json.loads(next(out.rglob("*_desc-roi_T1w.json")).read_text())["Preprocessing"]["TemplatePath"]
+    result = _participant(bids_dir, other, bids_dir / "derivatives" / "preproc", "--template", template,
+                          "--crop-shape", *TINY_CROP, "--pet-tracer", "FDG", "--modes", "roi", "--roi-mask",
+                          f"hippocampus={mask}", "--normalization", "minmax", "--participant-label", "001")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    pet = sorted(other.glob("sub-001/**/*_desc-roi_pet.*"))
+    assert len(pet) == 2
+    for path in pet:
+        shutil.copyfile(path, site / path.relative_to(other))
+    predicted = run_cli(str(bids_dir), str(out), "group", "--stages", "predict", "--model-name", "two",
+                        "--predict-from", str(site), "--group-name", "mixed")  # fmt: skip
+    assert predicted.returncode == 65, predicted.stderr[-2000:]
+    assert "were made with different normalization" in predicted.stderr
+    assert "sub-001_ses-M000" in predicted.stderr and not list(maps_dir.glob("split-*/best-*/mixed"))

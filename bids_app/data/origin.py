@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,10 @@ MATCHED_SETTINGS = (
     "roi_crop",
     "roi_mask_sha256",
     "normalization",
+    "custom_maps",
 )
+# The settings every channel of one sample must share (``channel_settings``): what a voxel means, plus the dtype.
+CHANNEL_SETTINGS = (*(key for key in MATCHED_SETTINGS if key != "custom_maps"), "dtype")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +120,9 @@ def tensor_settings(sidecar: Mapping[str, Any]) -> dict[str, Any]:
     ``template_sha256``, ``template_space``, ``crop_shape`` (list or None: the template's full grid),
     ``registration``, ``mode``, ``image_voxel_size`` (image mode: mm, None on the template grid), ``patch_size``,
     ``stride``, ``slice_direction``, ``discarded_slices``, ``roi_names``, ``roi_crop``, ``roi_mask_path`` and
-    ``roi_mask_sha256`` (name → path, sha256), ``normalization``, ``dtype``, ``pipeline_version``.
+    ``roi_mask_sha256`` (name → path, sha256), ``normalization``, ``dtype``, ``pipeline_version``, and for a
+    custom map ``custom_map`` (its ``--custom-map`` value, ``NAME=ENTITY:VALUE,...``) and ``custom_map_space``
+    (the space its files were in).
     """
     settings: dict[str, Any] = {}
     preprocessing = sidecar.get("Preprocessing")
@@ -150,6 +155,58 @@ def tensor_settings(sidecar: Mapping[str, Any]) -> dict[str, Any]:
     for key, name in (("Normalization", "normalization"), ("Dtype", "dtype"), ("BidsAppVersion", "pipeline_version")):
         if key in sidecar:
             settings[name] = sidecar[key]
+    custom_map = sidecar.get("CustomMap")
+    if isinstance(custom_map, Mapping) and isinstance(custom_map.get("Filters"), list):
+        pairs = ",".join(f"{entity}:{value}" for entity, value in custom_map["Filters"])
+        settings["custom_map"] = f"{custom_map.get('Name')}={pairs}"
+        settings["custom_map_space"] = custom_map.get("SourceSpace")
+    return settings
+
+
+def channel_kind_name(path: Path) -> str:
+    """The image kind (``bids_app.kinds`` name) of a tensor file: its suffix, ``pet-<tracer>`` for a PET."""
+    stem = Path(path).name.split(".")[0]
+    suffix = stem.rsplit("_", 1)[-1]
+    if suffix == "pet":
+        tracer = next((part[4:] for part in stem.split("_") if part.startswith("trc-")), None)
+        return f"pet-{tracer}" if tracer else suffix
+    return suffix
+
+
+def channel_settings(paths: Sequence[Path]) -> dict[str, Any]:
+    """The settings of one sample whose channels are the tensors ``paths`` (in channel order).
+
+    Every channel must have been made with the same ``CHANNEL_SETTINGS`` (template, crop, mode parameters,
+    normalisation, dtype...): the first channel's are the sample's. The kinds the channels need are added, under
+    the participant-level options that make them: ``contrasts`` (T2w, FLAIR), ``pet_tracers`` and
+    ``custom_maps`` (each map's ``--custom-map`` value, from its sidecar), each only when there is one.
+
+    Raises:
+        DataError: two channels made with different settings (both files and values named).
+    """
+    from bids_app.errors import DataError
+    from bids_app.extraction.storage import read_sidecar
+    from bids_app.kinds import ANATOMICAL_SUFFIXES, T1W
+
+    per_channel = [tensor_settings(read_sidecar(Path(str(path)))) for path in paths]
+    first = per_channel[0]
+    for path, other in zip(paths[1:], per_channel[1:], strict=True):
+        for key in CHANNEL_SETTINGS:
+            if _comparable(first.get(key)) != _comparable(other.get(key)):
+                raise DataError(
+                    f"The channels {Path(str(paths[0])).name} and {Path(str(path)).name} of one sample were made with "
+                    f"different {key} ({_shown(key, first.get(key), first)} vs {_shown(key, other.get(key), other)})"
+                    f": {paths[0]} vs {path}. Stacked as channels they must be prepared alike: re-run the participant "
+                    "level for all the kinds with the same options (--overwrite)."
+                )
+    settings = {key: value for key, value in first.items() if key not in ("custom_map", "custom_map_space")}
+    kinds = [channel_kind_name(Path(str(path))) for path in paths]
+    needed = {
+        "contrasts": [kind for kind in kinds if kind in ANATOMICAL_SUFFIXES and kind != T1W],
+        "pet_tracers": [kind.removeprefix("pet-") for kind in kinds if kind.startswith("pet-")],
+        "custom_maps": [other["custom_map"] for other in per_channel if "custom_map" in other],
+    }
+    settings.update({key: values for key, values in needed.items() if values})
     return settings
 
 
@@ -188,13 +245,19 @@ def settings_by_dataset(rows: Iterable[tuple[DatasetIdentity, Mapping[str, Any]]
 
 
 def read_settings(table: Any) -> list[dict[str, Any]]:
-    """``settings_by_dataset`` of the images of an index table (``tensor_path`` and ``DATASET_COLUMNS``)."""
-    from bids_app.extraction.storage import read_sidecar
+    """``settings_by_dataset`` of the images of an index table (``tensor_path`` or, with several channels,
+    ``channel_paths``, and ``DATASET_COLUMNS``): every channel's sidecar is read (``channel_settings``).
+
+    Raises:
+        DataError: the channels of one sample were made with different settings.
+    """
+    from bids_app.data.tables import CHANNEL_PATHS
 
     columns = [table[c].astype(str) if c in table.columns else [UNKNOWN] * len(table) for c in DATASET_COLUMNS]
+    channels = table[CHANNEL_PATHS] if CHANNEL_PATHS in table.columns else [(p,) for p in table["tensor_path"]]
     rows = []
-    for path, name, doi, dataset_id in zip(table["tensor_path"], *columns, strict=True):
-        rows.append((DatasetIdentity(name, doi, dataset_id), tensor_settings(read_sidecar(Path(str(path))))))
+    for paths, name, doi, dataset_id in zip(channels, *columns, strict=True):
+        rows.append((DatasetIdentity(name, doi, dataset_id), channel_settings(list(paths))))
     return settings_by_dataset(rows)
 
 
@@ -230,7 +293,12 @@ CONFIG_KEYS = {
     "roi_crop": ("extraction", "roi_crop", "--roi-crop"),
     "normalization": ("extraction", "normalization", "--normalization"),
     "dtype": ("extraction", "dtype", "--tensor-dtype"),
+    # the kinds a model's channels need (``channel_settings``): a participant run adds them to its own
+    "contrasts": ("preprocess", "contrasts", "--contrasts"),
+    "pet_tracers": ("preprocess", "pet_tracers", "--pet-tracer"),
+    "custom_maps": ("preprocess", "custom_maps", "--custom-map"),
 }
+KIND_KEYS = ("contrasts", "pet_tracers", "custom_maps")
 
 
 def settings_to_nested(settings: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -328,7 +396,8 @@ def model_participant_config(nested: Mapping[str, Any], maps_dir: Path) -> dict[
     normalisation, dtype and ROI masks are copied from the model folder's ``participant_settings``, so a new
     site prepares its data like the model's training data in one command. An option given explicitly (flag or
     ``--config`` file) must agree with the model: ``--modes`` must include the model's mode, ``--template`` and
-    ``--roi-mask`` files must have the model's checksums.
+    ``--roi-mask`` files must have the model's checksums. The kinds of the model's channels are added too
+    (``--contrasts``, ``--pet-tracer``, ``--custom-map`` with the model's filters): a given list must hold them.
 
     Raises:
         UsageError: an explicit option contradicts the model (both values named).
@@ -339,6 +408,7 @@ def model_participant_config(nested: Mapping[str, Any], maps_dir: Path) -> dict[
     from bids_app.config_file import merge_nested
     from bids_app.derivatives import file_sha256
     from bids_app.errors import DataError, InputMissingError, UsageError
+    from bids_app.kinds import parse_custom_map
     from bids_app.maps import Maps
     from bids_app.template import default_template_path
 
@@ -395,8 +465,21 @@ def model_participant_config(nested: Mapping[str, Any], maps_dir: Path) -> dict[
                     f"is not at {path} (or changed since). Pass a copy of it with --roi-mask {name}=PATH (its sha256 "
                     "is checked)."
                 )
+    for key in KIND_KEYS:  # the model's channels: a given list must hold them (more kinds are harmless)
+        section, name, flag = CONFIG_KEYS[key]
+        given, needed = explicit[section].get(name), wanted[section].get(name)
+        if given is None or not needed:
+            continue
+        if key == "custom_maps":
+            given_maps = {m.name: dict(m.filters) for m in map(parse_custom_map, given)}
+            lacking = [spec for spec in needed if given_maps.get(parse_custom_map(spec).name) !=
+                       dict(parse_custom_map(spec).filters)]  # fmt: skip
+        else:
+            lacking = [value for value in needed if value not in [str(g) for g in given]]
+        if lacking:
+            refuse(flag, _plain_value(given), _plain_value(needed))
     for key, (section, name, flag) in CONFIG_KEYS.items():
-        if key in ("template_path", "mode", "roi_mask_path") or name not in explicit[section]:
+        if key in ("template_path", "mode", "roi_mask_path", *KIND_KEYS) or name not in explicit[section]:
             continue
         given, expected = explicit[section][name], wanted[section].get(name)
         if key == "image_voxel_size" and isinstance(given, int) and not isinstance(given, bool):

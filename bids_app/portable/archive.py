@@ -58,6 +58,7 @@ MEMBER_PATTERNS = tuple(
         re.escape(CARD_JSON),
         r"maps\.json",
         r"environment\.json",
+        r"excluded_sessions\.tsv",
         r"groups/splits\.json",
         r"groups/([A-Za-z0-9_+-]+/)*[A-Za-z0-9_+-]+\.tsv",
         r"split-\d+/training_logs/(summary\.json|training\.tsv)",

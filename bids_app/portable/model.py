@@ -1,12 +1,13 @@
 """Export a model folder to one portable file, import it back, and open an imported model for prediction.
 
 The archive's members mirror the imported folder: the model record (narrowed to the exported models),
-``environment.json``, the split files under ``groups/`` (ids, labels, age and sex: no image data), for each
-exported split its ``training_logs/summary.json`` and ``training.tsv`` and, for each chosen selection metric,
-``best-<metric>/model.safetensors``, ``selection.json`` and the voting weights of multi-part modes, and the
-linear baseline selected like it (``baseline/best-<metric>/``: coefficients and standardisation, safetensors);
-the leak guard under ``leak_guard/``; ``MODEL_CARD.md`` and ``model_card.json``; ``manifest.json``. An imported folder
-is therefore a model folder the group level opens like any other (``Maps.open``), plus its guard and card.
+``environment.json``, ``excluded_sessions.tsv`` (several channels only), the split files under ``groups/`` (ids,
+labels, age and sex: no image data), for each exported split its ``training_logs/summary.json`` and
+``training.tsv`` and, for each chosen selection metric, ``best-<metric>/model.safetensors``, ``selection.json``
+and the voting weights of multi-part modes, and the linear baseline selected like it
+(``baseline/best-<metric>/``: coefficients and standardisation, safetensors); the leak guard under
+``leak_guard/``; ``MODEL_CARD.md`` and ``model_card.json``; ``manifest.json``. An imported folder is therefore a
+model folder the group level opens like any other (``Maps.open``), plus its guard and card.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def model_members(maps: Maps, splits: Sequence[int], metrics: Sequence[str]) -> 
     layout, root = maps.layout, maps.root
     record_file, *others = layout.record_files()
     members = {record_file.relative_to(root).as_posix(): maps.exported_record(splits, metrics)}
-    paths = [*others, *sorted(layout.groups_dir.rglob("*.tsv")), layout.splits_json]
+    # the sessions a model of several channels left out: its report lists them after an import too
+    paths = [*others, layout.excluded_sessions_tsv, *sorted(layout.groups_dir.rglob("*.tsv")), layout.splits_json]
     for split in splits:
         paths += [layout.summary_json(split), layout.training_tsv(split)]
         for metric in metrics:
