@@ -371,7 +371,11 @@ class ParticipantJob:
         else:
             what = f"Custom map {record.suffix!r}" if record.custom else f"Preprocessed {record.suffix}"
             filter_kind = "custom_maps" if record.custom else record.suffix.lower()
-            error = space_error(record.path, space, self.grid.space, what, filter_kind)  # before reading the file
+            caps = any(
+                (root / "subjects").is_dir() and record.path.is_relative_to(root)
+                for root in self.cfg.preprocess.derivatives_dirs
+            )  # a CAPS ignores --bids-filter-file: the fix offered differs
+            error = space_error(record.path, space, self.grid.space, what, filter_kind, caps=caps)  # before reading
             if error is not None:
                 raise error
             # messages read "Cannot read preprocessed image …", "custom map 'gm' image … contains NaN …"

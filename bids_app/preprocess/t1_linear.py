@@ -116,10 +116,14 @@ def crop_image(img: nib.Nifti1Image, box: Box) -> nib.Nifti1Image:
     return template_space_image(data, affine, img)
 
 
-def template_space_image(data: np.ndarray, affine: np.ndarray, like: nib.Nifti1Image) -> nib.Nifti1Image:
-    """A float32 NIfTI in template space, with ``like``'s sform code (2, aligned, when it has none) in both
-    sform and qform and units in mm."""
-    code = int(like.header["sform_code"]) or 2
+def template_space_image(
+    data: np.ndarray, affine: np.ndarray, like: nib.Nifti1Image, code: int | None = None
+) -> nib.Nifti1Image:
+    """A float32 NIfTI in template space, with ``code`` (default: ``like``'s sform code, 2 (aligned) when that
+    is 0 or 1: the image is on a template grid, not in scanner space) in both sform and qform, units in mm."""
+    if code is None:
+        code = int(like.header["sform_code"])
+        code = code if code > 1 else 2
     header = nib.Nifti1Header()
     header.set_xyzt_units("mm", "sec")
     out = nib.Nifti1Image(data.astype(np.float32, copy=False), affine, header)

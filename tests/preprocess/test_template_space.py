@@ -378,3 +378,49 @@ def test_an_image_whose_bright_mass_lies_outside_the_template_brain_is_refused()
     image, placement = to_template_grid(nib.Nifti1Image(head, wide), "MNI152NLin2009cAsym", grid, Path("x.nii.gz"),
                                         "Preprocessed T1w")  # fmt: skip
     assert placement.brain_coverage == 1.0 and np.asarray(image.dataobj).any()
+
+
+def test_oblique_fine_source_is_smoothed_by_its_footprint_and_outputs_are_template_coded() -> None:
+    """A 45-degree rotated 0.5 mm source under a 1 mm target: one target voxel spans 2 source voxels along every
+    source axis (sigma 0.5, not 0.21 from the largest matrix entry); and an image placed on the template grid is
+    coded MNI (4) even when its file was coded scanner (1)."""
+    from scipy.spatial.transform import Rotation
+
+    from bids_app.preprocess.t1_linear import template_space_image
+    from bids_app.preprocess.template_space import TemplateGrid, anti_alias_steps, to_template_grid
+
+    source_affine = np.eye(4)
+    source_affine[:3, :3] = 0.5 * Rotation.from_euler("z", 45, degrees=True).as_matrix()
+    to_source = np.linalg.solve(source_affine, np.eye(4))
+    np.testing.assert_allclose(anti_alias_steps(to_source), [2.0, 2.0, 2.0])
+    np.testing.assert_allclose(anti_alias_steps(np.diag([2.0, 0.5, 1.0, 1.0])), [2.0, 0.5, 1.0])  # anisotropic
+
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [-20.0, -24.0, -18.0]
+    centres = nib.affines.apply_affine(affine, np.stack(np.indices((20, 24, 18)), axis=-1))
+    blob = np.exp(-(centres**2).sum(axis=-1) / 200.0).astype(np.float32)
+    grid = TemplateGrid.of(nib.Nifti1Image(blob, affine), TPL)
+    scanner = nib.Nifti1Image(blob, affine)
+    scanner.set_sform(affine, code=1)
+    scanner.set_qform(affine, code=1)
+    image, _ = to_template_grid(scanner, "MNI152NLin2009cAsym", grid, Path("caps.nii.gz"), "Preprocessed T1w")
+    assert (int(image.header["sform_code"]), int(image.header["qform_code"])) == (4, 4)
+    assert int(template_space_image(blob, affine, scanner).header["sform_code"]) == 2  # aligned, not scanner
+
+
+def test_space_refusals_offer_a_fix_that_works_where_the_image_came_from() -> None:
+    """A custom map is re-selected by its own --custom-map filters, a CAPS image by its file (a CAPS ignores
+    --bids-filter-file, and --bids-filter-file has no custom_maps key); a derivative by --bids-filter-file."""
+    from bids_app.config import FILTER_KINDS
+    from bids_app.preprocess.template_space import space_error
+
+    assert "custom_maps" not in FILTER_KINDS
+    for space in (None, "T1w"):
+        custom = str(space_error(Path("gm.nii.gz"), space, TPL, "Custom map 'gm'", "custom_maps"))
+        assert "add space:<label> to that map's --custom-map filters" in custom
+        assert "--bids-filter-file" not in custom and "raw image" not in custom
+        caps = str(space_error(Path("t1.nii.gz"), space, TPL, "Preprocessed T1w", "t1w", caps=True))
+        assert "--bids-filter-file does not apply" in caps and "process the raw image without -d" in caps
+        assert '{"t1w"' not in caps
+        derivative = str(space_error(Path("t1.nii.gz"), space, TPL, "Preprocessed T1w", "t1w"))
+        assert '--bids-filter-file {"t1w": {"space": "MNI152NLin2009cAsym"}}' in derivative
