@@ -75,6 +75,10 @@ def check_train_config(cfg: RunConfig) -> None:
         positive_class_index(cfg.labels.classes, cfg.labels.positive_class)  # the classes are known without data
     autocast_dtype(resolve_device(cfg.runtime.device), cfg.runtime.amp)  # CUDA asked for but absent, or AMP on a CPU
     build_augmentation(tc.augmentations, tc.mode, cfg.extraction.slice_direction)
+    if tc.transfer_from is not None and Maps.exists(tc.transfer_from):  # a missing source: levels' check says so
+        from bids_app.training.transfer import check_source_channels
+
+        check_source_channels(tc.transfer_from, tuple(tc.channels))
 
 
 def prepare_maps(
@@ -129,7 +133,7 @@ def prepare_maps(
     if cohorts:  # a multi-cohort model names what it was trained on; a single-cohort record is unchanged
         extra["cohorts"] = cohorts
     if tc.transfer_from is not None:
-        extra["transfer_source"] = transfer_source.describe_source(tc.transfer_from, tc.n_unfrozen_layers)
+        extra["transfer_source"] = transfer_source.describe_source(tc.transfer_from, tc.n_unfrozen_layers, tc.channels)
     if tc.resume and Maps.exists(layout.root):
         maps = Maps.open(layout.root)
         record = maps.record

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bids_app.errors import ConfigError
 from bids_app.maps import Maps
 
 if TYPE_CHECKING:
@@ -20,9 +21,41 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def describe_source(source_dir: Path, n_unfrozen_layers: int | None) -> dict[str, Any]:
-    """The ``transfer_source`` entry of the target's model-folder record (the source is validated first)."""
+def check_source_channels(source_dir: Path, channels: tuple[str, ...]) -> None:
+    """Refuse a source whose models read another number of channels than ``channels`` (``--channels``): its
+    first convolution cannot be copied, and training would only find out after the model folder was written.
+
+    Only the source's record is read (``Maps.read_record``); a missing source is left to the caller's check.
+
+    Raises:
+        ConfigError: naming the source's channels and the requested ones.
+    """
+    source = tuple(Maps.read_record(source_dir).config.train.channels)
+    if len(source) != len(channels):
+        raise ConfigError(
+            f"Invalid --transfer-from {source_dir}: its models read {len(source)} channel(s) ({', '.join(source)}), "
+            f"but --channels asks for {len(channels)} ({', '.join(channels)}); the first convolution's weights "
+            f"cannot be copied. Transfer from a model trained on {len(channels)} channel(s), or train with "
+            f"--channels {' '.join(source)}."
+        )
+
+
+def describe_source(source_dir: Path, n_unfrozen_layers: int | None, channels: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The ``transfer_source`` entry of the target's model-folder record (the source is validated first).
+
+    A source trained on other image kinds than ``channels`` (the same number of them, or
+    :func:`check_source_channels` refused it) is transferred with a warning naming both: its first convolution
+    learned the contrast of those kinds.
+    """
     source = Maps.open(source_dir).record
+    source_channels = tuple(source.config.train.channels)
+    if channels and source_channels != tuple(channels):
+        log.warning(
+            "The --transfer-from model %s was trained on %s, this model reads %s: its first convolution learned "
+            "another contrast, so expect the transferred weights to need more fine-tuning (unfreeze the first "
+            "layers, or transfer from a model trained on %s).",
+            source_dir, " ".join(source_channels), " ".join(channels), " ".join(channels),
+        )  # fmt: skip
     return {
         "maps_dir": str(Path(source_dir).absolute()),
         "architecture": source.architecture,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from bids_app.training import checkpoint
 from bids_app.training import loop as epoch
 from bids_app.training.stage import run_train_stage
 from bids_app.training.transfer import source_training_pool
+from tests.conftest import run_cli
 from tests.data.test_data import write_tensors
 
 N_IMAGES = 12
@@ -423,6 +425,27 @@ def test_transfer_learning_copies_and_freezes_the_encoder(tmp_path: Path) -> Non
     assert record.extra["transfer_source"]["architecture"] == "small_autoencoder"
     assert record.config.train.transfer_from == source_dir
     assert source_training_pool(source_dir).equals(pool.reset_index(drop=True).astype(str))
+
+
+def test_transfer_from_a_source_of_other_channels_is_refused_before_the_model_folder(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A T1w source into a T1w+FLAIR model: exit 64 naming both channel lists, before the model folder is
+    written (the first convolution's shape mismatch used to surface in training, after the record and split);
+    a T1w source into a FLAIR model (same count) is transferred with a warning naming both."""
+    from bids_app.training.transfer import describe_source
+
+    table, splits = make_data(tmp_path, ExtractionMode.IMAGE, Task.CLASSIFICATION)
+    source_dir = train(make_config(tmp_path, model_name="source", epochs=1), table, splits)
+    out = tmp_path / "out"
+    result = run_cli(str(tmp_path / "bids"), str(out), "group", "--channels", "T1w", "FLAIR", "--transfer-from",
+                     str(source_dir), "--model-name", "target")  # fmt: skip
+    assert result.returncode == 64, result.stderr[-2000:]
+    assert "its models read 1 channel(s) (T1w), but --channels asks for 2 (T1w, FLAIR)" in result.stderr
+    assert not (out / "models" / "target").exists()
+    with caplog.at_level(logging.WARNING, logger="bids_app.training.transfer"):
+        assert describe_source(source_dir, None, ("FLAIR",))["architecture"] == "small_cnn"
+    assert any(f"{source_dir} was trained on T1w, this model reads FLAIR" in r.getMessage() for r in caplog.records)
 
 
 def test_checkpoint_config_hash_covers_the_training_options(tmp_path: Path) -> None:
