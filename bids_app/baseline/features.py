@@ -139,14 +139,6 @@ def _tensor_features(path: Path, mode: ExtractionMode, pooling: Pooling) -> np.n
     return np.concatenate(pooled).astype(np.float32)
 
 
-def read_features(paths: Sequence[str | Path], mode: ExtractionMode, pooling: Pooling) -> np.ndarray:
-    """``(n_images, n_features)`` float32: ``image_features`` of each single-channel tensor, in order."""
-    features = np.empty((len(paths), pooling.n_features), dtype=np.float32)
-    for row, path in enumerate(paths):
-        features[row] = image_features(Path(path), mode, pooling)
-    return features
-
-
 @dataclasses.dataclass(frozen=True)
 class Standardisation:
     """``(x - mean) / scale``: the training group's mean, and its standard deviation times ``√n_features``."""
