@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bids_app import read_version
-from bids_app.config import AnalysisLevel, ExtractionMode, GroupStage, LabelConfig, RunConfig, Task
+from bids_app.config import AnalysisLevel, ExtractionMode, GroupStage, LabelConfig, RunConfig, Task, TrainConfig
 from bids_app.derivatives import check_output_dir, explain_environment_error, init_derivative
 from bids_app.errors import BidsAppError, DataError
 from bids_app.inputs.bids_query import (
@@ -21,6 +21,7 @@ from bids_app.inputs.bids_query import (
     query_preprocessed_images,
     query_raw_images,
     select_participants,
+    unused_filters,
 )
 from bids_app.participant.status import Outcome, StatusRow, rebuild_status_table, write_participant_status
 from bids_app.provenance import RunContext, end_run, start_run
@@ -79,6 +80,8 @@ def run_participant(cfg: RunConfig, ctx: RunContext) -> int:
     from bids_app.participant.job import process_participant
 
     participants = select_participants(cfg.bids_dir, cfg.participant_labels)
+    for note in unused_filters(cfg):
+        log.warning(note)
     if not cfg.skip_bids_validation:
         validate_input(cfg.bids_dir, participants, list_participants(cfg.bids_dir))
     if cfg.preprocess.derivatives_dirs:
@@ -184,8 +187,10 @@ def _run_group(cfg: RunConfig, ctx: RunContext) -> int:
     # the image kinds stacked as channels: the model's when it is not trained here (a record without: T1w)
     kinds = maps.record.kinds if maps else tuple(parse_kind(name) for name in cfg.train.channels)
     if maps is not None and tuple(cfg.train.channels) != tuple(kind.name for kind in kinds):
-        log.warning("Model %s reads the channels %s: those are used, not --channels %s (the model folder decides).",
-                    maps.name, ", ".join(k.name for k in kinds), " ".join(cfg.train.channels))  # fmt: skip
+        given = tuple(cfg.train.channels) != TrainConfig().channels  # the default (T1w) is most likely not typed
+        log.log(logging.WARNING if given else logging.INFO, "Model %s reads the channels %s: those are used, not "
+                "--channels %s (the model folder decides).", maps.name, ", ".join(k.name for k in kinds),
+                " ".join(cfg.train.channels))  # fmt: skip
     split_done = distributed.broadcast_flag(final.splits_json.is_file())
     new_split = GroupStage.SPLIT in stages and not (cfg.train.resume and split_done)
     if cfg.cohorts:

@@ -177,6 +177,38 @@ def _pick_one(files: list[Any], participant: str, session: str | None) -> Any:
     return chosen
 
 
+def unused_filters(cfg: RunConfig) -> list[str]:
+    """One sentence per ``--bids-filter-file`` key the participant level will not apply, saying why (logged as
+    warnings before any image is read, so a filter that changes nothing is never silent).
+
+    ``t2w`` / ``flair`` select raw contrasts, read only with ``--contrasts``; ``pet`` only with ``--pet-tracer``;
+    a Clinica CAPS in ``--derivatives`` is read by its pipeline folders (``t1_linear``, ``pet_linear``), so no
+    filter applies to it.
+    """
+    notes = []
+    contrasts = {contrast.lower() for contrast in cfg.preprocess.contrasts}
+    for key in sorted(cfg.bids_filters):
+        contrast = {"t2w": "T2w", "flair": "FLAIR"}.get(key)
+        if contrast is not None and key not in contrasts:
+            notes.append(
+                f"--bids-filter-file key '{key}' has no effect: raw {contrast} images are read only with "
+                f"--contrasts {contrast}."
+            )
+        elif key == "pet" and not cfg.preprocess.pet_tracers:
+            notes.append("--bids-filter-file key 'pet' has no effect: PET images are read only with --pet-tracer.")
+    caps = [root for root in cfg.preprocess.derivatives_dirs if (root / "subjects").is_dir()]
+    applied = [
+        key for key in ("pet", "t1w") if key in cfg.bids_filters and (key == "t1w" or cfg.preprocess.pet_tracers)
+    ]
+    if caps and applied:
+        notes.append(
+            f"--bids-filter-file key(s) {', '.join(applied)} have no effect on the Clinica CAPS "
+            f"{', '.join(map(str, caps))}: a CAPS is read by its pipeline folders (t1_linear, pet_linear), not by "
+            "entity filters; rename or remove the images it should not use."
+        )
+    return notes
+
+
 def query_raw_images(cfg: RunConfig, participants: Sequence[str], kind: str = "t1w") -> list[ImageRecord]:
     """One raw image per participant/session for ``kind`` (a key of ``RAW_KINDS``: 't1w', 't2w', 'flair',
     'pet'), honouring its ``--bids-filter-file`` filters and the sessions."""

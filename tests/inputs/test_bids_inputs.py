@@ -89,3 +89,30 @@ def test_bids_database_dir_persists_the_index(tiny_dataset, tmp_path: Path) -> N
             "--crop-shape", "40", "48", "40", "--template", str(tiny_dataset.template_path)]  # fmt: skip
     assert run_cli(*args).returncode == 0
     assert any(database.rglob("*.sqlite")) or any(p.is_file() for p in database.rglob("*"))
+
+
+def test_filter_keys_that_change_nothing_are_named_with_the_reason(tmp_path: Path) -> None:
+    """t2w/flair without --contrasts, pet without --pet-tracer and any filter on a Clinica CAPS are dropped by the
+    queries; each is one warning sentence (the participant level logs them first)."""
+    from bids_app.config import AnalysisLevel, PreprocessConfig, RunConfig
+    from bids_app.inputs.bids_query import unused_filters
+
+    caps, derivative = tmp_path / "caps", tmp_path / "fmriprep"
+    (caps / "subjects").mkdir(parents=True)
+    derivative.mkdir()
+    filters = {key: {"acquisition": "x"} for key in ("t1w", "t2w", "flair", "pet")}
+    cfg = RunConfig(tmp_path / "bids", tmp_path / "out", AnalysisLevel.PARTICIPANT, bids_filters=filters,
+                    preprocess=PreprocessConfig(contrasts=("FLAIR",)))  # fmt: skip
+    assert unused_filters(cfg) == [
+        "--bids-filter-file key 'pet' has no effect: PET images are read only with --pet-tracer.",
+        "--bids-filter-file key 't2w' has no effect: raw T2w images are read only with --contrasts T2w.",
+    ]
+    cfg = RunConfig(tmp_path / "bids", tmp_path / "out", AnalysisLevel.PARTICIPANT, bids_filters=filters,
+                    preprocess=PreprocessConfig(derivatives_dirs=(derivative, caps), pet_tracers=("FDG",)))  # fmt: skip
+    notes = unused_filters(cfg)
+    assert len(notes) == 3 and notes[2].startswith(f"--bids-filter-file key(s) pet, t1w have no effect on the "
+                                                   f"Clinica CAPS {caps}: ")  # fmt: skip
+    assert str(derivative) not in notes[2]
+    cfg = RunConfig(tmp_path / "bids", tmp_path / "out", AnalysisLevel.PARTICIPANT, bids_filters={"t1w": {}},
+                    preprocess=PreprocessConfig(derivatives_dirs=(derivative,)))  # fmt: skip
+    assert unused_filters(cfg) == []

@@ -100,19 +100,26 @@ def test_clinica_caps_2009c_crop_is_shifted_onto_the_2009a_grid(tmp_path: Path) 
     caps = tmp_path / "caps"
     folder = caps / "subjects" / "sub-01" / "ses-M000" / "t1_linear"
     name = "sub-01_ses-M000_space-MNI152NLin2009cSym_desc-Crop_res-1x1x1_T1w.nii.gz"
-    source = write_image(folder / name, data, CLINICA_CROP_AFFINE)
+    source = write_image(folder / name, data, CLINICA_CROP_AFFINE, code=1)  # coded scanner, as some CAPS files are
     (caps / "dataset_description.json").write_text(json.dumps({"Name": "caps", "BIDSVersion": "1.10.0",
                                                                "DatasetType": "derivative"}))  # fmt: skip
     bids = bids_root(tmp_path / "bids", ("01",), ("M000",))
     out = tmp_path / "out"
+    filters = tmp_path / "filters.json"  # a CAPS is not filtered, and t2w without --contrasts is not read: warned
+    filters.write_text(json.dumps({"t1w": {"acquisition": "none"}, "t2w": {"acquisition": "none"}}))
     result = run_cli(str(bids), str(out), "participant", "-d", str(caps), "--modes", "image",
-                     "--skip-bids-validation")  # fmt: skip
+                     "--skip-bids-validation", "--bids-filter-file", str(filters))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if " WARNING " in line]
+    assert any(f"key(s) t1w have no effect on the Clinica CAPS {caps}" in line for line in warnings), warnings
+    assert any("key 't2w' has no effect: raw T2w images are read only with --contrasts T2w" in line
+               for line in warnings), warnings  # fmt: skip
     assert ("sub-01 ses-M000: input in MNI152NLin2009cSym (169x208x179, 1 mm), shifted onto the "
             f"{TPL} grid by (0, 2, -6) voxels ({name})") in result.stderr  # fmt: skip
     preproc = out / "sub-01" / "ses-M000" / "anat" / f"sub-01_ses-M000_space-{TPL}_desc-preproc_T1w.nii.gz"
     image = nib.load(preproc)
     assert image.shape == CLINICA_CROP_SHAPE  # the project's default crop of 2009a has Clinica's shape
+    assert int(image.header["sform_code"]) == 4  # on the MNI template's grid, not "scanner"
     assert np.abs(marker_position_mm(preproc) - MARKER_MM).max() <= 1.0
     meta = sidecar(preproc)
     assert meta["SourceSpace"] == "MNI152NLin2009cSym" and meta["Resampling"] == "integer shift"
