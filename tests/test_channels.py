@@ -67,6 +67,8 @@ def test_a_two_channel_roi_model_trains_predicts_and_lists_the_session_without_p
     record = json.loads((maps_dir / "maps.json").read_text())
     assert record["channels"] == ["T1w", "pet-FDG"] and record["config"]["train"]["channels"] == ["T1w", "pet-FDG"]
     assert record["input_shape"][0] == 2
+    assert record["config"]["preprocess"]["pet_tracers"] == ["FDG"]  # what made the channels, not the defaults
+    assert record["participant_settings"][0]["settings"]["pet_tracers"] == ["FDG"]
     assert record["excluded_sessions"] == {"n_sessions": 1, "by_missing_kind": {"pet-FDG": 1},
                                            "table": "excluded_sessions.tsv"}  # fmt: skip
     maps = Maps.open(maps_dir)
@@ -101,8 +103,10 @@ def test_an_output_without_the_models_pet_is_refused_before_any_prediction(train
     other = tmp_path / "other"
     shutil.copytree(out, other, ignore=shutil.ignore_patterns("models", "*_pet.*"))
     result = run_cli(str(bids_dir), str(out), "group", "--stages", "predict", "--model-name", "two",
-                     "--predict-from", str(other), "--group-name", "site2")  # fmt: skip
+                     "--predict-from", str(other), "--group-name", "site2", "--channels", "FLAIR")  # fmt: skip
     assert result.returncode == 66, result.stderr[-2000:]
+    warning = "WARNING bids_app.levels: Model two reads the channels T1w, pet-FDG: those are used, not --channels FLAIR"
+    assert warning in result.stderr
     assert "has no roi tensor of pet-FDG, but model two reads channels T1w, pet-FDG" in result.stderr
     assert "--pet-tracer FDG" in result.stderr
     assert not list(maps_dir.glob("split-*/best-*/site2"))
@@ -199,3 +203,69 @@ def test_channels_made_with_different_normalisations_are_refused(trained, cohort
     assert predicted.returncode == 65, predicted.stderr[-2000:]
     assert "were made with different normalization" in predicted.stderr
     assert "sub-001_ses-M000" in predicted.stderr and not list(maps_dir.glob("split-*/best-*/mixed"))
+
+
+def test_a_custom_map_model_records_its_filters_and_refuses_maps_selected_otherwise(cohort, tmp_path) -> None:
+    bids_dir, out = cohort
+    derivative, site, other = tmp_path / "derivative", tmp_path / "site", tmp_path / "other"
+    shutil.copytree(bids_dir / "derivatives" / "preproc", derivative)
+    for t1w in sorted(derivative.rglob("*_desc-preproc_T1w.nii.gz")):  # "maps": copies of the T1w
+        for label in ("GM", "WM"):
+            shutil.copyfile(t1w, t1w.parent / t1w.name.replace("_desc-preproc_T1w", f"_label-{label}_probseg"))
+    shutil.copytree(out, site, ignore=shutil.ignore_patterns("models"))
+    mask = bids_dir / "code" / "template" / "roi-hippocampus_mask.nii.gz"
+    template = json.loads(next(out.rglob("*_desc-roi_T1w.json")).read_text())["Preprocessing"]["TemplatePath"]
+    options = ("--template", template, "--crop-shape", *TINY_CROP, "--modes", "roi", "--roi-mask",
+               f"hippocampus={mask}")  # fmt: skip
+    result = _participant(bids_dir, site, derivative, *options, "--custom-map", "gm=suffix:probseg,label:GM")
+    assert result.returncode == 0, result.stderr[-3000:]
+    sidecar = json.loads(next(site.rglob("sub-001_*_desc-roi_gm.json")).read_text())
+    assert sidecar["CustomMap"] == {"Name": "gm", "Filters": [["suffix", "probseg"], ["label", "GM"]],
+                                    "SourceSpace": "MNI152NLin2009aSym"}  # fmt: skip
+    group = [arg if arg != "pet-FDG" else "gm" for arg in GROUP]
+    trained = run_cli(str(bids_dir), str(site), *group, "--model-name", "gm", "--stages", "split", "train")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    record = json.loads((site / "models" / "gm" / "maps.json").read_text())
+    assert record["config"]["preprocess"]["custom_maps"] == ["gm=suffix:probseg,label:GM"]
+    assert record["participant_settings"][0]["settings"]["custom_maps"] == ["gm=suffix:probseg,label:GM"]
+    result = _participant(bids_dir, other, derivative, *options, "--custom-map", "gm=suffix:probseg,label:WM",
+                          "--participant-label", "001", "002")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    predicted = run_cli(str(bids_dir), str(site), "group", "--stages", "predict", "--model-name", "gm",
+                        "--predict-from", str(other), "--group-name", "wm")  # fmt: skip
+    assert predicted.returncode == 65, predicted.stderr[-2000:]
+    assert 'were made with custom_maps ["gm=suffix:probseg,label:WM"]' in predicted.stderr
+    assert 'trained on tensors made with custom_maps ["gm=suffix:probseg,label:GM"]' in predicted.stderr
+
+
+def test_excluded_sessions_follow_the_participant_selection_and_an_empty_index_is_refused(cohort, tmp_path) -> None:
+    from bids_app.cli.arguments import parse_config
+    from bids_app.config import ExtractionMode
+    from bids_app.data.tables import index_channels, index_tensors
+    from bids_app.errors import InputMissingError
+    from bids_app.kinds import parse_kind
+    from bids_app.levels import group_table, select_excluded
+
+    bids_dir, out = cohort
+    excluded = index_channels(out, ExtractionMode.ROI, [parse_kind("T1w"), parse_kind("pet-FDG")]).excluded
+    assert list(excluded["participant_id"]) == [f"sub-{MISSING}"]
+    base = [str(bids_dir), str(out), "group"]
+    assert select_excluded(parse_config([*base, "--participant-label", "001", "002"]), excluded).empty
+    assert select_excluded(parse_config([*base, "--participant-label", "001", MISSING]), excluded).equals(excluded)
+    assert select_excluded(parse_config([*base, "--session-label", "M006"]), excluded).empty
+    cfg = parse_config(base)
+    with pytest.raises(InputMissingError, match="No complete roi tensors"):  # without kinds too
+        group_table(cfg, index_tensors(tmp_path, ExtractionMode.ROI), cfg.labels, ExtractionMode.ROI)
+
+
+def test_an_exported_model_keeps_its_excluded_sessions(trained, tmp_path) -> None:
+    from bids_app.cli.model import main as model_main
+    from bids_app.maps import Maps
+
+    maps_dir, _ = trained
+    archive, imported = tmp_path / "two.zip", tmp_path / "imported" / "two"
+    assert model_main(["export", str(maps_dir), str(archive)]) == 0
+    assert model_main(["import", str(archive), str(imported)]) == 0
+    assert (imported / "excluded_sessions.tsv").read_bytes() == (maps_dir / "excluded_sessions.tsv").read_bytes()
+    excluded = Maps.open(imported).excluded_sessions()
+    assert excluded is not None and list(excluded["participant_id"]) == [f"sub-{MISSING}"]
