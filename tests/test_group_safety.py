@@ -221,7 +221,7 @@ def test_group_level_selects_what_it_is_told(extra, participants, sessions, worl
     ("extra", "code", "message"),
     [
         (["--participant-label", "001", "042"], 66, "--participant-label: sub-042 have no image tensor"),
-        (["--bids-filter-file", '{"T1W": {"session": "M000"}}'], 64, "the kinds are t1w, t2w, flair, pet (lower case). Did you"),
+        (["--bids-filter-file", '{"T1W": {"session": "M000"}}'], 64, "t1w, t2w, flair, pet (lower case). Did you"),
         (["--session-label", "M099"], 18, "keep none of the 16 image(s)"),
     ],
 )
