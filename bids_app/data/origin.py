@@ -38,6 +38,7 @@ UNKNOWN = "n/a"
 DATASET_COLUMNS = ("dataset_name", "dataset_doi", "dataset_id")
 IDENTITY_IGNORED_KEYS = ("BIDSVersion", "DatasetVersion", "DatasetLinks", "HEDVersion")
 SIDECAR_KEY = "SourceDataset"  # tensor sidecar key holding {"Name", "DOI", "ID"}
+CHANNEL_PATHS = "channel_paths"  # index column: a session's tensor of each channel, in channel order
 # The participant-level settings two groups of tensors must share for one model to read both. Registration
 # flavour, dtype and pipeline version are recorded but not matched: they change precision, not what a voxel means.
 MATCHED_SETTINGS = (
@@ -251,8 +252,6 @@ def read_settings(table: Any) -> list[dict[str, Any]]:
     Raises:
         DataError: the channels of one sample were made with different settings.
     """
-    from bids_app.data.tables import CHANNEL_PATHS
-
     columns = [table[c].astype(str) if c in table.columns else [UNKNOWN] * len(table) for c in DATASET_COLUMNS]
     channels = table[CHANNEL_PATHS] if CHANNEL_PATHS in table.columns else [(p,) for p in table["tensor_path"]]
     rows = []

@@ -26,7 +26,7 @@ from typing import TypeAlias
 import pandas as pd
 
 from bids_app.config import ExtractionMode, LabelConfig
-from bids_app.data.origin import DATASET_COLUMNS, SIDECAR_KEY, DatasetIdentity, read_dataset_identity
+from bids_app.data.origin import CHANNEL_PATHS, DATASET_COLUMNS, SIDECAR_KEY, DatasetIdentity, read_dataset_identity
 from bids_app.derivatives import file_sha256
 from bids_app.errors import DataError, InputMissingError, IOFailure
 from bids_app.extraction.storage import read_sidecar
@@ -36,7 +36,6 @@ from bids_app.labels import NA as MISSING
 
 log = logging.getLogger(__name__)
 
-CHANNEL_PATHS = "channel_paths"  # index column: a session's tensor of each channel, in channel order
 FILE_COLUMNS = (  # what one tensor file of one kind contributes
     "participant_id",
     "session_id",
