@@ -8,7 +8,7 @@ import logging
 import multiprocessing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from bids_app import read_version
 from bids_app.config import AnalysisLevel, ExtractionMode, GroupStage, LabelConfig, RunConfig, Task, TrainConfig
@@ -75,7 +75,7 @@ def run(cfg: RunConfig, argv: Sequence[str]) -> int:
 
 def run_participant(cfg: RunConfig, ctx: RunContext) -> int:
     """Preprocess and extract every requested participant; failures of one never stop the others."""
-    from bids_app.participant.job import prepare_worker, process_participant
+    from bids_app.participant.job import prepare_worker
 
     participants = select_participants(cfg.bids_dir, cfg.participant_labels)
     for note in unused_filters(cfg):
@@ -87,7 +87,7 @@ def run_participant(cfg: RunConfig, ctx: RunContext) -> int:
         pool = stack.enter_context(_worker_pool(cfg, ctx)) if parallel else None
         warmed = [pool.submit(prepare_worker, cfg.preprocess) for _ in range(cfg.nprocs)] if pool else []
         records = _validated_records(cfg, participants)
-        return _process_records(cfg, participants, records, pool, warmed, process_participant)
+        return _process_records(cfg, participants, records, pool, warmed)
 
 
 def _worker_pool(cfg: RunConfig, ctx: RunContext) -> cf.ProcessPoolExecutor:
@@ -142,10 +142,11 @@ def _process_records(
     records: list[ImageRecord],
     pool: cf.ProcessPoolExecutor | None,
     warmed: list[cf.Future[None]],
-    process_participant: Any,
 ) -> int:
     """Run every participant's job (in ``pool`` when given) and write the status tables; returns the exit code."""
     from tqdm import tqdm
+
+    from bids_app.participant.job import process_participant
 
     by_participant: dict[str, list[ImageRecord]] = {p: [] for p in participants}
     for record in records:
@@ -168,8 +169,8 @@ def _process_records(
         for future in cf.as_completed(futures):
             failures += _finish_participant(cfg, futures[future], future.result())
             bar.update()
-        for future in warmed:
-            future.result()  # a worker that could not prepare failed its participants too; this says why
+        for warm in warmed:
+            warm.result()  # a worker that could not prepare failed its participants too; this says why
     bar.close()
     table = rebuild_status_table(cfg.output_dir)
     if failures:

@@ -78,7 +78,8 @@ def check_extraction(cfg: RunConfig) -> None:
     from bids_app.errors import ConfigError
     from bids_app.extraction import n_parts
 
-    template, template_crop, _ = _load_template_set(cfg.preprocess)  # kept: jobs run in this process re-use it
+    # kept: jobs run in this process re-use it; the QC reference is left to them (with --nprocs, to the workers)
+    template, template_crop, _ = _load_template_set(cfg.preprocess, qc=False)
     shape = tuple(int(n) for n in template_crop.shape[:3])
     if ExtractionMode.ROI in cfg.extraction.modes and not cfg.extraction.roi_masks:
         raise ConfigError("roi mode needs at least one --roi-mask NAME=PATH (a binary mask in template space).")
@@ -549,8 +550,19 @@ class ParticipantJob:
 _TEMPLATE_SETS: dict[tuple[Any, ...], tuple[Any, Any, Any]] = {}  # one entry: the last template this process used
 
 
-def _load_template_set(preprocess: Any) -> tuple[Any, Any, Any]:
-    """The template, its crop and the QC reference of the crop, loaded once per process.
+def prepare_worker(preprocess: Any) -> None:
+    """Load in this worker process what every participant job needs (the modules, the template, its crop, the QC
+    reference), while the parent still validates and indexes the inputs (submitted first to each worker)."""
+    import bids_app.extraction
+    import bids_app.participant.report
+    import bids_app.preprocess.template_space  # noqa: F401
+
+    _load_template_set(preprocess)
+
+
+def _load_template_set(preprocess: Any, qc: bool = True) -> tuple[Any, Any, Any]:
+    """The template, its crop and the QC reference of the crop (None with ``qc=False`` until a caller asks for
+    it: the parent of worker processes needs only the crop's shape), loaded once per process.
 
     A worker process runs many participant jobs with one template: reading and decompressing it, finding its
     brain and smoothing it for QC once per job cost about 0.3 s (0.15 s per image with two sessions). The key is
@@ -567,8 +579,12 @@ def _load_template_set(preprocess: Any) -> tuple[Any, Any, Any]:
         template = load_template(preprocess)
         template_crop = crop_image(template, crop_box(template, preprocess.crop_shape))
         _TEMPLATE_SETS.clear()
-        _TEMPLATE_SETS[key] = (template, template_crop, QcReference.of(template_crop))
-    return _TEMPLATE_SETS[key]
+        _TEMPLATE_SETS[key] = (template, template_crop, None)
+    template, template_crop, reference = _TEMPLATE_SETS[key]
+    if reference is None and qc:
+        reference = QcReference.of(template_crop)
+        _TEMPLATE_SETS[key] = (template, template_crop, reference)
+    return template, template_crop, reference
 
 
 def process_participant(cfg: RunConfig, label: str, records: list[ImageRecord]) -> list[StatusRow]:
