@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from PIL import ImageFont
+    from PIL import Image, ImageFont
 
 TILE_PX = 160
 GAP_PX = 4
@@ -32,6 +32,8 @@ VIEW_NORMALS = {"sagittal": "LR", "coronal": "AP", "axial": "SI"}
 VIEWS = tuple(VIEW_NORMALS)
 LETTER_COLOR = (255, 255, 255)
 CAPTION_COLOR = (255, 214, 0)
+LABEL_STROKE = 2  # px of black outline around every label, so it reads on bright and dark tissue alike
+LABEL_MARGIN = 2  # px of empty border around a cached label mask, in case the font's box is off by rounding
 
 
 @dataclass(frozen=True)
@@ -170,9 +172,41 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
+@cache
+def _label_masks(text: str, size: int, anchor: str) -> tuple[Image.Image, Image.Image, tuple[int, int]]:
+    """The coverage masks of a label's black outline and of its letters, rasterised once per text and size.
+
+    Why: a page carries a few hundred labels (four orientation letters and a caption per tile), mostly the same
+    few strings; rasterising each with its outline cost more than drawing the tiles. Each mask is the label drawn
+    at full intensity on a black ``L`` image with a margin, so stamping it with :func:`_stamp` blends exactly as
+    ``ImageDraw.text(..., stroke_width=LABEL_STROKE)`` does at an integer position.
+
+    Returns:
+        The outline mask, the letters mask, and the offset of the anchor point within both.
+    """
+    from PIL import Image, ImageDraw
+
+    font = _font(size)
+    left, top, right, bottom = (round(v) for v in font.getbbox(text, anchor=anchor, stroke_width=LABEL_STROKE))
+    origin = (LABEL_MARGIN - left, LABEL_MARGIN - top)
+    extent = (right - left + 2 * LABEL_MARGIN, bottom - top + 2 * LABEL_MARGIN)
+    outline, letters = Image.new("L", extent, 0), Image.new("L", extent, 0)
+    ImageDraw.Draw(outline).text(origin, text, fill=255, font=font, anchor=anchor, stroke_width=LABEL_STROKE)
+    ImageDraw.Draw(letters).text(origin, text, fill=255, font=font, anchor=anchor)
+    return outline, letters, origin
+
+
+def _stamp(image: Image.Image, at: tuple[int, int], text: str, size: int, anchor: str, colour: tuple[int, ...]) -> None:
+    """Draw ``text`` anchored at the integer point ``at``: a black outline, then the letters in ``colour``."""
+    outline, letters, (dx, dy) = _label_masks(text, size, anchor)
+    box = (at[0] - dx, at[1] - dy)
+    image.paste((0, 0, 0), (*box, box[0] + outline.width, box[1] + outline.height), outline)
+    image.paste(colour, (*box, box[0] + letters.width, box[1] + letters.height), letters)
+
+
 def render_panels(rows: Sequence[Sequence[Panel]], tile_px: int = TILE_PX) -> bytes:
     """Draw ``rows`` of panels (one tile each, equal sizes) as PNG bytes; short rows are left-aligned."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     n_columns = max((len(row) for row in rows), default=0)
     if n_columns == 0:
@@ -183,8 +217,7 @@ def render_panels(rows: Sequence[Sequence[Panel]], tile_px: int = TILE_PX) -> by
         for c, panel in enumerate(row):
             canvas[r * step : r * step + tile_px, c * step : c * step + tile_px] = _tile_pixels(panel, tile_px)
     image = Image.fromarray(canvas, mode="RGB")
-    draw = ImageDraw.Draw(image)
-    letter_font, caption_font = _font(max(10, tile_px // 11)), _font(max(9, tile_px // 14))
+    letter_size, caption_size = max(10, tile_px // 11), max(9, tile_px // 14)
     pad = max(7, tile_px // 20)
     for r, row in enumerate(rows):
         for c, panel in enumerate(row):
@@ -197,11 +230,9 @@ def render_panels(rows: Sequence[Sequence[Panel]], tile_px: int = TILE_PX) -> by
                 ((x0 + middle, y0 + pad), top),
                 ((x0 + middle, y0 + tile_px - pad), bottom),
             ):
-                draw.text((x, y), letter, fill=LETTER_COLOR, font=letter_font, anchor="mm", stroke_width=2,
-                          stroke_fill=(0, 0, 0))  # fmt: skip
+                _stamp(image, (x, y), letter, letter_size, "mm", LETTER_COLOR)
             if panel.caption:
-                draw.text((x0 + 3, y0 + tile_px - 3), panel.caption, fill=CAPTION_COLOR, font=caption_font,
-                          anchor="ld", stroke_width=2, stroke_fill=(0, 0, 0))  # fmt: skip
+                _stamp(image, (x0 + 3, y0 + tile_px - 3), panel.caption, caption_size, "ld", CAPTION_COLOR)
     buffer = io.BytesIO()
     # level 1: as small as level 6 for these tiles (flat black background, few grey levels) in half the time
     image.save(buffer, format="PNG", compress_level=1)

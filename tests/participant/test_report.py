@@ -162,6 +162,28 @@ def test_tiles_have_one_size_whatever_the_aspect_and_bytes_repeat() -> None:
     assert decode(base64.b64encode(png).decode()).shape == grid_shape(1, 3)
 
 
+def test_stamped_labels_match_labels_drawn_one_by_one() -> None:
+    """The cached label masks blend exactly like ``ImageDraw.text`` with an outline, also where a label is clipped
+    at the canvas's edge and over bright or mid-grey pixels."""
+    from PIL import Image, ImageDraw
+
+    from bids_app.participant import panels as panels_module
+
+    rng = np.random.default_rng(3)
+    background = rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    labels = [((0, 2), "L", 14, "mm", (255, 255, 255)), ((88, 59), "R", 14, "mm", (255, 255, 255)),
+              ((45, 30), "S", 10, "mm", (255, 255, 255)), ((3, 57), "z = 12 mm", 11, "ld", (255, 214, 0)),
+              ((50, 10), "axial 3", 11, "ld", (255, 214, 0)), ((-4, 40), "x = -7", 9, "ld", (255, 214, 0))]  # fmt: skip
+    drawn, stamped = Image.fromarray(background), Image.fromarray(background)
+    draw = ImageDraw.Draw(drawn)
+    for at, text, size, anchor, colour in labels:
+        draw.text(at, text, fill=colour, font=panels_module._font(size), anchor=anchor, stroke_width=2,
+                  stroke_fill=(0, 0, 0))  # fmt: skip
+        panels_module._stamp(stamped, at, text, size, anchor, colour)
+    assert np.array_equal(np.asarray(drawn), np.asarray(stamped))
+    assert not np.array_equal(np.asarray(drawn), background)  # the labels were drawn at all
+
+
 @needs_chromium
 @pytest.mark.parametrize("width", [400, 1400])
 def test_page_never_scrolls_sideways_in_chromium(report, width: int) -> None:
