@@ -46,8 +46,12 @@ def normalize_volume(volume: np.ndarray, method: Normalization, source: str = "v
     if volume.ndim != 3:
         raise DataError(f"{source} has shape {volume.shape}; expected a 3D volume. Check the image.")
     out = np.array(volume, dtype=np.float32, copy=True, order="C")  # C order: the tensors are C-ordered
-    finite = np.isfinite(out)
-    if not finite.all():
+    # a finite sum means every voxel is finite (a NaN or inf would make it NaN or inf); only a non-finite sum (or
+    # one that overflowed) needs the voxel-by-voxel count, which costs a boolean volume
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = out.sum()
+    finite = np.isfinite(out) if not np.isfinite(total) else None
+    if finite is not None and not finite.all():
         n_bad = int(out.size - np.count_nonzero(finite))
         raise DataError(
             f"{source} has {n_bad} non-finite voxel(s) (NaN or inf) out of {out.size}. "
@@ -73,13 +77,16 @@ def normalize_volume(volume: np.ndarray, method: Normalization, source: str = "v
                 "Check that preprocessing produced a real image."
             )
         mean = float(values.mean(dtype=np.float64))
-        std = float(values.std(dtype=np.float64))
+        # the mean passed in: numpy's std would sum the values again for the same float64 mean
+        std = float(values.std(dtype=np.float64, mean=np.full(1, mean)))
         if std == 0:
             raise DataError(
                 f"{source} has constant non-zero voxels (= {mean:g}); z-score normalisation is undefined. "
                 "Check that preprocessing produced a real image."
             )
-        out[brain] = (values - np.float32(mean)) / np.float32(std)
+        values -= np.float32(mean)  # in place (``values`` is a copy): the same float32 operations, no temporaries
+        values /= np.float32(std)
+        out[brain] = values
     return out
 
 

@@ -338,6 +338,16 @@ def test_non_finite_voxels_raise_with_the_source(method: Normalization) -> None:
         normalize_volume(volume, method, source="sub-01_T1w.nii.gz")
 
 
+def test_finite_voxels_whose_sum_overflows_are_accepted_and_a_lone_inf_is_refused() -> None:
+    """The finiteness check sums the volume first: a sum that overflows float32 must not refuse finite voxels."""
+    volume = np.where(_volume() > 0.5, 3e38, 1e38).astype(np.float32)  # each finite, their sum is inf
+    out = normalize_volume(volume, Normalization.MINMAX)
+    assert np.isfinite(out).all() and float(out.max()) == 1.0
+    volume[2, 2, 2] = -np.inf
+    with pytest.raises(DataError, match="has 1 non-finite"):
+        normalize_volume(volume, Normalization.NONE)
+
+
 def test_degenerate_volumes_raise() -> None:
     with pytest.raises(DataError, match="constant"):
         normalize_volume(np.full(SHAPE, 3.0), Normalization.MINMAX, source="x.nii")
