@@ -18,10 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 
 from bids_app.config import PreprocessConfig
-from bids_app.errors import InputMissingError
 from bids_app.preprocess.nifti_checks import load_checked_nifti
 from bids_app.preprocess.qc import compute_qc
 from bids_app.preprocess.t1_linear import (
@@ -30,15 +28,13 @@ from bids_app.preprocess.t1_linear import (
     crop_image,
     import_ants,
     load_template,
-    register_affine,
-    resample_to_grid,
-    template_space_image,
+    register_through_t1w,
+    require_t1_transform,
     to_ants,
 )
 
 logger = logging.getLogger(__name__)
 
-CONTRAST_REGISTRATION = "Rigid"  # same head, same session: six degrees of freedom
 PIPELINE_NAMES = {"T2w": "t2-linear", "FLAIR": "flair-linear"}
 # The preprocessed image's sidecar Description, by contrast.
 DESCRIPTIONS = {
@@ -93,21 +89,13 @@ def run_anat_linear(
     """
     start = time.perf_counter()
     ants = import_ants(omp_nthreads)
-    t1_transform_path = Path(t1_transform_path)
-    if not t1_transform_path.is_file():
-        raise InputMissingError(
-            f"T1w → template transform {t1_transform_path} does not exist. Run t1-linear on {t1w_path} first."
-        )
+    t1_transform_path = require_t1_transform(t1_transform_path, t1w_path)
     template = load_template(cfg)
     moving = correct_bias(to_ants(load_checked_nifti(image_path, kind=suffix), ants), cfg.n4_shrink_factor, ants)
-    fixed_t1w = to_ants(load_checked_nifti(t1w_path, kind="T1w"), ants)
     name = Path(image_path).name.removesuffix(".gz").removesuffix(".nii")
     prefix = Path(work_dir) / PIPELINE_NAMES[suffix].replace("-", "_") / name / f"{suffix}_to_T1w_"
-    rigid = register_affine(fixed_t1w, moving, CONTRAST_REGISTRATION, prefix, ants)
-    # ANTs order: the last transform listed acts first on the moving image (contrast → T1w, then T1w → template)
-    warped = resample_to_grid(moving, to_ants(template, ants), [t1_transform_path, rigid], ants)
+    image, rigid = register_through_t1w(moving, t1w_path, t1_transform_path, template, cfg.crop_shape, prefix, ants)
     box = crop_box(template, cfg.crop_shape)
-    image = crop_image(template_space_image(warped, np.asarray(template.affine), template), box)
     qc = compute_qc(image, crop_image(template, box))
     qc["seconds"] = round(time.perf_counter() - start, 2)
     logger.info(

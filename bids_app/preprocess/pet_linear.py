@@ -29,8 +29,8 @@ from bids_app.preprocess.t1_linear import (
     crop_image,
     import_ants,
     load_template,
-    register_affine,
-    resample_to_grid,
+    register_through_t1w,
+    require_t1_transform,
     template_space_image,
     to_ants,
     to_crop_grid,
@@ -39,7 +39,6 @@ from bids_app.preprocess.template_space import Placement, TemplateGrid, load_pre
 
 logger = logging.getLogger(__name__)
 
-PET_REGISTRATION = "Rigid"
 PET_FINEST_LEVEL_MM = 2.0  # PET resolution (FWHM 4-8 mm) makes finer registration levels pointless
 
 
@@ -131,26 +130,16 @@ def run_pet_linear(
     """
     start = time.perf_counter()
     ants = import_ants(omp_nthreads)
-    t1_transform_path = Path(t1_transform_path)
-    if not t1_transform_path.is_file():
-        from bids_app.errors import InputMissingError
-
-        raise InputMissingError(
-            f"T1w → template transform {t1_transform_path} does not exist. Run t1-linear on {t1w_path} first."
-        )
+    t1_transform_path = require_t1_transform(t1_transform_path, t1w_path)
     template = load_template(cfg)
-    pet = load_checked_nifti(pet_path, kind="pet")
-    t1w = load_checked_nifti(t1w_path, kind="T1w")
-    fixed_t1w = to_ants(t1w, ants)
-    moving_pet = to_ants(pet, ants)
+    moving_pet = to_ants(load_checked_nifti(pet_path, kind="pet"), ants)
     name = Path(pet_path).name.removesuffix(".gz").removesuffix(".nii")
     prefix = Path(work_dir) / "pet_linear" / name / "pet_to_T1w_"
-    rigid = register_affine(fixed_t1w, moving_pet, PET_REGISTRATION, prefix, ants, finest_mm=PET_FINEST_LEVEL_MM)
-    # ANTs order: the last transform listed acts first on the moving image (PET → T1w, then T1w → template).
-    warped = resample_to_grid(moving_pet, to_ants(template, ants), [t1_transform_path, rigid], ants)
-    full = template_space_image(warped, np.asarray(template.affine), template)
+    pet_crop, rigid = register_through_t1w(
+        moving_pet, t1w_path, t1_transform_path, template, cfg.crop_shape, prefix, ants, finest_mm=PET_FINEST_LEVEL_MM
+    )
     box = crop_box(template, cfg.crop_shape)
-    suvr, reference_mean = normalize_suvr(crop_image(full, box), template, cfg, Path(pet_path))
+    suvr, reference_mean = normalize_suvr(pet_crop, template, cfg, Path(pet_path))
     qc = compute_qc(suvr, crop_image(template, box))
     qc["suvr_reference_mean"] = reference_mean
     qc["seconds"] = round(time.perf_counter() - start, 2)

@@ -243,6 +243,56 @@ def resample_to_grid(moving: Any, fixed: Any, transforms: list[Path], ants: Modu
     return np.asarray(warped.numpy(), dtype=np.float32)
 
 
+def require_t1_transform(t1_transform_path: Path, t1w_path: Path) -> Path:
+    """``t1_transform_path`` (t1-linear's T1w → template ``.mat``), checked to exist before any other work.
+
+    Raises:
+        InputMissingError: the transform is missing (t1-linear has not run on ``t1w_path``).
+    """
+    from bids_app.errors import InputMissingError
+
+    path = Path(t1_transform_path)
+    if not path.is_file():
+        raise InputMissingError(f"T1w → template transform {path} does not exist. Run t1-linear on {t1w_path} first.")
+    return path
+
+
+def register_through_t1w(
+    moving: Any,
+    t1w_path: Path,
+    t1_transform_path: Path,
+    template: nib.Nifti1Image,
+    crop_shape: tuple[int, int, int] | None,
+    out_prefix: Path,
+    ants: ModuleType,
+    *,
+    finest_mm: float | None = None,
+) -> tuple[nib.Nifti1Image, Path]:
+    """Bring another image of a session (PET, T2w, FLAIR) onto the cropped template grid through its T1w.
+
+    ``moving`` is registered rigidly (Mattes MI, which does not need matching contrasts) to the session's raw
+    T1w, then resampled once (linear) onto the template grid through that transform composed with the T1w's
+    t1-linear affine, and cropped.
+
+    Args:
+        moving: ANTs image of the session (any pose and voxel size).
+        t1w_path: the raw T1w that ``t1_transform_path`` was computed from.
+        t1_transform_path: t1-linear's T1w → template ``.mat`` (see :func:`require_t1_transform`).
+        template, crop_shape: the template and its crop.
+        out_prefix: ANTs writes the rigid ``<out_prefix>0GenericAffine.mat``.
+        finest_mm: stop the registration levels at this resolution (low-resolution images such as PET).
+
+    Returns:
+        (float32 image on the cropped template grid, the rigid moving → T1w ``.mat``).
+    """
+    fixed_t1w = to_ants(load_checked_nifti(t1w_path, kind="T1w"), ants)
+    rigid = register_affine(fixed_t1w, moving, "Rigid", out_prefix, ants, finest_mm=finest_mm)
+    # ANTs order: the last transform listed acts first on the moving image (moving → T1w, then T1w → template).
+    warped = resample_to_grid(moving, to_ants(template, ants), [Path(t1_transform_path), rigid], ants)
+    full = template_space_image(warped, np.asarray(template.affine), template)
+    return crop_image(full, crop_box(template, crop_shape)), rigid
+
+
 def _stem(path: Path) -> str:
     name = path.name
     for ext in (".nii.gz", ".nii"):

@@ -25,14 +25,8 @@ from bids_app.errors import ConfigError, DataError
 from bids_app.extraction.storage import write_tensor
 from bids_app.kinds import parse_kind
 from bids_app.models import MODE_DIMS, build_model, list_architectures
+from tests.data.test_data import SHAPES, SPACE  # the stored tensor shape per mode, shared with the loader tests
 
-SPACE = "MNI152NLin2009aSym"
-SHAPES = {
-    ExtractionMode.IMAGE: (1, 6, 6, 6),
-    ExtractionMode.PATCH: (4, 1, 3, 3, 3),
-    ExtractionMode.SLICE: (5, 1, 6, 7),
-    ExtractionMode.ROI: (2, 1, 3, 4, 5),
-}
 T1W, FDG = parse_kind("T1w"), parse_kind("pet-FDG")
 
 
